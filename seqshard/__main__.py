@@ -1,0 +1,5 @@
+import sys
+
+from seqshard.launch.cli import main
+
+sys.exit(main())

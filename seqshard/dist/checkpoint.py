@@ -1,0 +1,90 @@
+"""Checkpoints through ``torch.distributed.checkpoint`` that are complete or ignored (invariant 7).
+
+Layout: ``<output_dir>/checkpoints/step_<N>/`` holds the DCP shards of model and optimizer,
+``trainer.json`` (step, LR schedule, data position, anything JSON) and ``rng_<rank>.pt``.
+A save writes everything into ``.partial_step_<N>/`` first; only when every rank has finished
+does rank 0 write the ``COMPLETE`` marker and rename the folder to ``step_<N>`` (an atomic
+rename on POSIX file systems). A crash at any point leaves at most a ``.partial_*`` folder,
+which resume ignores: the newest complete checkpoint is always intact.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+MARKER = "COMPLETE"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+# Test hook: exit hard after the shards are written but before the checkpoint is committed.
+_CRASH_ENV = "SEQSHARD_TEST_CRASH_DURING_SAVE"
+
+
+def checkpoint_root(output_dir) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def latest_checkpoint(output_dir) -> Path | None:
+    """The newest ``step_<N>`` folder holding the COMPLETE marker, or None."""
+    root = checkpoint_root(output_dir)
+    if not root.is_dir():
+        return None
+    done = [(int(m.group(1)), p) for p in root.iterdir()
+            if (m := _STEP_DIR.match(p.name)) and (p / MARKER).is_file()]
+    return max(done)[1] if done else None
+
+
+def commit_checkpoint(output_dir, step: int, write, trainer_state: dict) -> Path:
+    """Run ``write(partial_dir)`` on every rank, then commit ``step_<N>`` atomically on rank 0."""
+    root = checkpoint_root(output_dir)
+    final, partial = root / f"step_{step}", root / f".partial_step_{step}"
+    rank = dist.get_rank()
+    if rank == 0:
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+    dist.barrier()
+    write(partial)
+    torch.save(torch.get_rng_state(), partial / f"rng_{rank}.pt")
+    if os.environ.get(_CRASH_ENV) == str(step):
+        os._exit(17)
+    dist.barrier()
+    if rank == 0:
+        (partial / "trainer.json").write_text(json.dumps(trainer_state, indent=1))
+        (partial / MARKER).write_text(f"step {step}\n")
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(partial, final)
+    dist.barrier()
+    return final
+
+
+def read_trainer_state(path: Path) -> dict:
+    """This rank's RNG is restored; the trainer state (step, data position) is returned."""
+    rng = path / f"rng_{dist.get_rank()}.pt"
+    if rng.is_file():
+        torch.set_rng_state(torch.load(rng))
+    return json.loads((path / "trainer.json").read_text())
+
+
+def save_checkpoint(output_dir, step: int, model, optimizer, trainer_state: dict) -> Path:
+    """DCP save of model and optimizer (sharded per rank), committed atomically."""
+    def write(partial):
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(partial))
+
+    return commit_checkpoint(output_dir, step, write, trainer_state)
+
+
+def load_checkpoint(path: Path, model, optimizer) -> dict:
+    """Restore model, optimizer and this rank's RNG in place; return the trainer state."""
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, checkpoint_id=str(path))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    return read_trainer_state(path)

@@ -1,0 +1,39 @@
+"""The one DeviceMesh of a run, built once from the spec's degrees (STYLE rule 2).
+
+Dims: ``("dp", "sp")``; for USP ``("dp", "ring", "ulysses")`` with ``("ring", "ulysses")``
+flattened into ``"sp"`` (so sp rank = ring index * ulysses + ulysses index: Ulysses groups are
+consecutive ranks, the fast links inside a node). Everything that communicates receives the
+mesh or a group from it as an argument.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+
+@dataclass(frozen=True)
+class ParallelDims:
+    """The degrees of a run, checked against the world size once."""
+    world_size: int
+    dp: int
+    sp: int
+    ulysses: int = 1
+
+    def __post_init__(self):
+        assert self.dp * self.sp == self.world_size and self.sp % self.ulysses == 0, (
+            f"dp {self.dp} x sp {self.sp} must equal world size {self.world_size}, "
+            f"and ulysses {self.ulysses} must divide sp")
+
+    @property
+    def ring(self) -> int:
+        return self.sp // self.ulysses
+
+
+def build_mesh(dims: ParallelDims, device_type: str = "cpu") -> DeviceMesh:
+    if dims.ulysses > 1:
+        mesh = init_device_mesh(device_type, (dims.dp, dims.ring, dims.ulysses),
+                                mesh_dim_names=("dp", "ring", "ulysses"))
+        mesh["ring", "ulysses"]._flatten("sp")
+        return mesh
+    return init_device_mesh(device_type, (dims.dp, dims.sp), mesh_dim_names=("dp", "sp"))

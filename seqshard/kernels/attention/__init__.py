@@ -1,0 +1,64 @@
+"""Varlen attention with ``flash_attn_varlen_func`` semantics: public entry points and dispatch
+(Triton on CUDA tensors, torch reference elsewhere; ``SEQSHARD_KERNELS`` forces one).
+
+- ``attention(...)``: differentiable; ``return_lse=True`` also returns the fp32 lse ``[H, total_q]``.
+- ``attention_forward`` / ``attention_backward``: the no-autograd block pair ring attention
+  merges and differentiates block by block (backward from the *final* out and lse).
+"""
+from __future__ import annotations
+
+import torch
+
+from ..dispatch import HAS_TRITON, use_triton
+from .reference import attention_backward_reference, attention_forward_reference, attention_reference
+
+
+def attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seqlen_k=None,
+                      causal=False, softmax_scale=None):
+    if use_triton(q):
+        from .triton_fa import triton_attention_forward
+
+        return triton_attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, softmax_scale)
+    return attention_forward_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                       causal, softmax_scale)
+
+
+def attention_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None,
+                       max_seqlen_k=None, causal=False, softmax_scale=None):
+    if use_triton(q):
+        from .triton_fa import triton_attention_backward
+
+        return triton_attention_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, causal, softmax_scale)
+    return attention_backward_reference(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                        max_seqlen_k, causal, softmax_scale)
+
+
+class _FlashAttention(torch.autograd.Function):
+    """Triton forward; backward recomputes from (out, lse) with the Triton backward kernels."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu_q, cu_k, causal, scale):
+        out, lse = attention_forward(q, k, v, cu_q, cu_k, None, None, causal, scale)
+        ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
+        ctx.causal, ctx.scale = causal, scale
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
+        dq, dk, dv = attention_backward(dout, q, k, v, out, lse, cu_q, cu_k, None, None, ctx.causal, ctx.scale)
+        return dq, dk, dv, None, None, None, None
+
+
+def attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seqlen_k=None,
+              causal=False, softmax_scale=None, return_lse=False):
+    """``flash_attn_varlen_func``-compatible varlen attention (see ``reference.py``)."""
+    if use_triton(q):
+        out, lse = _FlashAttention.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, softmax_scale)
+        return (out, lse) if return_lse else out
+    return attention_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                               causal=causal, softmax_scale=softmax_scale, return_lse=return_lse)
+
+
+__all__ = ["attention", "attention_forward", "attention_backward", "attention_reference", "HAS_TRITON"]

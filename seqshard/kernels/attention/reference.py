@@ -1,0 +1,104 @@
+"""Torch reference for varlen attention with ``flash_attn_varlen_func`` semantics.
+
+Packed layout: q ``[total_q, H, D]``, k/v ``[total_k, H_kv, D]``; document i of q is
+``q[cu_seqlens_q[i]:cu_seqlens_q[i+1]]`` and attends only to document i of k/v.
+GQA: query head h reads kv head ``h // (H / H_kv)``. Causal masks are aligned bottom-right
+(query j of a length-Lq document sees key positions ``<= j + Lk - Lq``), as in flash-attn >= 2.1.
+Rows that see no key return 0 with lse ``-inf``. The log-sum-exp is fp32 ``[H, total_q]``.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def attention_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seqlen_k=None,
+                        causal=False, softmax_scale=None, return_lse=False):
+    total_q, n_heads, head_dim = q.shape
+    n_kv = k.shape[1]
+    assert n_heads % n_kv == 0, f"query heads {n_heads} not a multiple of kv heads {n_kv}"
+    scale = head_dim ** -0.5 if softmax_scale is None else softmax_scale
+    group = n_heads // n_kv
+    cq = cu_seqlens_q.tolist()
+    ck = cu_seqlens_k.tolist()
+    assert len(cq) == len(ck), f"cu_seqlens_q has {len(cq)} entries, cu_seqlens_k {len(ck)}"
+    outs, lses = [], []
+    for i in range(len(cq) - 1):
+        qs, ks = q[cq[i]:cq[i + 1]], k[ck[i]:ck[i + 1]]
+        vs = v[ck[i]:ck[i + 1]]
+        lq, lk = qs.shape[0], ks.shape[0]
+        if lq == 0:
+            continue
+        if group > 1:  # [Lk, Hkv, D] -> [Lk, H, D]
+            ks = ks.repeat_interleave(group, dim=1)
+            vs = vs.repeat_interleave(group, dim=1)
+        # [H, Lq, Lk] scores in fp32
+        s = torch.einsum("qhd,khd->hqk", qs.float(), ks.float()) * scale
+        if causal:
+            qi = torch.arange(lq, device=q.device).unsqueeze(1)
+            kj = torch.arange(lk, device=q.device).unsqueeze(0)
+            s = s.masked_fill(kj > qi + (lk - lq), float("-inf"))
+        lse = torch.logsumexp(s, dim=-1)  # [H, Lq]
+        finite = torch.isfinite(lse)
+        p = torch.exp(s - torch.where(finite, lse, torch.zeros_like(lse)).unsqueeze(-1))
+        p = torch.where(finite.unsqueeze(-1), p, torch.zeros_like(p))
+        o = torch.einsum("hqk,khd->qhd", p, vs.float())
+        outs.append(o.to(q.dtype))
+        lses.append(lse)
+    if outs:
+        out = torch.cat(outs, 0)
+        lse = torch.cat(lses, 1)
+    else:
+        out = q.new_zeros(0, n_heads, v.shape[-1])
+        lse = torch.zeros(n_heads, 0, dtype=torch.float32, device=q.device)
+    assert out.shape[0] == total_q, f"cu_seqlens_q covers {out.shape[0]} of {total_q} tokens"
+    return (out, lse) if return_lse else out
+
+
+@torch.no_grad()
+def attention_forward_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seqlen_k=None,
+                                causal=False, softmax_scale=None):
+    """No-autograd forward: ``(out, lse)``, the pair ring attention merges block by block."""
+    return attention_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=causal,
+                               softmax_scale=softmax_scale, return_lse=True)
+
+
+@torch.no_grad()
+def attention_backward_reference(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None,
+                                 max_seqlen_k=None, causal=False, softmax_scale=None):
+    """Gradients of one attention block given the *final* ``out`` and ``lse`` of its rows
+    (FlashAttention-2's backward: ``dS = P * (dP - rowsum(dO * O))``). Returns dq, dk, dv, with
+    dk/dv in the kv-head shape (GQA groups summed). Rows with lse -inf contribute nothing."""
+    n_heads, n_kv, head_dim = q.shape[1], k.shape[1], q.shape[2]
+    scale = head_dim ** -0.5 if softmax_scale is None else softmax_scale
+    group = n_heads // n_kv
+    dq, dk, dv = torch.zeros_like(q, dtype=torch.float32), torch.zeros_like(k, dtype=torch.float32), \
+        torch.zeros_like(v, dtype=torch.float32)
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    delta = (dout.float() * out.float()).sum(-1).t()  # [H, total_q]
+    for i in range(len(cq) - 1):
+        a, b, c, d = cq[i], cq[i + 1], ck[i], ck[i + 1]
+        if a == b or c == d:
+            continue
+        qs, ks, vs = q[a:b].float(), k[c:d].float(), v[c:d].float()
+        if group > 1:
+            ks, vs = ks.repeat_interleave(group, dim=1), vs.repeat_interleave(group, dim=1)
+        s = torch.einsum("qhd,khd->hqk", qs, ks) * scale
+        if causal:
+            lq, lk = b - a, d - c
+            qi = torch.arange(lq).unsqueeze(1)
+            s = s.masked_fill(torch.arange(lk).unsqueeze(0) > qi + (lk - lq), float("-inf"))
+        seg_lse = lse[:, a:b]
+        p = torch.exp(s - torch.where(torch.isfinite(seg_lse), seg_lse, torch.zeros_like(seg_lse)).unsqueeze(-1))
+        p = torch.where(torch.isfinite(seg_lse).unsqueeze(-1), p, torch.zeros_like(p))
+        do = dout[a:b].float()
+        dvs = torch.einsum("hqk,qhd->khd", p, do)
+        dp = torch.einsum("qhd,khd->hqk", do, vs)
+        ds = p * (dp - delta[:, a:b].unsqueeze(-1))
+        dq[a:b] = torch.einsum("hqk,khd->qhd", ds, ks) * scale
+        dks = torch.einsum("hqk,qhd->khd", ds, qs) * scale
+        if group > 1:  # [Lk, H, D] -> [Lk, H_kv, D]: sum each kv head's query group
+            dks = dks.view(d - c, n_kv, group, head_dim).sum(2)
+            dvs = dvs.view(d - c, n_kv, group, head_dim).sum(2)
+        dk[c:d] += dks
+        dv[c:d] += dvs
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)

@@ -1,0 +1,211 @@
+"""Triton varlen flash attention (Dao, 2023: FlashAttention-2), forward and backward.
+
+Packed ``[total, heads, head_dim]`` with ``cu_seqlens`` per document, GQA by head count, causal
+aligned bottom-right (query j of a length-Lq document sees keys ``<= j + Lk - Lq``), fp32
+log-sum-exp ``[heads, total_q]``. One program per (query block of a document, head) in the
+forward pass (online softmax); the backward pass runs one kernel over key blocks (dK, dV, per
+query head, GQA groups summed afterwards) and one over query blocks (dQ), so no atomics are
+needed and results are deterministic. ``delta = rowsum(dO * O)`` is computed in torch.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK_M, BLOCK_N = 16, 16
+# The interpreter's tl.dot cannot multiply bf16/fp16 operands (numpy has no bf16): upcast there
+# only; compiled kernels keep low-precision operands for the tensor cores.
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@triton.jit
+def _dot(a, b, F32: tl.constexpr):
+    if F32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32))
+    return tl.dot(a, b)
+
+
+@triton.jit
+def _fwd(Q, K, V, O, LSE, CU_Q, CU_K, BLK_DOC, BLK_START, scale, n_heads, n_kv, head_dim,
+         CAUSAL: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
+         F32: tl.constexpr):
+    pid, h = tl.program_id(0), tl.program_id(1)
+    doc, qs = tl.load(BLK_DOC + pid), tl.load(BLK_START + pid)
+    q0, k0 = tl.load(CU_Q + doc), tl.load(CU_K + doc)
+    lq, lk = tl.load(CU_Q + doc + 1) - q0, tl.load(CU_K + doc + 1) - k0
+    hk = h // (n_heads // n_kv)
+    offs_m, offs_n, offs_d = qs + tl.arange(0, BM), tl.arange(0, BN), tl.arange(0, BD)
+    d_ok = offs_d < head_dim
+    q = tl.load(Q + ((q0 + offs_m)[:, None] * n_heads + h) * head_dim + offs_d[None, :],
+                mask=(offs_m < lq)[:, None] & d_ok[None, :], other=0.0)
+    m_i = tl.full([BM], float("-inf"), tl.float32)
+    l_i = tl.zeros([BM], tl.float32)
+    acc = tl.zeros([BM, BD], tl.float32)
+    end = lk
+    if CAUSAL:
+        end = tl.minimum(lk, qs + BM + lk - lq)
+    for start in range(0, end, BN):
+        cols = start + offs_n
+        kt = tl.load(K + ((k0 + cols)[None, :] * n_kv + hk) * head_dim + offs_d[:, None],
+                     mask=(cols < lk)[None, :] & d_ok[:, None], other=0.0)
+        s = _dot(q, kt, F32) * scale
+        ok = (cols < lk)[None, :]
+        if CAUSAL:
+            ok = ok & (cols[None, :] <= offs_m[:, None] + lk - lq)
+        s = tl.where(ok, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp(s - m_safe[:, None])
+        alpha = tl.exp(m_i - m_safe)
+        v = tl.load(V + ((k0 + cols)[:, None] * n_kv + hk) * head_dim + offs_d[None, :],
+                    mask=(cols < lk)[:, None] & d_ok[None, :], other=0.0)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, F32)
+        m_i = m_new
+    seen = l_i > 0
+    out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    lse = tl.where(seen, m_i + tl.log(tl.where(seen, l_i, 1.0)), float("-inf"))
+    rows = offs_m < lq
+    tl.store(O + ((q0 + offs_m)[:, None] * n_heads + h) * head_dim + offs_d[None, :], out.to(O.dtype.element_ty),
+             mask=rows[:, None] & d_ok[None, :])
+    tl.store(LSE + (q0 + offs_m) * n_heads + h, lse, mask=rows)
+
+
+@triton.jit
+def _bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, BLK_DOC, BLK_START, scale, n_heads, n_kv,
+              head_dim, CAUSAL: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
+         F32: tl.constexpr):
+    pid, h = tl.program_id(0), tl.program_id(1)
+    doc, ks = tl.load(BLK_DOC + pid), tl.load(BLK_START + pid)
+    q0, k0 = tl.load(CU_Q + doc), tl.load(CU_K + doc)
+    lq, lk = tl.load(CU_Q + doc + 1) - q0, tl.load(CU_K + doc + 1) - k0
+    hk = h // (n_heads // n_kv)
+    offs_m, offs_n, offs_d = tl.arange(0, BM), ks + tl.arange(0, BN), tl.arange(0, BD)
+    d_ok = offs_d < head_dim
+    kv_mask = (offs_n < lk)[:, None] & d_ok[None, :]
+    k = tl.load(K + ((k0 + offs_n)[:, None] * n_kv + hk) * head_dim + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(V + ((k0 + offs_n)[:, None] * n_kv + hk) * head_dim + offs_d[None, :], mask=kv_mask, other=0.0)
+    dk = tl.zeros([BN, BD], tl.float32)
+    dv = tl.zeros([BN, BD], tl.float32)
+    first = 0
+    if CAUSAL:
+        first = tl.maximum(ks - (lk - lq), 0) // BM * BM
+    for start in range(first, lq, BM):
+        rows = start + offs_m
+        r_ok = rows < lq
+        q = tl.load(Q + ((q0 + rows)[:, None] * n_heads + h) * head_dim + offs_d[None, :],
+                    mask=r_ok[:, None] & d_ok[None, :], other=0.0)
+        do = tl.load(DO + ((q0 + rows)[:, None] * n_heads + h) * head_dim + offs_d[None, :],
+                     mask=r_ok[:, None] & d_ok[None, :], other=0.0)
+        lse = tl.load(LSE + (q0 + rows) * n_heads + h, mask=r_ok, other=float("-inf"))
+        delta = tl.load(DELTA + (q0 + rows) * n_heads + h, mask=r_ok, other=0.0)
+        s = _dot(q, tl.trans(k), F32) * scale
+        ok = r_ok[:, None] & (offs_n < lk)[None, :] & (lse > float("-inf"))[:, None]
+        if CAUSAL:
+            ok = ok & (offs_n[None, :] <= rows[:, None] + lk - lq)
+        p = tl.where(ok, tl.exp(s - tl.where(lse > float("-inf"), lse, 0.0)[:, None]), 0.0)
+        dv += _dot(tl.trans(p.to(do.dtype)), do, F32)
+        dp = _dot(do, tl.trans(v), F32)
+        ds = p * (dp - delta[:, None])
+        dk += _dot(tl.trans(ds.to(q.dtype)), q, F32) * scale
+    out_mask = (offs_n < lk)[:, None] & d_ok[None, :]
+    tl.store(DK + ((k0 + offs_n)[:, None] * n_heads + h) * head_dim + offs_d[None, :], dk, mask=out_mask)
+    tl.store(DV + ((k0 + offs_n)[:, None] * n_heads + h) * head_dim + offs_d[None, :], dv, mask=out_mask)
+
+
+@triton.jit
+def _bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, BLK_DOC, BLK_START, scale, n_heads, n_kv, head_dim,
+            CAUSAL: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
+         F32: tl.constexpr):
+    pid, h = tl.program_id(0), tl.program_id(1)
+    doc, qs = tl.load(BLK_DOC + pid), tl.load(BLK_START + pid)
+    q0, k0 = tl.load(CU_Q + doc), tl.load(CU_K + doc)
+    lq, lk = tl.load(CU_Q + doc + 1) - q0, tl.load(CU_K + doc + 1) - k0
+    hk = h // (n_heads // n_kv)
+    offs_m, offs_n, offs_d = qs + tl.arange(0, BM), tl.arange(0, BN), tl.arange(0, BD)
+    d_ok = offs_d < head_dim
+    r_ok = offs_m < lq
+    q = tl.load(Q + ((q0 + offs_m)[:, None] * n_heads + h) * head_dim + offs_d[None, :],
+                mask=r_ok[:, None] & d_ok[None, :], other=0.0)
+    do = tl.load(DO + ((q0 + offs_m)[:, None] * n_heads + h) * head_dim + offs_d[None, :],
+                 mask=r_ok[:, None] & d_ok[None, :], other=0.0)
+    lse = tl.load(LSE + (q0 + offs_m) * n_heads + h, mask=r_ok, other=float("-inf"))
+    delta = tl.load(DELTA + (q0 + offs_m) * n_heads + h, mask=r_ok, other=0.0)
+    dq = tl.zeros([BM, BD], tl.float32)
+    end = lk
+    if CAUSAL:
+        end = tl.minimum(lk, qs + BM + lk - lq)
+    for start in range(0, end, BN):
+        cols = start + offs_n
+        c_ok = cols < lk
+        k = tl.load(K + ((k0 + cols)[:, None] * n_kv + hk) * head_dim + offs_d[None, :],
+                    mask=c_ok[:, None] & d_ok[None, :], other=0.0)
+        v = tl.load(V + ((k0 + cols)[:, None] * n_kv + hk) * head_dim + offs_d[None, :],
+                    mask=c_ok[:, None] & d_ok[None, :], other=0.0)
+        s = _dot(q, tl.trans(k), F32) * scale
+        ok = r_ok[:, None] & c_ok[None, :] & (lse > float("-inf"))[:, None]
+        if CAUSAL:
+            ok = ok & (cols[None, :] <= offs_m[:, None] + lk - lq)
+        p = tl.where(ok, tl.exp(s - tl.where(lse > float("-inf"), lse, 0.0)[:, None]), 0.0)
+        dp = _dot(do, tl.trans(v), F32)
+        ds = p * (dp - delta[:, None])
+        dq += _dot(ds.to(k.dtype), k, F32) * scale
+    tl.store(DQ + ((q0 + offs_m)[:, None] * n_heads + h) * head_dim + offs_d[None, :], dq,
+             mask=r_ok[:, None] & d_ok[None, :])
+
+
+def _blocks(cu, block):
+    """(document, start) of every ``block``-row tile of every document."""
+    lens = (cu[1:] - cu[:-1]).tolist()
+    docs = [d for d, n in enumerate(lens) for _ in range(0, n, block)]
+    starts = [s for n in lens for s in range(0, n, block)]
+    return (torch.tensor(docs, dtype=torch.int32, device=cu.device),
+            torch.tensor(starts, dtype=torch.int32, device=cu.device))
+
+
+def _prep(q, k, softmax_scale, cu_q, cu_k):
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
+    return (scale, cu_q.to(torch.int32).contiguous(), cu_k.to(torch.int32).contiguous(),
+            max(16, triton.next_power_of_2(q.shape[-1])))
+
+
+def triton_attention_forward(q, k, v, cu_q, cu_k, causal, softmax_scale=None):
+    """``(out, lse)``: out like q, lse fp32 ``[H, total_q]``."""
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    scale, cu_q, cu_k, bd = _prep(q, k, softmax_scale, cu_q, cu_k)
+    out = torch.zeros_like(q)
+    lse_t = torch.full((q.shape[0], q.shape[1]), float("-inf"), dtype=torch.float32, device=q.device)
+    docs, starts = _blocks(cu_q, BLOCK_M)
+    if len(docs):
+        _fwd[(len(docs), q.shape[1])](q, k, v, out, lse_t, cu_q, cu_k, docs, starts, scale, q.shape[1],
+                                      k.shape[1], q.shape[2], CAUSAL=causal, BM=BLOCK_M, BN=BLOCK_N, BD=bd,
+                                      F32=INTERPRET)
+    return out, lse_t.t().contiguous()
+
+
+def triton_attention_backward(dout, q, k, v, out, lse, cu_q, cu_k, causal, softmax_scale=None):
+    """dq, dk, dv given the final ``out`` and ``lse`` (dk/dv in the kv-head shape)."""
+    q, k, v, dout = q.contiguous(), k.contiguous(), v.contiguous(), dout.contiguous()
+    scale, cu_q, cu_k, bd = _prep(q, k, softmax_scale, cu_q, cu_k)
+    n_heads, n_kv = q.shape[1], k.shape[1]
+    lse_t = lse.t().contiguous()  # [total_q, H]
+    delta = (dout.float() * out.float()).sum(-1).contiguous()  # [total_q, H]
+    dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    dk_h = torch.zeros(k.shape[0], n_heads, k.shape[2], dtype=torch.float32, device=q.device)
+    dv_h = torch.zeros_like(dk_h)
+    kdocs, kstarts = _blocks(cu_k, BLOCK_N)
+    common = dict(CAUSAL=causal, BM=BLOCK_M, BN=BLOCK_N, BD=bd, F32=INTERPRET)
+    if len(kdocs):
+        _bwd_dkdv[(len(kdocs), n_heads)](q, k, v, dout, lse_t, delta, dk_h, dv_h, cu_q, cu_k, kdocs, kstarts,
+                                         scale, n_heads, n_kv, q.shape[2], **common)
+    qdocs, qstarts = _blocks(cu_q, BLOCK_M)
+    if len(qdocs):
+        _bwd_dq[(len(qdocs), n_heads)](q, k, v, dout, lse_t, delta, dq, cu_q, cu_k, qdocs, qstarts, scale,
+                                       n_heads, n_kv, q.shape[2], **common)
+    group = n_heads // n_kv  # [Tk, H, D] -> [Tk, H_kv, D]: sum each kv head's query group
+    dk = dk_h.view(k.shape[0], n_kv, group, k.shape[2]).sum(2)
+    dv = dv_h.view(k.shape[0], n_kv, group, k.shape[2]).sum(2)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)

@@ -1,0 +1,22 @@
+"""Kernel dispatch: Triton on CUDA tensors, the torch reference elsewhere.
+
+``SEQSHARD_KERNELS=triton`` forces the Triton kernels (on CPU tensors they need
+``TRITON_INTERPRET=1``: that is how the tests run them here), ``reference`` forces torch.
+"""
+from __future__ import annotations
+
+import os
+
+try:
+    import triton  # noqa: F401
+
+    HAS_TRITON = True
+except ImportError:  # the reference path needs no Triton
+    HAS_TRITON = False
+
+
+def use_triton(tensor) -> bool:
+    mode = os.environ.get("SEQSHARD_KERNELS", "auto")
+    if mode == "reference" or not HAS_TRITON:
+        return False
+    return mode == "triton" or tensor.is_cuda

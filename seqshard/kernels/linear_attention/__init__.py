@@ -1,0 +1,34 @@
+"""Causal linear attention with the flash-linear-attention layout (DESIGN.md contract).
+
+``linear_attention(q, k, v, g=None, scale=None, initial_state=None, output_final_state=False,
+cu_seqlens=None) -> (o, final_state)``: q, k ``[B, T, H, K]``, v ``[B, T, H, V]``, optional
+per-token per-head log decay g ``[B, T, H]``, states ``[B or N, H, K, V]``, scale ``K ** -0.5``
+by default; with ``cu_seqlens`` B is 1 and the N documents are independent (state reset at each
+start), ``initial_state`` / ``final_state`` holding one state per document. The chunked torch
+form runs by default; ``naive.py`` is its per-token twin.
+"""
+from __future__ import annotations
+
+import torch
+
+from .chunk import chunk_linear_attention
+from .naive import naive_linear_attention
+
+
+def linear_attention(q, k, v, g=None, scale=None, initial_state=None, output_final_state=False,
+                     cu_seqlens=None, impl=chunk_linear_attention):
+    if cu_seqlens is None:
+        return impl(q, k, v, g, scale, initial_state, output_final_state)
+    assert q.shape[0] == 1, f"with cu_seqlens the batch must be 1, got {q.shape[0]}"
+    bounds = cu_seqlens.tolist()
+    outs, states = [], []
+    for i, (a, e) in enumerate(zip(bounds[:-1], bounds[1:])):
+        init = None if initial_state is None else initial_state[i:i + 1]
+        o, s = impl(q[:, a:e], k[:, a:e], v[:, a:e], None if g is None else g[:, a:e], scale, init, True)
+        outs.append(o)
+        states.append(s)
+    o = torch.cat(outs, 1) if outs else q.new_zeros(1, 0, q.shape[2], v.shape[-1])
+    return o, (torch.cat(states, 0) if output_final_state else None)
+
+
+__all__ = ["linear_attention", "chunk_linear_attention", "naive_linear_attention"]

@@ -1,0 +1,71 @@
+"""Rotary position embedding (Su et al., 2021), Llama's half-split convention, varlen positions.
+
+``x`` is ``[tokens, heads, head_dim]`` and ``positions`` ``[tokens]`` holds each token's position
+inside its own document (restarting at 0 per document), so packing needs no special case.
+Torch reference, Triton forward + backward (the backward is the rotation by minus the angle),
+dispatch.
+"""
+from __future__ import annotations
+
+import torch
+
+from .dispatch import HAS_TRITON, use_triton
+
+
+def rope_cos_sin(positions, head_dim, theta=10000.0):
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device,
+                                             dtype=torch.float64) / head_dim))
+    angles = positions.to(torch.float64).unsqueeze(-1) * inv_freq  # [T, D/2]
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope_reference(x, positions, theta=10000.0):
+    cos, sin = rope_cos_sin(positions, x.shape[-1], theta)
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # [T, 1, D/2]
+    x1, x2 = x.float().chunk(2, dim=-1)
+    out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    return out.to(x.dtype)
+
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _rope_kernel(X, COS, SIN, Y, n_heads, half, sign, BLOCK: tl.constexpr):
+        token, head = tl.program_id(0), tl.program_id(1)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < half
+        base = (token * n_heads + head) * 2 * half
+        x1 = tl.load(X + base + cols, mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(X + base + half + cols, mask=mask, other=0.0).to(tl.float32)
+        c = tl.load(COS + token * half + cols, mask=mask, other=0.0)
+        s = tl.load(SIN + token * half + cols, mask=mask, other=0.0) * sign
+        tl.store(Y + base + cols, x1 * c - x2 * s, mask=mask)
+        tl.store(Y + base + half + cols, x2 * c + x1 * s, mask=mask)
+
+    def _rotate(x, cos, sin, sign):
+        x = x.contiguous()
+        y = torch.empty_like(x)
+        t, h, d = x.shape
+        if t:
+            _rope_kernel[(t, h)](x, cos, sin, y, h, d // 2, sign, BLOCK=triton.next_power_of_2(d // 2))
+        return y
+
+    class _Rope(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, positions, theta):
+            cos, sin = rope_cos_sin(positions, x.shape[-1], theta)
+            ctx.save_for_backward(cos, sin)
+            return _rotate(x, cos, sin, 1.0)
+
+        @staticmethod
+        def backward(ctx, dy):
+            cos, sin = ctx.saved_tensors
+            return _rotate(dy, cos, sin, -1.0), None, None
+
+
+def apply_rope(x, positions, theta=10000.0):
+    if use_triton(x):
+        return _Rope.apply(x, positions, theta)
+    return apply_rope_reference(x, positions, theta)

@@ -1,0 +1,149 @@
+"""``seqshard`` command line. A bad spec exits 2 with one line naming the key path."""
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import subprocess
+import sys
+
+from .spec import SpecError, load_spec
+
+EPILOG = """examples:
+  seqshard validate examples/tiny.yaml
+  seqshard launch examples/tiny.yaml --dry-run        # print the torchrun/deepspeed/mpirun command
+  seqshard launch examples/tiny.yaml                  # run it (launch.nproc_per_node ranks)
+  torchrun --nproc-per-node 2 -m seqshard train examples/tiny.yaml --set train.steps=20
+  mpirun -np 2 python -m seqshard train examples/tiny.yaml
+"""
+
+
+def _add_spec_args(p):
+    p.add_argument("spec", help="YAML job spec (see examples/)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+                   help="override any spec key, value parsed as YAML (repeatable), e.g. --set parallel.sp=2")
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="seqshard", description="Distributed long-context training: "
+                                 "sequence parallelism (Ulysses, Ring, USP, LASP-2), packing, adaptive scattering.",
+                                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # the deepspeed launcher passes --local_rank=N before the subcommand (it also exports LOCAL_RANK)
+    ap.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    sub = ap.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("train", help="train under the current launcher (torchrun, deepspeed, mpirun, srun) "
+                       "or as one process", description="Train a spec in this process. Under torchrun / "
+                       "deepspeed / mpirun / srun every rank runs this; alone it is a 1-rank run.")
+    _add_spec_args(p)
+    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint "
+                   "in train.output_dir/checkpoints")
+    p.add_argument("--stop-after", type=int, metavar="N", help="checkpoint and exit after step N "
+                   "(the schedule still follows train.steps; resume later with --resume)")
+    p = sub.add_parser("validate", help="check a spec and exit (0 valid, 2 invalid)",
+                       description="Type-check and validate a spec against the world size of its launch section.")
+    _add_spec_args(p)
+    p.add_argument("--world-size", type=int, help="validate for this many ranks instead of launch.nproc_per_node x nnodes")
+    p = sub.add_parser("launch", help="build the launcher command from the spec's launch: section and run it",
+                       description="Build the torchrun / deepspeed / mpirun command (or SLURM sbatch script) "
+                       "from launch:, then run it. --dry-run prints it and starts nothing.")
+    _add_spec_args(p)
+    p.add_argument("--dry-run", action="store_true", help="print the command (or sbatch script) only")
+    p.add_argument("--resume", action="store_true", help="pass --resume to every rank")
+    p = sub.add_parser("calibrate", help="fit the cost model's hardware profile on this machine",
+                       description="Measure matmul FLOP/s and 2-process all-to-all bandwidth/latency here "
+                       "and print (or save) a hardware profile for the adaptive planner and simulate.")
+    p.add_argument("--out", help="write the profile as JSON to this path")
+    p = sub.add_parser("summary", help="one-paragraph summary of a run folder's metrics.jsonl",
+                       description="Print first/last loss, throughput and memory of a finished run.")
+    p.add_argument("run_dir", help="a train.output_dir holding metrics.jsonl")
+    from .cli_reports import register
+
+    ap.set_defaults(_reports=register(sub))  # sweep, report, simulate
+    return ap
+
+
+def _world_size_from_env() -> int:
+    from seqshard.dist.bootstrap import detect_env
+
+    return detect_env().world_size
+
+
+def cmd_validate(args) -> int:
+    spec = load_spec(args.spec, args.overrides, args.world_size)
+    ws = args.world_size or spec.world_size
+    print(f"{args.spec}: valid ({spec.name}: world {ws} = dp {spec.dp(ws)} x sp {spec.parallel.sp}, "
+          f"{spec.parallel.sp_method}, {spec.train.steps} steps)")
+    return 0
+
+
+def cmd_train(args) -> int:
+    spec = load_spec(args.spec, args.overrides, _world_size_from_env())
+    from .trainer import train
+
+    train(spec, resume=args.resume, stop_after=args.stop_after)
+    return 0
+
+
+def cmd_launch(args) -> int:
+    spec = load_spec(args.spec, args.overrides)
+    from .launchers import launch_command
+
+    extra = ["--resume"] if args.resume else []
+    cmd = launch_command(spec, args.spec, args.overrides, extra)
+    if isinstance(cmd, str):  # slurm: an sbatch script
+        if args.dry_run:
+            print(cmd, end="")
+            return 0
+        path = os.path.join(spec.train.output_dir, "job.sbatch")
+        os.makedirs(spec.train.output_dir, exist_ok=True)
+        with open(path, "w") as f:
+            f.write(cmd)
+        return subprocess.call(["sbatch", path])
+    print(shlex.join(cmd), flush=True)
+    if args.dry_run:
+        return 0
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    return subprocess.call(cmd, env=env)
+
+
+def cmd_calibrate(args) -> int:
+    import json
+
+    from .calibrate import calibrate, save_profile
+
+    profile = calibrate()
+    print(json.dumps(profile, indent=1))
+    if args.out:
+        save_profile(profile, args.out)
+    return 0
+
+
+def cmd_summary(args) -> int:
+    from .logs import read_metrics
+
+    m = read_metrics(args.run_dir)
+    if not m:
+        print(f"seqshard: error: no steps in {args.run_dir}/metrics.jsonl", file=sys.stderr)
+        return 2
+    tokens, seconds = sum(x["tokens"] for x in m), sum(x["step_time_s"] for x in m)
+    print(f"{args.run_dir}: {len(m)} steps, loss {m[0]['loss']:.3f} -> {m[-1]['loss']:.3f}, "
+          f"{tokens} tokens in {seconds:.1f}s of steps ({tokens / seconds:.0f} tokens/s), "
+          f"peak memory {max(x['peak_mem_mb'] for x in m):.0f} MB per rank")
+    return 0
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return {"train": cmd_train, "validate": cmd_validate, "launch": cmd_launch,
+                "summary": cmd_summary, "calibrate": cmd_calibrate, **args._reports}[args.command](args)
+    except SpecError as err:
+        print(f"seqshard: error: {err}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as err:
+        print(f"seqshard: error: {err.strerror}: {err.filename}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

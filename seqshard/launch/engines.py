@@ -1,0 +1,130 @@
+"""Optimizer engines: plain torch (AdamW + one gradient all-reduce) or DeepSpeed's engine.
+
+Both see the same contract from the trainer: ``forward``, ``backward(loss, last)`` where
+``loss`` is a micro-batch's summed token loss already divided by the step's global loss-token
+count, ``step() -> grad_norm``, ``save``/``load``. Either way the gradient applied is the sum over
+all ranks, i.e. the exact full-batch gradient, so both reproduce the single-process losses.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import torch
+import torch.distributed as dist
+
+from seqshard.dist.checkpoint import commit_checkpoint, load_checkpoint, read_trainer_state, save_checkpoint
+from seqshard.dist.grad_sync import all_reduce_gradients
+
+
+def build_optimizer(model, spec):
+    t = spec.train
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}],
+                             lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8)
+
+
+class TorchEngine:
+    def __init__(self, model, spec):
+        self.model, self.spec = model, spec
+        self.optimizer = build_optimizer(model, spec)
+
+    def set_lr(self, lr):
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def forward(self, *args):
+        return self.model(*args)
+
+    def backward(self, loss, last: bool):
+        loss.backward()
+
+    def step(self) -> float:
+        all_reduce_gradients(self.model.parameters())
+        clip = self.spec.train.grad_clip if self.spec.train.grad_clip > 0 else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    def save(self, output_dir, step, trainer_state):
+        return save_checkpoint(output_dir, step, self.model, self.optimizer, trainer_state)
+
+    def load(self, path):
+        return load_checkpoint(path, self.model, self.optimizer)
+
+
+def deepspeed_config(spec, world_size: int) -> dict:
+    """A ds_config consistent with the spec, merged over by the user's ``train.ds_config`` file."""
+    t = spec.train
+    config = {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": 1,  # boundaries are set explicitly per step
+        "gradient_clipping": t.grad_clip,
+        "zero_optimization": {"stage": t.zero_stage},
+        "bf16": {"enabled": t.dtype == "bfloat16"},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if t.ds_config:
+        with open(t.ds_config) as f:
+            user = json.load(f)
+        for key, value in user.items():
+            if isinstance(value, dict) and isinstance(config.get(key), dict):
+                config[key] = {**config[key], **value}
+            else:
+                config[key] = value
+    return config
+
+
+class DeepSpeedEngine:
+    """``deepspeed.initialize`` around the (already parallelized) model; ZeRO 0-3."""
+
+    def __init__(self, model, spec, local_rank: int):
+        os.environ.setdefault("LOCAL_RANK", str(local_rank))  # DeepSpeed reads it, whatever launched us
+        import deepspeed
+
+        logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+        self.spec, self.world = spec, dist.get_world_size()
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=model, optimizer=build_optimizer(model, spec),
+            config=deepspeed_config(spec, self.world), dist_init_required=False)
+        self.model = self.engine.module
+
+    def set_lr(self, lr):
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def forward(self, *args):
+        return self.engine(*args)
+
+    def backward(self, loss, last: bool):
+        # DeepSpeed averages gradients over its data-parallel world (all ranks here); the
+        # trainer's losses are already global-token normalized, so undo the average to sum.
+        self.engine.set_gradient_accumulation_boundary(last)
+        self.engine.backward(loss * self.world, scale_wrt_gas=False)
+
+    def step(self) -> float:
+        self.engine.set_gradient_accumulation_boundary(True)
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    def save(self, output_dir, step, trainer_state):
+        def write(partial):
+            self.engine.save_checkpoint(str(partial), tag="deepspeed", save_latest=False)
+
+        return commit_checkpoint(output_dir, step, write, trainer_state)
+
+    def load(self, path):
+        self.engine.load_checkpoint(str(path), tag="deepspeed")
+        return read_trainer_state(path)
+
+
+def build_engine(model, spec, local_rank: int = 0):
+    if spec.train.engine == "deepspeed":
+        return DeepSpeedEngine(model, spec, local_rank)
+    return TorchEngine(model, spec)

@@ -1,0 +1,84 @@
+"""Launcher commands built from the spec's ``launch:`` section. Building never starts anything.
+
+Each builder returns argv (a list) for ``torchrun``, ``deepspeed``, ``mpirun``, or, for
+``slurm``, the text of an sbatch script that runs ``srun`` + ``torchrun`` with the rendezvous
+taken from the ``SLURM_*`` environment. The command re-enters ``seqshard train`` with the same
+spec and ``--set`` overrides, so every rank validates the same spec.
+"""
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+
+from .spec import Spec
+
+
+def _train_args(spec_path: str, overrides: list[str], extra: list[str]) -> list[str]:
+    args = ["train", spec_path]
+    for o in overrides or []:
+        args += ["--set", o]
+    return args + list(extra or [])
+
+
+def torchrun_command(spec: Spec, spec_path, overrides=None, extra=None) -> list[str]:
+    ln = spec.launch
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={ln.nproc_per_node}",
+           f"--nnodes={ln.nnodes}"]
+    if ln.nnodes > 1 or ln.rdzv_endpoint:
+        endpoint = ln.rdzv_endpoint or f"{ln.master_addr}:{ln.master_port}"
+        cmd += ["--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}", f"--rdzv-id={spec.name}"]
+    else:  # one node: a private rendezvous on a free port, so concurrent jobs never collide
+        cmd += ["--standalone"]
+    return cmd + ["-m", "seqshard"] + _train_args(spec_path, overrides, extra)
+
+
+def deepspeed_command(spec: Spec, spec_path, overrides=None, extra=None) -> list[str]:
+    ln = spec.launch
+    cmd = ["deepspeed"]
+    if ln.hostfile:
+        cmd += ["--hostfile", ln.hostfile, "--num_nodes", str(ln.nnodes)]
+    else:
+        cmd += ["--num_nodes", str(ln.nnodes)]
+    cmd += ["--num_gpus", str(ln.nproc_per_node), "--master_addr", ln.master_addr,
+            "--master_port", str(ln.master_port), "--module", "seqshard"]
+    return cmd + _train_args(spec_path, overrides, extra)
+
+
+def mpirun_command(spec: Spec, spec_path, overrides=None, extra=None) -> list[str]:
+    ln = spec.launch
+    cmd = ["mpirun", "-np", str(ln.nproc_per_node * ln.nnodes)]
+    if os.geteuid() == 0:  # containers often run as root; Open MPI refuses that by default
+        cmd += ["--allow-run-as-root"]
+    if ln.hostfile:
+        cmd += ["--hostfile", ln.hostfile, "--map-by", f"ppr:{ln.nproc_per_node}:node"]
+    else:
+        cmd += ["--oversubscribe"]  # one host: allow more ranks than detected slots
+    return cmd + [sys.executable, "-m", "seqshard"] + _train_args(spec_path, overrides, extra)
+
+
+def slurm_script(spec: Spec, spec_path, overrides=None, extra=None) -> str:
+    ln, sl = spec.launch, spec.launch.slurm
+    lines = ["#!/bin/bash", f"#SBATCH --job-name={sl.job_name or spec.name}", f"#SBATCH --nodes={ln.nnodes}",
+             "#SBATCH --ntasks-per-node=1", f"#SBATCH --gpus-per-node={sl.gpus_per_node}",
+             f"#SBATCH --time={sl.time}"]
+    lines += [f"#SBATCH --partition={sl.partition}"] if sl.partition else []
+    lines += [f"#SBATCH --account={sl.account}"] if sl.account else []
+    train = " ".join(shlex.quote(a) for a in _train_args(spec_path, overrides, extra))
+    lines += ["set -euo pipefail",
+              'MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
+              f"MASTER_PORT={ln.master_port}",
+              "srun torchrun --nnodes=\"$SLURM_NNODES\" "
+              f"--nproc-per-node={ln.nproc_per_node} --rdzv-id=\"$SLURM_JOB_ID\" --rdzv-backend=c10d "
+              f"--rdzv-endpoint=\"$MASTER_ADDR:$MASTER_PORT\" -m seqshard {train}"]
+    return "\n".join(lines) + "\n"
+
+
+BUILDERS = {"torchrun": torchrun_command, "deepspeed": deepspeed_command, "mpirun": mpirun_command}
+
+
+def launch_command(spec: Spec, spec_path, overrides=None, extra=None):
+    """argv for the spec's launcher, or the sbatch script text for ``slurm``."""
+    if spec.launch.launcher == "slurm":
+        return slurm_script(spec, spec_path, overrides, extra)
+    return BUILDERS[spec.launch.launcher](spec, spec_path, overrides, extra)

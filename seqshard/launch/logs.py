@@ -1,0 +1,86 @@
+"""Human logs on rank 0 only; numbers as data in ``metrics.jsonl`` (STYLE rule 11)."""
+from __future__ import annotations
+
+import json
+import logging
+import resource
+import sys
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+
+def get_logger(rank: int) -> logging.Logger:
+    log = logging.getLogger("seqshard")
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s seqshard %(message)s", "%H:%M:%S"))
+        log.addHandler(handler)
+        log.propagate = False
+    log.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    return log
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def read_metrics(output_dir) -> list[dict]:
+    path = Path(output_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class MetricsWriter:
+    """One JSON object per optimizer step in ``<output_dir>/metrics.jsonl`` (rank 0 writes)."""
+
+    def __init__(self, output_dir, rank: int, keep_through: int = 0):
+        """``keep_through``: on resume, keep the lines of steps <= the checkpoint's step."""
+        self.file = None
+        if rank == 0:
+            path = Path(output_dir) / "metrics.jsonl"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            kept = []
+            if keep_through and path.exists():
+                kept = [ln for ln in path.read_text().splitlines()
+                        if ln.strip() and json.loads(ln)["step"] <= keep_through]
+            self.file = path.open("w")
+            self.file.writelines(ln + "\n" for ln in kept)
+
+    def write(self, metrics: dict):
+        if self.file:
+            self.file.write(json.dumps(metrics) + "\n")
+            self.file.flush()
+
+    def close(self):
+        if self.file:
+            self.file.close()
+
+
+class Progress:
+    """A tqdm bar on rank 0 when stderr is a terminal; plain log lines otherwise."""
+
+    def __init__(self, done: int, total: int, rank: int):
+        self.bar = None
+        if rank == 0 and sys.stderr.isatty():
+            self.bar = tqdm(total=total, initial=done, unit="step", dynamic_ncols=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.bar:
+            self.bar.close()
+
+    def update(self, m: dict, log):
+        line = (f"step {m['step']} loss {m['loss']:.4f} lr {m['lr']:.2e} grad_norm {m['grad_norm']:.3f} "
+                f"{m['tokens_per_s']:.0f} tok/s {m['step_time_s']:.2f}s")
+        if self.bar:
+            self.bar.set_postfix_str(f"loss {m['loss']:.4f} {m['tokens_per_s']:.0f} tok/s")
+            self.bar.update(1)
+        elif log is not None:
+            log.info(line)

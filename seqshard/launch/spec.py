@@ -1,0 +1,220 @@
+"""YAML job spec -> frozen dataclasses, validated once, before any process group starts.
+
+Every error is a :class:`SpecError` whose message names the key path and the reason, e.g.
+``parallel.sp: 3 does not divide world size 2``. Code below the spec trusts it (STYLE rule 5).
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from seqshard.models.config import LinearAttnConfig, ModelConfig
+
+
+class SpecError(ValueError):
+    """A bad job spec. ``str(err)`` is the one line a user sees."""
+
+    def __init__(self, path: str, reason: str):
+        super().__init__(f"{path}: {reason}" if path else reason)
+        self.path, self.reason = path, reason
+
+
+@dataclass(frozen=True)
+class CurriculumSpec:
+    schedule: str = "uniform"  # uniform | grow_p2 | grow_linear | shrink
+    cycles: int = 1
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    source: str = "stdlib"
+    text_field: str = "text"
+    max_seq_len: int = 1024
+    tokens_per_step: int = 4096
+    micro_batch_tokens: int = 0  # tokens per forward pass on one replica; 0 = max_seq_len
+    batching: str = "window"  # window | pack | decompose
+    pack_method: str = "bfd"
+    min_seq_len: int = 256
+    curriculum: CurriculumSpec = field(default_factory=CurriculumSpec)
+    max_documents: int = 0  # 0 = all; a cap for quick experiments
+    cache_dir: str = ""
+
+
+@dataclass(frozen=True)
+class PlannerSpec:
+    solver: str = "greedy"  # greedy | milp
+    time_limit_s: float = 0.05
+    profile: str = "cpu_gloo"
+    memory_tokens: int = 0  # tokens of activations one device holds; 0 = data.max_seq_len
+
+
+@dataclass(frozen=True)
+class ParallelSpec:
+    sp: int = 1
+    sp_method: str = "none"  # none | ulysses | ring | allgather | usp | lasp1 | lasp2 | adaptive
+    ulysses: int = 1  # usp: ulysses degree inside sp (ring degree = sp / ulysses)
+    layout: str = "auto"  # auto | zigzag | contiguous | stream
+    softmax_method: str = "allgather"  # hybrid models: SP method of the softmax layers
+    max_sp: int = 4  # adaptive: largest group
+    planner: PlannerSpec = field(default_factory=PlannerSpec)
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    steps: int = 100
+    lr: float = 3.0e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 10
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    dtype: str = "float32"  # float32 | bfloat16
+    output_dir: str = "runs/default"
+    log_every: int = 1
+    checkpoint_every: int = 50
+    collective_timeout_s: float = 300.0
+    engine: str = "torch"  # torch | deepspeed
+    zero_stage: int = 0
+    ds_config: str = ""
+
+
+@dataclass(frozen=True)
+class SlurmSpec:
+    partition: str = ""
+    account: str = ""
+    time: str = "01:00:00"
+    gpus_per_node: int = 8
+    job_name: str = ""
+
+
+@dataclass(frozen=True)
+class LaunchSpec:
+    launcher: str = "torchrun"  # torchrun | deepspeed | mpirun | slurm
+    nproc_per_node: int = 1
+    nnodes: int = 1
+    node_rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
+    rdzv_endpoint: str = ""
+    hostfile: str = ""
+    slurm: SlurmSpec = field(default_factory=SlurmSpec)
+
+
+@dataclass(frozen=True)
+class Spec:
+    name: str = "run"
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataSpec = field(default_factory=DataSpec)
+    parallel: ParallelSpec = field(default_factory=ParallelSpec)
+    train: TrainSpec = field(default_factory=TrainSpec)
+    launch: LaunchSpec = field(default_factory=LaunchSpec)
+
+    @property
+    def world_size(self) -> int:
+        return self.launch.nproc_per_node * self.launch.nnodes
+
+    def dp(self, world_size: int) -> int:
+        return 1 if self.parallel.sp_method == "adaptive" else world_size // self.parallel.sp
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+_TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+
+
+def _coerce(value, tp, path):
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise SpecError(path, f"expected a mapping, got {type(value).__name__} {value!r}")
+        return _build(tp, value, path)
+    if tp is float and isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    ok = (isinstance(value, bool) if tp is bool else
+          isinstance(value, (int, float)) and not isinstance(value, bool) if tp is float else
+          isinstance(value, int) and not isinstance(value, bool) if tp is int else isinstance(value, tp))
+    if not ok:
+        raise SpecError(path, f"expected {_TYPE_NAMES.get(tp, tp.__name__)}, got {value!r}")
+    return float(value) if tp is float else value
+
+
+def _build(cls, raw: dict, prefix: str):
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in raw.items():
+        path = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            raise SpecError(path, f"unknown key (known: {', '.join(names)})")
+        kwargs[key] = _coerce(value, hints[key], path)
+    return cls(**kwargs)
+
+
+def _set_path(raw: dict, dotted: str, value):
+    keys = dotted.split(".")
+    node = raw
+    for i, key in enumerate(keys[:-1]):
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise SpecError(".".join(keys[:i + 1]), f"is not a mapping, cannot set {dotted}")
+        node = child
+    node[keys[-1]] = value
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """``--set key.path=value`` overrides, each value parsed as YAML (so ``sp=2`` is an int)."""
+    for item in overrides or []:
+        if "=" not in item:
+            raise SpecError("--set", f"'{item}' is not key.path=value")
+        key, text = item.split("=", 1)
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise SpecError(key, f"value {text!r} is not valid YAML ({err.problem})") from None
+        _set_path(raw, key.strip(), value)
+    return raw
+
+
+def load_raw(path) -> dict:
+    try:
+        text = Path(path).read_text()
+    except OSError as err:
+        raise SpecError("", f"cannot read spec {path}: {err.strerror}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise SpecError("", f"{path} is not valid YAML{where}: {getattr(err, 'problem', err)}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise SpecError("", f"{path}: the spec must be a YAML mapping, got {type(raw).__name__}")
+    return raw
+
+
+def from_dict(raw: dict, world_size: int | None = None) -> Spec:
+    spec = _build(Spec, raw, "")
+    from .validate import validate
+
+    validate(spec, spec.world_size if world_size is None else world_size)
+    return spec
+
+
+def load_spec(path, overrides=None, world_size: int | None = None) -> Spec:
+    """Read, override, type and validate a spec. ``world_size`` defaults to the launch section's."""
+    return from_dict(apply_overrides(load_raw(path), overrides), world_size)
+
+
+__all__ = ["Spec", "SpecError", "ModelConfig", "LinearAttnConfig", "DataSpec", "ParallelSpec",
+           "TrainSpec", "LaunchSpec", "SlurmSpec", "PlannerSpec", "CurriculumSpec",
+           "load_spec", "from_dict", "apply_overrides", "load_raw"]

@@ -1,0 +1,190 @@
+"""Range and cross-field checks of a typed spec. Each failure is one :class:`SpecError` line."""
+from __future__ import annotations
+
+from .spec import SpecError
+
+ARCHS = ("llama", "linear_llama", "hybrid")
+DECAYS = ("none", "fixed", "data")
+SOFTMAX_SP = ("ulysses", "ring", "allgather", "usp")
+LINEAR_SP = ("lasp1", "lasp2")
+SP_METHODS = ("none", *SOFTMAX_SP, *LINEAR_SP, "adaptive")
+LAYOUTS = ("auto", "zigzag", "contiguous", "stream")
+BATCHING = ("window", "pack", "decompose")
+PACK_METHODS = ("bfd", "ffd", "spfhp", "greedy")
+SCHEDULES = ("uniform", "grow_p2", "grow_linear", "shrink")
+LAUNCHERS = ("torchrun", "deepspeed", "mpirun", "slurm")
+
+
+def _one_of(path, value, choices):
+    if value not in choices:
+        raise SpecError(path, f"{value!r} is not one of {', '.join(choices)}")
+
+
+def _positive(path, value, minimum=1):
+    if value < minimum:
+        raise SpecError(path, f"must be >= {minimum}, got {value}")
+
+
+def _check_model(m):
+    _one_of("model.arch", m.arch, ARCHS)
+    for key in ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size"):
+        _positive(f"model.{key}", getattr(m, key))
+    if m.dim % m.n_heads:
+        raise SpecError("model.dim", f"{m.dim} is not divisible by model.n_heads {m.n_heads}")
+    if m.head_dim % 2:
+        raise SpecError("model.dim", f"head dim {m.head_dim} (dim / n_heads) must be even for RoPE")
+    if m.n_heads % m.n_kv_heads:
+        raise SpecError("model.n_kv_heads", f"{m.n_kv_heads} does not divide model.n_heads {m.n_heads}")
+    if m.vocab_size < 259:
+        raise SpecError("model.vocab_size", f"{m.vocab_size} is smaller than the byte tokenizer's 259")
+    if m.rope_theta <= 0:
+        raise SpecError("model.rope_theta", f"must be > 0, got {m.rope_theta}")
+    _one_of("model.linear_attn.decay", m.linear_attn.decay, DECAYS)
+    if m.arch == "hybrid":
+        if len(m.layer_pattern) != m.n_layers or set(m.layer_pattern) - set("LA"):
+            raise SpecError("model.layer_pattern", f"{m.layer_pattern!r} must be {m.n_layers} letters "
+                            "of L (linear) and A (softmax), one per layer")
+    elif m.layer_pattern:
+        raise SpecError("model.layer_pattern", f"only used with model.arch: hybrid, not {m.arch}")
+
+
+def _check_data(d, dp):
+    _one_of("data.batching", d.batching, BATCHING)
+    _one_of("data.pack_method", d.pack_method, PACK_METHODS)
+    _one_of("data.curriculum.schedule", d.curriculum.schedule, SCHEDULES)
+    _positive("data.curriculum.cycles", d.curriculum.cycles)
+    _positive("data.max_seq_len", d.max_seq_len, 2)
+    _positive("data.tokens_per_step", d.tokens_per_step)
+    _positive("data.max_documents", d.max_documents, 0)
+    if d.micro_batch_tokens and d.micro_batch_tokens < d.max_seq_len:
+        raise SpecError("data.micro_batch_tokens", f"{d.micro_batch_tokens} is below data.max_seq_len "
+                        f"{d.max_seq_len}: one sequence must fit in a micro-batch")
+    rows = d.tokens_per_step // d.max_seq_len
+    if d.tokens_per_step % d.max_seq_len or rows % dp:
+        raise SpecError("data.tokens_per_step", f"{d.tokens_per_step} is not a multiple of "
+                        f"max_seq_len x dp = {d.max_seq_len} x {dp} = {d.max_seq_len * dp}")
+    if d.batching == "decompose":
+        if d.max_seq_len & (d.max_seq_len - 1) or d.min_seq_len & (d.min_seq_len - 1):
+            raise SpecError("data.max_seq_len", f"decompose needs powers of two for max_seq_len and "
+                            f"min_seq_len, got {d.max_seq_len} and {d.min_seq_len}")
+        if not 1 <= d.min_seq_len <= d.max_seq_len:
+            raise SpecError("data.min_seq_len", f"{d.min_seq_len} must be in [1, max_seq_len={d.max_seq_len}]")
+
+
+def _check_heads(p, m):
+    sp = p.sp
+    if p.sp_method == "ulysses" and m.n_heads % sp:
+        raise SpecError("parallel.sp", f"ulysses needs model.n_heads {m.n_heads} divisible by sp {sp}; "
+                        "use sp_method: ring or usp (with parallel.ulysses dividing the heads) to go past the head count")
+    if p.sp_method == "ulysses" and m.n_kv_heads % sp and sp % m.n_kv_heads:
+        raise SpecError("parallel.sp", f"ulysses needs model.n_kv_heads {m.n_kv_heads} and sp {sp} "
+                        "to divide one another (kv heads are replicated up to sp)")
+    if p.sp_method == "usp":
+        if sp % p.ulysses:
+            raise SpecError("parallel.ulysses", f"{p.ulysses} does not divide parallel.sp {sp}")
+        if m.n_heads % p.ulysses:
+            raise SpecError("parallel.ulysses", f"{p.ulysses} does not divide model.n_heads {m.n_heads}")
+        if m.n_kv_heads % p.ulysses and p.ulysses % m.n_kv_heads:
+            raise SpecError("parallel.ulysses", f"{p.ulysses} and model.n_kv_heads {m.n_kv_heads} must "
+                            "divide one another")
+    elif p.ulysses != 1:
+        raise SpecError("parallel.ulysses", f"only used with sp_method: usp, not {p.sp_method}")
+
+
+def _check_parallel(p, m, world_size):
+    _one_of("parallel.sp_method", p.sp_method, SP_METHODS)
+    _one_of("parallel.layout", p.layout, LAYOUTS)
+    _one_of("parallel.softmax_method", p.softmax_method, SOFTMAX_SP)
+    _one_of("parallel.planner.solver", p.planner.solver, ("greedy", "milp"))
+    _positive("parallel.sp", p.sp)
+    if world_size % p.sp:
+        raise SpecError("parallel.sp", f"{p.sp} does not divide world size {world_size}")
+    if p.sp_method == "none" and p.sp != 1:
+        raise SpecError("parallel.sp_method", f"none cannot run sp {p.sp}; choose ulysses, ring, allgather, usp"
+                        " (softmax) or lasp1, lasp2 (linear attention)")
+    if p.sp_method in LINEAR_SP and m.arch == "llama":
+        raise SpecError("parallel.sp_method", f"{p.sp_method} parallelizes linear attention; model.arch llama "
+                        "is softmax-only (use ulysses/ring/allgather/usp, or arch linear_llama/hybrid)")
+    if p.sp_method in SOFTMAX_SP and m.arch != "llama":
+        raise SpecError("parallel.sp_method", f"{p.sp_method} is for softmax attention; model.arch "
+                        f"{m.arch} needs lasp1 or lasp2 (hybrid softmax layers use parallel.softmax_method)")
+    if p.sp_method == "adaptive":
+        if m.arch != "llama":
+            raise SpecError("parallel.sp_method", "adaptive runs Ulysses inside groups: model.arch must be llama")
+        if p.max_sp & (p.max_sp - 1) or p.max_sp > world_size:
+            raise SpecError("parallel.max_sp", f"{p.max_sp} must be a power of two <= world size {world_size}")
+        if m.n_heads % p.max_sp:
+            raise SpecError("parallel.max_sp", f"{p.max_sp} does not divide model.n_heads {m.n_heads}")
+        if m.n_kv_heads % p.max_sp and p.max_sp % m.n_kv_heads:
+            raise SpecError("parallel.max_sp", f"{p.max_sp} and model.n_kv_heads {m.n_kv_heads} must divide "
+                            "one another (Ulysses replicates kv heads up to the group size)")
+        from seqshard.parallel.hardware import PROFILES
+
+        _one_of("parallel.planner.profile", p.planner.profile, tuple(sorted(PROFILES)))
+        _positive("parallel.planner.memory_tokens", p.planner.memory_tokens, 0)
+    if p.sp_method in ("ring", "usp") and p.layout == "stream":
+        raise SpecError("parallel.layout", f"{p.sp_method} shards each document; use zigzag or contiguous")
+    if p.sp_method in LINEAR_SP and m.arch == "hybrid" and p.softmax_method in ("ring", "usp"):
+        raise SpecError("parallel.softmax_method", f"{p.softmax_method} shards each document, but LASP "
+                        "uses the stream layout; use allgather or ulysses for the softmax layers")
+    if p.sp_method in LINEAR_SP and p.layout not in ("auto", "stream"):
+        raise SpecError("parallel.layout", f"{p.sp_method} carries state along the stream; use stream or auto")
+    _check_heads(p, m)
+
+
+def _check_train(t):
+    _positive("train.steps", t.steps)
+    if t.lr <= 0:
+        raise SpecError("train.lr", f"must be > 0, got {t.lr}")
+    if not 0 <= t.min_lr_ratio <= 1:
+        raise SpecError("train.min_lr_ratio", f"must be in [0, 1], got {t.min_lr_ratio}")
+    _positive("train.warmup_steps", t.warmup_steps, 0)
+    if t.weight_decay < 0:
+        raise SpecError("train.weight_decay", f"must be >= 0, got {t.weight_decay}")
+    if t.grad_clip < 0:
+        raise SpecError("train.grad_clip", f"must be >= 0 (0 disables), got {t.grad_clip}")
+    _one_of("train.dtype", t.dtype, ("float32", "bfloat16"))
+    _positive("train.log_every", t.log_every)
+    _positive("train.checkpoint_every", t.checkpoint_every, 0)
+    if t.collective_timeout_s <= 0:
+        raise SpecError("train.collective_timeout_s", f"must be > 0, got {t.collective_timeout_s}")
+    _one_of("train.engine", t.engine, ("torch", "deepspeed"))
+    if t.zero_stage not in (0, 1, 2, 3):
+        raise SpecError("train.zero_stage", f"{t.zero_stage} is not a ZeRO stage (0, 1, 2, 3)")
+    if t.zero_stage and t.engine != "deepspeed":
+        raise SpecError("train.zero_stage", "ZeRO needs train.engine: deepspeed")
+    if t.ds_config and t.engine != "deepspeed":
+        raise SpecError("train.ds_config", "only used with train.engine: deepspeed")
+    if not t.output_dir:
+        raise SpecError("train.output_dir", "must not be empty")
+
+
+def _check_launch(launch):
+    _one_of("launch.launcher", launch.launcher, LAUNCHERS)
+    _positive("launch.nproc_per_node", launch.nproc_per_node)
+    _positive("launch.nnodes", launch.nnodes)
+    if not 0 <= launch.node_rank < launch.nnodes:
+        raise SpecError("launch.node_rank", f"{launch.node_rank} is not in [0, nnodes={launch.nnodes})")
+    if not 0 < launch.master_port < 65536:
+        raise SpecError("launch.master_port", f"{launch.master_port} is not a TCP port")
+
+
+def _check_engine(spec):
+    if spec.train.engine != "deepspeed":
+        return
+    if spec.data.batching != "window":
+        raise SpecError("train.engine", "deepspeed needs the same micro-batch count on every replica: "
+                        f"use data.batching: window (not {spec.data.batching}) or train.engine: torch")
+    if spec.parallel.sp_method == "adaptive":
+        raise SpecError("train.engine", "adaptive scattering regroups ranks every step; use train.engine: torch")
+
+
+def validate(spec, world_size: int):
+    if spec.seed < 0:
+        raise SpecError("seed", f"must be >= 0, got {spec.seed}")
+    _check_model(spec.model)
+    _check_launch(spec.launch)
+    _check_parallel(spec.parallel, spec.model, world_size)
+    _check_train(spec.train)
+    _check_data(spec.data, spec.dp(world_size))
+    _check_engine(spec)

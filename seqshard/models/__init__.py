@@ -1,0 +1,21 @@
+"""Plain single-device model definitions with pluggable attention (no torch.distributed)."""
+from .config import LinearAttnConfig, ModelConfig
+from .context import VarlenContext, causal_varlen_attention
+from .llama import Attention, Decoder, build_llama
+
+_BUILDERS = {"llama": build_llama}
+
+
+def register_arch(name, builder):
+    _BUILDERS[name] = builder
+
+
+def build_model(cfg: ModelConfig):
+    if cfg.arch not in _BUILDERS:
+        # linear_llama / hybrid register themselves on import
+        from . import linear_llama  # noqa: F401
+    return _BUILDERS[cfg.arch](cfg)
+
+
+__all__ = ["ModelConfig", "LinearAttnConfig", "VarlenContext", "causal_varlen_attention",
+           "Attention", "Decoder", "build_llama", "build_model", "register_arch"]

@@ -1,0 +1,132 @@
+"""Llama-style decoder on packed varlen input (single-device code; DESIGN.md invariant 1).
+
+RMSNorm, RoPE with per-document positions, grouped-query attention, SwiGLU MLP, optional tied
+embeddings. Input is a flat token stream ``[T]`` with per-token ``positions`` ``[T]`` and an
+opaque attention context (see ``context.py``). Every attention layer calls
+``self.attention_fn(q, k, v, ctx)``; ``parallelize()`` replaces it from outside.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from seqshard.kernels import apply_rope, linear_cross_entropy, rms_norm
+
+from .config import ModelConfig
+from .context import causal_varlen_attention
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        return rms_norm(x, self.weight, self.eps)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.rope_theta = cfg.rope_theta
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.attention_fn = causal_varlen_attention
+
+    def forward(self, x, positions, ctx):
+        t = x.shape[0]
+        # [T, dim] -> [T, heads, head_dim]
+        q = self.wq(x).view(t, self.n_heads, self.head_dim)
+        k = self.wk(x).view(t, self.n_kv_heads, self.head_dim)
+        v = self.wv(x).view(t, self.n_kv_heads, self.head_dim)
+        q = apply_rope(q, positions, self.rope_theta)
+        k = apply_rope(k, positions, self.rope_theta)
+        o = self.attention_fn(q, k, v, ctx)  # [T, heads, head_dim]
+        return self.wo(o.reshape(t, self.n_heads * self.head_dim))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class LMHead(nn.Linear):
+    """Output projection; with labels, the summed token loss through the fused linear
+    cross-entropy (no ``[tokens, vocab]`` logits are kept). A module of its own, so wrappers
+    that gather parameters on forward (ZeRO-3) see the weight being used."""
+
+    def __init__(self, dim, vocab):
+        super().__init__(dim, vocab, bias=False)
+
+    def forward(self, h, labels=None):
+        if labels is None:
+            return super().forward(h)
+        return linear_cross_entropy(h, self.weight, labels, ignore_index=-100, reduction="sum")
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, mixer: nn.Module):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attn = mixer
+        self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.mlp = SwiGLU(cfg.dim, cfg.ffn_dim)
+
+    def forward(self, x, positions, ctx):
+        x = x + self.attn(self.attn_norm(x), positions, ctx)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Decoder(nn.Module):
+    """Embedding, a stack of blocks (each with its token mixer), final norm, LM head."""
+
+    def __init__(self, cfg: ModelConfig, mixers: list[nn.Module]):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg, m) for m in mixers)
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.lm_head = LMHead(cfg.dim, cfg.vocab_size)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        """GPT-2 style init: N(0, 0.02), residual projections scaled by 1/sqrt(2 n_layers)."""
+        resid_std = 0.02 / math.sqrt(2 * len(self.layers))
+        for name, p in self.named_parameters():
+            if p.dim() == 1:
+                continue  # norm weights stay 1, decay parameters keep their own init
+            std = resid_std if name.endswith(("wo.weight", "w2.weight")) else 0.02
+            nn.init.normal_(p, mean=0.0, std=std)
+
+    def hidden(self, tokens, positions, ctx):
+        x = self.embed(tokens)
+        for layer in self.layers:
+            x = layer(x, positions, ctx)
+        return self.norm(x)
+
+    def forward(self, tokens, positions, ctx, labels=None):
+        """Logits ``[T, vocab]``, or with ``labels`` the *sum* of token losses (ignore -100).
+
+        The trainer divides the sum by the step's global count of loss tokens, so every
+        parallel layout computes the same loss (DESIGN.md invariant 3).
+        """
+        return self.lm_head(self.hidden(tokens, positions, ctx), labels)
+
+
+def build_llama(cfg: ModelConfig) -> Decoder:
+    return Decoder(cfg, [Attention(cfg) for _ in range(cfg.n_layers)])

@@ -1,0 +1,143 @@
+"""Runtime of heterogeneity-adaptive scattering (FlexSP-style): regroup the ranks every step.
+
+Every rank holds a full replica. At start, one process group is created for every aligned rank
+range of every allowed size (``(first, size)`` with ``first % size == 0``), in the same order on
+every rank. Each step, every rank computes the same plan from the step's document lengths
+(:func:`seqshard.parallel.planner.plan_step`), finds the group it belongs to, packs that group's
+documents into one varlen stream, shards it over the group with a ShardPlan and runs Ulysses
+inside the group (a group of one runs plain local attention). Gradients are then summed over all
+ranks, so the loss trajectory is the single-process one whatever the plan.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from seqshard.models.context import VarlenContext, causal_varlen_attention
+
+from .planner import allowed_group_sizes
+
+
+def create_groups(world_size: int, sizes: list[int]) -> dict:
+    """``{(first, size): ProcessGroup}`` for every aligned range; collective, same order everywhere."""
+    groups = {}
+    for size in sizes:
+        for first in range(0, world_size, size):
+            ranks = list(range(first, first + size))
+            group = dist.new_group(ranks) if size > 1 else None
+            groups[(first, size)] = group
+    return groups
+
+
+@dataclass
+class GroupWork:
+    """What this rank does in one step: its group and the documents assigned to that group."""
+    first: int
+    size: int
+    doc_ids: list[int]
+
+
+def my_work(plan, doc_lengths, rank: int) -> GroupWork:
+    for g, (first, size) in enumerate(plan.groups):
+        if first <= rank < first + size:
+            return GroupWork(first, size, [i for i, a in enumerate(plan.assignment) if a == g])
+    raise AssertionError(f"rank {rank} is in no group of {plan.groups}")
+
+
+def adaptive_attention(q, k, v, ctx):
+    """Installed on every softmax layer: Ulysses over the step's group, local for groups of one."""
+    if isinstance(ctx, VarlenContext):
+        return causal_varlen_attention(q, k, v, ctx)
+    from .ulysses import ulysses_attention
+
+    return ulysses_attention(q, k, v, ctx.plan, ctx.group, causal=True)
+
+
+def install_adaptive(model) -> None:
+    for module in model.modules():
+        if hasattr(module, "attention_fn"):
+            module.attention_fn = adaptive_attention
+
+
+def split_documents(rows):
+    """The step's rows -> per-document (tokens, labels, positions) triples, in row order."""
+    docs = []
+    for row in rows:
+        bounds = [0, *torch.tensor(row.doc_lens).cumsum(0).tolist()]
+        docs += [(row.tokens[a:b], row.labels[a:b], row.positions[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+    return docs
+
+
+def pack_in_order(doc_ids, lengths, budget):
+    """Consecutive documents into micro-batches of at most ``budget`` tokens."""
+    batches, current, used = [], [], 0
+    for i in doc_ids:
+        if current and used + lengths[i] > budget:
+            batches.append(current)
+            current, used = [], 0
+        current.append(i)
+        used += lengths[i]
+    return batches + ([current] if current else [])
+
+
+class AdaptiveScatter:
+    """Each step: plan groups for the step's documents, then yield this rank's micro-batches."""
+
+    def __init__(self, model, spec, world_size: int, rank: int, pad_id: int):
+        from .cost_model import CostModel
+        from .hardware import get_profile
+
+        p = spec.parallel
+        self.world, self.rank, self.pad_id = world_size, rank, pad_id
+        self.max_sp, self.solver, self.time_limit = p.max_sp, p.planner.solver, p.planner.time_limit_s
+        self.memory_tokens = p.planner.memory_tokens or spec.data.max_seq_len
+        self.sizes = allowed_group_sizes(world_size, p.max_sp, spec.model.n_heads)
+        self.groups = create_groups(world_size, self.sizes)
+        bytes_per_element = 2 if spec.train.dtype == "bfloat16" else 4
+        self.cost_model = CostModel.from_model_config(spec.model, get_profile(p.planner.profile), bytes_per_element)
+        self.last = {}
+        install_adaptive(model)
+
+    def plan(self, lengths):
+        """Rank 0 plans (a timed MILP may differ between ranks) and broadcasts the plan."""
+        from .planner import plan_step
+
+        box = [None]
+        if self.rank == 0:
+            box[0] = plan_step(lengths, self.world, max_sp=self.max_sp, memory_tokens=self.memory_tokens,
+                               cost_model=self.cost_model, solver=self.solver, time_limit_s=self.time_limit,
+                               allowed_sizes=self.sizes)
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def __call__(self, batch):
+        from .parallelize import SPContext
+        from .plan import ShardPlan
+
+        docs = split_documents(batch.rows)
+        lengths = [len(d[0]) for d in docs]
+        plan = self.plan(lengths)
+        work = my_work(plan, lengths, self.rank)
+        group = self.groups[(work.first, work.size)]
+        tokens_per_group = [0] * len(plan.groups)
+        for i, g in enumerate(plan.assignment):
+            tokens_per_group[g] += lengths[i]
+        self.last = {"plan_group_sizes": [s for _, s in plan.groups], "plan_tokens_per_group": tokens_per_group,
+                     "plan_predicted_s": plan.predicted_time_s, "plan_solve_s": plan.solve_time_s,
+                     "plan_solver": plan.solver}
+        for ids in pack_in_order(work.doc_ids, lengths, work.size * self.memory_tokens):
+            tokens, labels, positions = (torch.cat([docs[i][k] for i in ids]) for k in range(3))
+            doc_lens = [lengths[i] for i in ids]
+            if work.size == 1:
+                yield tokens, labels, positions, VarlenContext.from_lengths(doc_lens)
+                continue
+            cu = [0, *torch.tensor(doc_lens).cumsum(0).tolist()]
+            shard = ShardPlan.build(cu, work.size, "contiguous")
+            r = self.rank - work.first
+            yield (shard.shard(tokens, r, pad_value=self.pad_id), shard.shard(labels, r, pad_value=-100),
+                   shard.shard(positions, r, pad_value=0), SPContext(plan=shard, group=group))
+
+    def step_metrics(self) -> dict:
+        return dict(self.last)

@@ -1,0 +1,47 @@
+"""All-gather KV context parallelism (the Llama 3 style; Dubey et al., 2024, section 3.3.2).
+
+K and V of the whole group are all-gathered; each rank's queries attend to the keys of their
+own document up to their position (or to the whole document when not causal). The backward of
+the all-gather reduce-scatters dK and dV. Simple, exact on any layout, and communication is
+``(P-1)/P`` of the K/V activations per rank.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from seqshard.kernels import attention
+
+from .comm import all_gather
+from .ulysses import _orders
+
+
+def key_segments(plan, rank: int, causal: bool):
+    """For every local segment: the keys it attends to, as padded-global ranges."""
+    starts = plan.padded_doc_starts()
+    q_lens, k_ranges = [], []
+    for piece, _, n in plan.segments(rank):
+        q_lens.append(n)
+        if piece.doc < 0 or piece.doc >= len(starts):  # padding attends to nothing
+            k_ranges.append((0, 0))
+            continue
+        end = piece.start + n if causal else piece.real
+        k_ranges.append((starts[piece.doc], starts[piece.doc] + end))
+    return q_lens, k_ranges
+
+
+def allgather_attention(q, k, v, plan, group, causal=True, softmax_scale=None):
+    """q ``[T/P, H, D]``, k/v ``[T/P, H_kv, D]`` local shards -> output ``[T/P, H, D]``."""
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    n_kv = k.shape[1]
+    gathered = all_gather(torch.cat([k, v], dim=1), group, "allgather.kv")  # [P, T/P, 2 H_kv, D]
+    to_padded, _ = _orders(plan)
+    kv = gathered.reshape(-1, 2 * n_kv, k.shape[2])[to_padded]  # padded global order
+    q_lens, k_ranges = key_segments(plan, rank, causal)
+    kidx = torch.cat([torch.arange(a, b) for a, b in k_ranges]) if k_ranges else torch.zeros(0, dtype=torch.long)
+    kv_seg = kv[kidx]
+    cu_q = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
+    cu_k = torch.tensor([0, *torch.tensor([b - a for a, b in k_ranges]).cumsum(0).tolist()], dtype=torch.int32)
+    return attention(q, kv_seg[:, :n_kv], kv_seg[:, n_kv:], cu_q, cu_k, max(q_lens, default=0),
+                     int((cu_k[1:] - cu_k[:-1]).max()) if len(k_ranges) else 0, causal=causal,
+                     softmax_scale=softmax_scale)

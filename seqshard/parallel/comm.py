@@ -1,0 +1,91 @@
+"""Autograd-aware collectives of the SP methods, each with its backward beside it (STYLE rule 7).
+
+Every call is counted by ``seqshard.dist.comm_stats.record`` (bytes this rank sends, seconds),
+which also turns a failed or timed-out collective into an error naming the rank and operation.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from seqshard.dist.comm_stats import record
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def all_to_all(x: torch.Tensor, group, op: str = "all_to_all") -> torch.Tensor:
+    """``x`` ``[P, ...]``: chunk j goes to rank j; returns ``[P, ...]`` with chunk i from rank i.
+    Sends ``(P-1)/P`` of ``x``; its own backward (the same exchange) undoes it."""
+    return _AllToAll.apply(x, group, op)
+
+
+class _AllToAll(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group, op):
+        ctx.group, ctx.op = group, op
+        return _exchange(x, group, op)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _exchange(grad, ctx.group, ctx.op + ".bwd"), None, None
+
+
+def _exchange(x, group, op):
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    world = dist.get_world_size(group)
+    with record(op, _nbytes(x) * (world - 1) // world):
+        dist.all_to_all_single(out, x, group=group)
+    return out
+
+
+def all_gather(x: torch.Tensor, group, op: str = "all_gather") -> torch.Tensor:
+    """``x`` ``[n, ...]`` -> ``[P, n, ...]`` (rank order); backward reduce-scatters the gradient."""
+    return _AllGather.apply(x, group, op)
+
+
+class _AllGather(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group, op):
+        ctx.group, ctx.op = group, op
+        world = dist.get_world_size(group)
+        x = x.contiguous()
+        out = x.new_empty((world * x.shape[0], *x.shape[1:]))
+        with record(op, _nbytes(x) * (world - 1)):
+            dist.all_gather_into_tensor(out, x, group=group)
+        return out.view(world, *x.shape)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return reduce_scatter_sum(grad, ctx.group, ctx.op + ".bwd"), None, None
+
+
+def reduce_scatter_sum(x: torch.Tensor, group, op: str = "reduce_scatter") -> torch.Tensor:
+    """``x`` ``[P, n, ...]`` -> this rank's ``[n, ...]`` = sum over ranks of ``x[rank]``.
+    (gloo has no reduce_scatter: an all-to-all of the chunks and a local sum moves the same bytes.)"""
+    world = dist.get_world_size(group)
+    received = _exchange(x, group, op)  # [P(source), n, ...]: every rank's chunk for me
+    assert received.shape[0] == world, (received.shape, world)
+    return received.sum(0)
+
+
+def ring_exchange(tensor: torch.Tensor, group, op: str = "ring.p2p"):
+    """Start sending ``tensor`` to the next rank of the ring and receiving the previous rank's;
+    returns ``(received, wait)``; call ``wait()`` before reading ``received``. The transfer runs
+    while the caller computes on the current block (batch_isend_irecv)."""
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    tensor = tensor.contiguous()
+    received = torch.empty_like(tensor)
+    ops = [dist.P2POp(dist.isend, tensor, dist.get_global_rank(group, (rank + 1) % world), group),
+           dist.P2POp(dist.irecv, received, dist.get_global_rank(group, (rank - 1) % world), group)]
+    requests = dist.batch_isend_irecv(ops)
+
+    def wait():
+        with record(op, _nbytes(tensor)):  # time here is the communication not hidden by compute
+            for req in requests:
+                req.wait()
+        return received
+
+    return received, wait

@@ -1,0 +1,54 @@
+"""Hardware profiles for the cost model: per-device compute and the links a group spans.
+
+Figures are datasheet peaks scaled by an achievable fraction; ``seqshard calibrate`` fits a
+profile on the machine at hand instead.
+Sources: NVIDIA H100 Tensor Core GPU datasheet (SXM5: 989 TFLOP/s dense BF16, NVLink 4 at
+900 GB/s bidirectional = 450 GB/s per direction, 80 GB HBM3); NVIDIA A100 datasheet (SXM4:
+312 TFLOP/s dense BF16, NVLink 3 at 600 GB/s bidirectional, 80 GB); NVIDIA ConnectX-7 (400 Gb/s
+NDR InfiniBand per GPU = 50 GB/s) and ConnectX-6 (200 Gb/s HDR = 25 GB/s).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+
+@dataclass(frozen=True)
+class HardwareProfile:
+    name: str
+    peak_flops: float  # per device, dense bf16 (or fp32 on CPU), FLOP/s
+    mfu: float  # achievable fraction of the peak on transformer layers
+    intra_node_bw: float  # bytes/s per device per direction inside a node
+    inter_node_bw: float  # bytes/s per device per direction across nodes
+    devices_per_node: int
+    memory_bytes: float  # per device
+    collective_latency_s: float  # fixed cost of one collective call
+    source: str = ""
+
+    def with_(self, **changes) -> "HardwareProfile":
+        return replace(self, **changes)
+
+
+PROFILES = {
+    "h100_nvlink_ib400": HardwareProfile(
+        "h100_nvlink_ib400", peak_flops=989e12, mfu=0.45, intra_node_bw=450e9, inter_node_bw=50e9,
+        devices_per_node=8, memory_bytes=80 * 2**30, collective_latency_s=20e-6,
+        source="H100 SXM5 datasheet; NVLink 4 450 GB/s/direction; ConnectX-7 400 Gb/s per GPU"),
+    "a100_nvlink_ib200": HardwareProfile(
+        "a100_nvlink_ib200", peak_flops=312e12, mfu=0.45, intra_node_bw=300e9, inter_node_bw=25e9,
+        devices_per_node=8, memory_bytes=80 * 2**30, collective_latency_s=25e-6,
+        source="A100 SXM4 datasheet; NVLink 3 300 GB/s/direction; ConnectX-6 200 Gb/s per GPU"),
+    # This development machine (2 CPU cores, gloo over loopback), from `seqshard calibrate` run
+    # here on 2026-11-23: 1.6e11 FLOP/s fp32 matmul (both cores), all-to-all 1.04 GB/s, 0.46 ms
+    # per collective. mfu 0.1: a tiny-model training step (one thread per rank, small matmuls,
+    # Python overhead) reaches about 16 GFLOP/s here (seqshard simulate --calibrate-from).
+    "cpu_gloo": HardwareProfile(
+        "cpu_gloo", peak_flops=1.6e11, mfu=0.1, intra_node_bw=1.04e9, inter_node_bw=1.04e9,
+        devices_per_node=4, memory_bytes=8 * 2**30, collective_latency_s=4.6e-4,
+        source="seqshard calibrate on a 2-core CPU machine (gloo, loopback)"),
+}
+
+
+def get_profile(name: str) -> HardwareProfile:
+    if name not in PROFILES:
+        raise ValueError(f"unknown hardware profile {name!r}; known: {', '.join(sorted(PROFILES))}")
+    return PROFILES[name]

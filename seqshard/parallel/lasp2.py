@@ -1,0 +1,104 @@
+"""LASP-2 (Sun et al., 2025): linear-attention sequence parallelism with one AllGather of
+fixed-size memory states per layer, whatever the sequence length.
+
+On the ``stream`` layout each rank holds a contiguous range of the packed stream. Every local
+piece of a document is computed from a zero state (intra part); the state after the rank's last
+piece, ``S_last`` ``[H, K, V]``, and that piece's total log decay ``a`` ``[H]`` are all-gathered
+(one collective). The true state entering this rank's first piece, when its document started on
+an earlier rank, is the prefix combination ``S_in(r) = exp(a_{r-1}) S_in(r-1) + S_last_{r-1}``
+over the ranks that document spans; its contribution ``scale * q_t exp(G_t) S_in`` is added to
+the first piece (inter part). Backward: the all-gather's backward reduce-scatters the state
+gradients (one collective). Documents starting inside a rank start from zero.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from seqshard.kernels.linear_attention import linear_attention
+
+from .comm import all_gather
+
+
+@dataclass(frozen=True)
+class RankLayout:
+    """How the documents of one rank's range relate to its neighbours (pure, from the plan)."""
+    pieces: list  # (doc, local_offset, length) of real tokens, in order
+    continues: bool  # the first piece continues a document from the previous rank
+    single: bool  # the rank holds one piece only (so its end state carries the incoming one)
+
+
+def rank_layouts(plan) -> list[RankLayout]:
+    layouts = []
+    for r in range(plan.world):
+        pieces = [(p.doc, off, n) for p, off, n in plan.segments(r) if p.doc >= 0]
+        first = next((p for p, _, _ in plan.segments(r) if p.doc >= 0), None)
+        layouts.append(RankLayout(pieces, bool(first and first.start > 0), len(pieces) == 1))
+    return layouts
+
+
+def local_pieces(q, k, v, g, layout: RankLayout, scale):
+    """Each piece from a zero state. Returns the output ``[T/P, H, V]`` (padding rows zero), the
+    state after the last piece ``[H, K, V]`` and the last piece's total log decay ``[H]``, and
+    the first piece's cumulative decay ``[n, H]`` (for the inter-rank term)."""
+    out = q.new_zeros(q.shape[0], q.shape[1], v.shape[-1])
+    h, dk, dv = q.shape[1], q.shape[2], v.shape[-1]
+    last_state, last_decay, first_cum = q.new_zeros(h, dk, dv), q.new_zeros(h), None
+    for i, (_, off, n) in enumerate(layout.pieces):
+        sl = slice(off, off + n)
+        gp = None if g is None else g[sl][None]
+        o, state = linear_attention(q[sl][None], k[sl][None], v[sl][None], gp, scale, output_final_state=True)
+        out = out.index_copy(0, torch.arange(off, off + n), o[0])
+        cum = torch.zeros(n, h) if g is None else g[sl].cumsum(0)
+        if i == 0:
+            first_cum = cum
+        if i == len(layout.pieces) - 1:
+            last_state, last_decay = state[0], cum[-1]
+    return out, last_state, last_decay, first_cum
+
+
+def incoming_state(states, decays, layouts, rank):
+    """Prefix combination over the ranks the first document spans (differentiable)."""
+    if not layouts[rank].continues:
+        return None
+    s_in, j = None, rank - 1
+    chain = []
+    while j >= 0:
+        chain.append(j)
+        if not (layouts[j].single and layouts[j].continues):
+            break
+        j -= 1
+    for j in reversed(chain):  # S_end(j) = exp(a_j) S_in(j) + S_last(j) along the chain
+        carried = 0 if s_in is None else s_in * torch.exp(decays[j]).view(-1, 1, 1)
+        s_in = states[j] + carried
+    return s_in
+
+
+def add_incoming(out, q, first_cum, s_in, layout, scale):
+    """Inter-rank term of the first piece: ``scale * q_t exp(G_t) S_in``."""
+    _, off, n = layout.pieces[0]
+    qs = q[off:off + n].float() * torch.exp(first_cum).unsqueeze(-1)  # [n, H, K]
+    extra = scale * torch.einsum("thk,hkv->thv", qs, s_in.float()).to(out.dtype)
+    return out.index_add(0, torch.arange(off, off + n), extra)
+
+
+def lasp2_attention(q, k, v, g, plan, group):
+    """q, k ``[T/P, H, K]``, v ``[T/P, H, V]``, g ``[T/P, H]`` or None, on the stream layout."""
+    layouts = rank_layouts(plan)
+    rank = dist.get_rank(group)
+    scale = q.shape[-1] ** -0.5
+    out, state, decay, first_cum = local_pieces(q, k, v, g, layouts[rank], scale)
+    h, dk, dv = state.shape
+    packed = torch.cat([state.reshape(-1), decay.reshape(-1)])  # one buffer: [H K V + H]
+    gathered = all_gather(packed, group, "lasp2.states")  # [P, H K V + H]
+    states = gathered[:, :h * dk * dv].reshape(-1, h, dk, dv)
+    decays = gathered[:, h * dk * dv:]
+    s_in = incoming_state(states, decays, layouts, rank)
+    if s_in is not None:
+        return add_incoming(out, q, first_cum, s_in, layouts[rank], scale)
+    # Keep the all-gather in this rank's graph (its gradient is zero) so its backward
+    # collective runs on every rank of the group; otherwise the peers' reduce-scatter would pair
+    # with whatever collective this rank issues next.
+    return out + 0.0 * gathered.sum()

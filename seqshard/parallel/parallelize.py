@@ -1,0 +1,106 @@
+"""``parallelize(model, mesh, cfg)``: install sequence-parallel attention into an unchanged model.
+
+Softmax layers (modules with ``attention_fn``) get the spec's SP method; linear-attention layers
+(modules with ``linear_attention_fn``) get LASP. Every installed callable reads the step's
+:class:`SPContext` (the ShardPlan of the micro-batch and the groups) that the trainer's sharder
+builds, so the model itself never touches torch.distributed (DESIGN.md invariant 1).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .plan import ShardPlan
+
+
+@dataclass
+class SPContext:
+    plan: ShardPlan
+    group: Any  # the SP process group
+    ulysses_group: Any = None  # usp only
+    ring_group: Any = None  # usp only
+
+
+def _ulysses(q, k, v, ctx):
+    from .ulysses import ulysses_attention
+
+    return ulysses_attention(q, k, v, ctx.plan, ctx.group, causal=True)
+
+
+def _allgather(q, k, v, ctx):
+    from .allgather import allgather_attention
+
+    return allgather_attention(q, k, v, ctx.plan, ctx.group, causal=True)
+
+
+def _ring(q, k, v, ctx):
+    from .ring import ring_attention
+
+    return ring_attention(q, k, v, ctx.plan, ctx.group, causal=True)
+
+
+def _usp(q, k, v, ctx):
+    from .usp import usp_attention
+
+    return usp_attention(q, k, v, ctx.plan, (ctx.ulysses_group, ctx.ring_group), causal=True)
+
+
+def _lasp1(q, k, v, g, ctx):
+    from .lasp1 import lasp1_attention
+
+    return lasp1_attention(q, k, v, g, ctx.plan, ctx.group)
+
+
+def _lasp2(q, k, v, g, ctx):
+    from .lasp2 import lasp2_attention
+
+    return lasp2_attention(q, k, v, g, ctx.plan, ctx.group)
+
+
+SOFTMAX_METHODS = {"ulysses": _ulysses, "allgather": _allgather, "ring": _ring, "usp": _usp}
+LINEAR_METHODS = {"lasp1": _lasp1, "lasp2": _lasp2}
+# Layout each method shards with when parallel.layout is auto: ring-style methods balance causal
+# work with zigzag; Ulysses and all-gather see whole documents, so the least padding wins;
+# LASP carries state along the stream.
+DEFAULT_LAYOUT = {"ulysses": "stream", "allgather": "zigzag", "ring": "zigzag", "usp": "zigzag",
+                  "lasp1": "stream", "lasp2": "stream"}
+
+
+def layout_of(cfg) -> str:
+    return DEFAULT_LAYOUT[cfg.sp_method] if cfg.layout == "auto" else cfg.layout
+
+
+def build_plan(cu_seqlens, cfg) -> ShardPlan:
+    return ShardPlan.build(cu_seqlens, cfg.sp, layout_of(cfg))
+
+
+def parallelize(model, mesh, cfg):
+    """Install the SP attention of ``cfg.sp_method`` (and, in hybrids, ``cfg.softmax_method`` on
+    the softmax layers of a linear-attention model). Returns the model."""
+    linear = cfg.sp_method in LINEAR_METHODS
+    softmax = SOFTMAX_METHODS[cfg.softmax_method if linear else cfg.sp_method]
+    for module in model.modules():
+        if hasattr(module, "attention_fn"):
+            module.attention_fn = softmax
+        if linear and hasattr(module, "linear_attention_fn"):
+            module.linear_attention_fn = LINEAR_METHODS[cfg.sp_method]
+    return model
+
+
+def make_sharder(mesh, cfg, pad_id: int):
+    """Turns a micro-batch's global stream into this rank's shard and its SPContext."""
+    sp_mesh = mesh["sp"]
+    group, rank = sp_mesh.get_group(), sp_mesh.get_local_rank()
+    uly = ring = None
+    if cfg.sp_method == "usp":
+        uly, ring = mesh["ulysses"].get_group(), mesh["ring"].get_group()
+
+    def shard(tokens, labels, positions, doc_lens):
+        cu = [0]
+        for n in doc_lens:
+            cu.append(cu[-1] + n)
+        plan = build_plan(cu, cfg)
+        return (plan.shard(tokens, rank, pad_value=pad_id), plan.shard(labels, rank, pad_value=-100),
+                plan.shard(positions, rank, pad_value=0), SPContext(plan, group, uly, ring))
+
+    return shard

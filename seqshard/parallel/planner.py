@@ -1,0 +1,279 @@
+"""Per-step planner for heterogeneity-adaptive scattering (after FlexSP, Wang et al., ASPLOS 2025).
+
+Given the step's sequence lengths and the devices, choose SP groups of power-of-two sizes
+(aligned rank ranges covering the devices) and assign every sequence to one group, minimizing the
+step's makespan (the slowest group's summed sequence times under the cost model) subject to
+memory: a sequence of length L fits a group of d devices when ``L <= d * memory_tokens``.
+
+Solvers:
+- ``greedy``: for a handful of group mixes (every static degree, and mixes built from a
+  makespan target by giving each sequence the smallest group that finishes it in time), assign
+  sequences longest-first to the group that would finish them earliest; keep the best mix.
+- ``milp``: ``scipy.optimize.milp`` (HiGHS) over length buckets, one binary per candidate group
+  and integer counts of each bucket per group, minimizing the makespan within a time limit; the
+  result is never worse than greedy (the better plan is returned, with the MILP status and gap).
+Pure functions of lengths and sizes: no torch.distributed.
+"""
+from __future__ import annotations
+
+import heapq
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class StepPlan:
+    groups: list[tuple[int, int]]  # (first_rank, size), aligned, disjoint, covering all devices
+    assignment: list[int]  # group index of every sequence
+    predicted_time_s: float  # makespan under the cost model
+    group_times: list[float] = field(default_factory=list)
+    solver: str = "greedy"
+    status: str = "ok"
+    gap: float | None = None
+    solve_time_s: float = 0.0
+
+    def group_of_rank(self, rank: int) -> int:
+        for g, (first, size) in enumerate(self.groups):
+            if first <= rank < first + size:
+                return g
+        raise AssertionError(f"rank {rank} not covered by {self.groups}")
+
+
+def allowed_group_sizes(num_devices: int, max_sp: int, n_heads: int | None = None) -> list[int]:
+    """Powers of two up to ``max_sp`` dividing the device count (and the head count, for Ulysses)."""
+    sizes, s = [], 1
+    while s <= min(max_sp, num_devices):
+        if num_devices % s == 0 and (n_heads is None or n_heads % s == 0):
+            sizes.append(s)
+        s *= 2
+    return sizes
+
+
+def _time_table(lengths, sizes, memory_tokens, cost_model):
+    """[n, |sizes|] predicted seconds, inf where the sequence does not fit the group's memory."""
+    lengths_f = np.asarray(lengths, dtype=np.float64)
+    table = np.stack([np.where(lengths_f <= s * memory_tokens, cost_model.time(lengths_f, s), np.inf)
+                      for s in sizes], axis=1).reshape(len(lengths), len(sizes))
+    unfit = np.isinf(table).all(axis=1)
+    if unfit.any():
+        i = int(np.flatnonzero(unfit)[0])
+        raise ValueError(f"sequence {i} of length {int(lengths[i])} does not fit: the largest group "
+                         f"({max(sizes)} devices x memory_tokens {memory_tokens}) holds "
+                         f"{max(sizes) * memory_tokens} tokens; raise parallel.max_sp or memory")
+    return table
+
+
+def _layout(counts: dict[int, int]) -> list[tuple[int, int]]:
+    """Aligned groups from {size: count}: largest first, so every offset is a multiple of the size."""
+    groups, first = [], 0
+    for size in sorted(counts, reverse=True):
+        for _ in range(counts[size]):
+            groups.append((first, size))
+            first += size
+    return groups
+
+
+def _assign(table, sizes, groups):
+    """Longest-first, each sequence to the group that finishes it earliest (per-size heaps)."""
+    col = {s: j for j, s in enumerate(sizes)}
+    heaps = {}
+    for g, (_, size) in enumerate(groups):
+        heaps.setdefault(size, []).append((0.0, g))
+    order = np.argsort(-np.nanmin(np.where(np.isinf(table), np.nan, table), axis=1), kind="stable")
+    assignment = [0] * table.shape[0]
+    loads = [0.0] * len(groups)
+    for i in order:
+        best = None
+        for size, heap in heaps.items():
+            t = table[i, col[size]]
+            if np.isfinite(t) and (best is None or heap[0][0] + t < best[0]):
+                best = (heap[0][0] + t, size)
+        if best is None:
+            return None  # no group in this mix can hold sequence i
+        finish, size = best
+        _, g = heapq.heappop(heaps[size])
+        heapq.heappush(heaps[size], (finish, g))
+        assignment[i], loads[g] = g, finish
+    return assignment, loads
+
+
+def _evaluate(table, sizes, counts, solver):
+    groups = _layout(counts)
+    result = _assign(table, sizes, groups)
+    if result is None:
+        return None
+    assignment, loads = result
+    return StepPlan(groups, assignment, max(loads), loads, solver=solver)
+
+
+def _mix_for_target(table, sizes, num_devices, target):
+    """Group counts if each sequence takes the smallest group that finishes it within ``target``
+    (else its fastest group); ``None`` when that needs more devices than there are.
+
+    Each size class needs ``work / target`` groups; the demand is scaled up to use every device,
+    floored, and the leftover devices go to the classes with the largest remainders. A group at
+    least as large as the longest sequence's smallest feasible group always exists.
+    """
+    fits = table <= target
+    choice = np.where(fits.any(axis=1), fits.argmax(axis=1), table.argmin(axis=1))
+    sizes_arr = np.asarray(sizes)
+    groups = np.array([table[choice == j, j].sum() / target for j in range(len(sizes))])
+    demand = float((groups * sizes_arr).sum())
+    if demand > num_devices * (1 + 1e-9) or demand == 0:
+        return None
+    scaled = groups * num_devices / demand
+    counts = np.floor(scaled).astype(int)
+    need = int(sizes_arr[np.isfinite(table).argmax(axis=1)].max())  # largest minimal group
+    if not counts[sizes_arr >= need].any():
+        counts[sizes.index(need)] = 1
+    spare = num_devices - int((counts * sizes_arr).sum())
+    for j in np.argsort(-(scaled - np.floor(scaled)), kind="stable"):
+        while spare >= sizes[j] and scaled[j] > counts[j]:
+            counts[j] += 1
+            spare -= sizes[j]
+    while spare < 0:  # the forced large group overdrew: shrink the smallest used classes
+        j = int(np.flatnonzero(counts * (sizes_arr < need))[0])
+        counts[j] -= 1
+        spare += sizes[j]
+    counts[0] += spare // sizes[0]
+    return {s: int(c) for s, c in zip(sizes, counts) if c}
+
+
+def _fractional_makespan(table, sizes, counts):
+    """A quick lower estimate of a mix's makespan: each sequence in its cheapest class present,
+    classes' work spread evenly over their groups. Used only to rank candidate mixes."""
+    present = [j for j, s in enumerate(sizes) if counts.get(s)]
+    sub = table[:, present]
+    best = sub.argmin(axis=1)
+    load = [sub[best == k, k].sum() / counts[sizes[j]] for k, j in enumerate(present)]
+    return max(max(load), float(sub.min(axis=1).max()))
+
+
+def _greedy(table, sizes, num_devices, keep=3):
+    statics = [{s: num_devices // s} for s in sizes if np.isfinite(table[:, sizes.index(s)]).all()]
+    device_time = (table * np.asarray(sizes)).min(axis=1)  # cheapest device-seconds per sequence
+    lo = max(table.min(axis=1).max(), device_time.sum() / num_devices)
+    hi = max(lo, min(_fractional_makespan(table, sizes, c) for c in statics)) if statics else lo * 8
+    mixes = [m for m in (_mix_for_target(table, sizes, num_devices, t) for t in np.geomspace(lo, hi, 10)) if m]
+    unique = {tuple(sorted(m.items())): m for m in mixes + statics}.values()
+    ranked = sorted(unique, key=lambda m: _fractional_makespan(table, sizes, m))
+    plans = [p for p in (_evaluate(table, sizes, m, "greedy") for m in ranked[:keep] + statics) if p]
+    plan = min(plans, key=lambda p: p.predicted_time_s)
+    plan.gap = plan.predicted_time_s / lo - 1  # distance to a lower bound of any plan
+    return plan
+
+
+def _buckets(lengths, max_buckets=10):
+    """Bucket index per sequence: half-octave length classes, merged down to ``max_buckets``."""
+    cls = np.floor(2 * np.log2(np.maximum(lengths, 1))).astype(int)
+    uniq = np.unique(cls)
+    while len(uniq) > max_buckets:
+        cls = cls // 2 * 2 if len(np.unique(cls // 2 * 2)) < len(uniq) else cls // 2
+        uniq = np.unique(cls)
+    return np.searchsorted(uniq, cls), len(uniq)
+
+
+def _class_milp(btime, counts, sizes, num_devices, target, time_left):
+    """Is there a mix meeting ``target``? Integer groups per size n_s and sequences of bucket b
+    per size x_bs with every class's work <= target * n_s, every item <= target, devices <= N."""
+    from scipy.optimize import Bounds, LinearConstraint, milp
+
+    nb, ns = btime.shape
+    ok = np.isfinite(btime) & (btime <= target)
+    nvar = ns + nb * ns  # n_s, then x[b, s]
+    a_rows, lo, hi = [], [], []
+    row = np.zeros(nvar)
+    row[:ns] = sizes
+    a_rows.append(row), lo.append(0), hi.append(num_devices)
+    for b in range(nb):
+        row = np.zeros(nvar)
+        row[ns + b * ns: ns + (b + 1) * ns] = ok[b]
+        a_rows.append(row), lo.append(counts[b]), hi.append(counts[b])
+    for j in range(ns):
+        row = np.zeros(nvar)
+        row[j] = -target
+        for b in range(nb):
+            row[ns + b * ns + j] = btime[b, j] if ok[b, j] else 0.0
+        a_rows.append(row), lo.append(-np.inf), hi.append(0.0)
+    upper = np.concatenate([np.asarray(num_devices // np.asarray(sizes), float),
+                            np.where(ok, counts[:, None], 0).ravel()])
+    cost = np.concatenate([np.asarray(sizes, float), np.zeros(nb * ns)])  # fewest devices used
+    res = milp(cost, constraints=LinearConstraint(np.array(a_rows), lo, hi), integrality=np.ones(nvar),
+               bounds=Bounds(np.zeros(nvar), upper), options={"time_limit": max(time_left, 1e-3)})
+    if res.x is None:
+        return None
+    n = np.round(res.x[:ns]).astype(int)
+    spare = num_devices - int((n * np.asarray(sizes)).sum())
+    n[0] += spare // sizes[0]  # unused devices become groups of the smallest size
+    return {s: int(c) for s, c in zip(sizes, n) if c}
+
+
+def _milp(table, sizes, num_devices, lengths, time_limit_s, upper):
+    """Bisection on the makespan; at each target a MILP over length buckets picks the group mix;
+    each mix is assigned exactly. Returns (best plan or None, status, gap to the bound)."""
+    deadline = time.perf_counter() + time_limit_s
+    bucket, nb = _buckets(lengths)
+    counts = np.bincount(bucket, minlength=nb)
+    btime = np.array([[table[bucket == b, j].max() for j in range(len(sizes))] for b in range(nb)])
+    device_time = (table * np.asarray(sizes)).min(axis=1)
+    lo = max(table.min(axis=1).max(), device_time.sum() / num_devices)
+    hi, best, status = upper, None, "optimal"
+    while hi - lo > 0.01 * lo:
+        if time.perf_counter() > deadline:
+            status = "time limit"
+            break
+        target = (lo + hi) / 2
+        mix = _class_milp(btime, counts, sizes, num_devices, target, deadline - time.perf_counter())
+        plan = _evaluate(table, sizes, mix, "milp") if mix else None
+        if plan is None:
+            lo = target
+            continue
+        if best is None or plan.predicted_time_s < best.predicted_time_s:
+            best = plan
+        hi = min(target, plan.predicted_time_s)
+    gap = best.predicted_time_s / lo - 1 if best else None
+    return best, status, gap
+
+
+def plan_step(lengths, num_devices: int, *, max_sp: int, memory_tokens: int, cost_model,
+              solver: str = "greedy", time_limit_s: float = 0.05, allowed_sizes=None) -> StepPlan:
+    """Groups and sequence assignment for one step (see module docstring)."""
+    start = time.perf_counter()
+    lengths = np.asarray(lengths, dtype=np.int64)
+    sizes = list(allowed_sizes or allowed_group_sizes(num_devices, max_sp, getattr(cost_model, "n_heads", None)))
+    table = _time_table(lengths, sizes, memory_tokens, cost_model)
+    plan = _greedy(table, sizes, num_devices)
+    if solver == "milp":
+        milp_plan, status, gap = _milp(table, sizes, num_devices, lengths, time_limit_s, plan.predicted_time_s)
+        if milp_plan is not None and milp_plan.predicted_time_s < plan.predicted_time_s:
+            plan = milp_plan
+        plan.solver = "milp" if plan is milp_plan else "milp (greedy kept)"
+        plan.status, plan.gap = status, gap if gap is not None else plan.gap
+    elif solver != "greedy":
+        raise ValueError(f"solver {solver!r} is not greedy or milp")
+    plan.solve_time_s = time.perf_counter() - start
+    return plan
+
+
+def static_plan(lengths, num_devices: int, sp: int, *, memory_tokens: int, cost_model) -> StepPlan:
+    """The static baseline: every group of size ``sp``, sequences assigned longest-first."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    table = _time_table(lengths, [sp], memory_tokens, cost_model)
+    plan = _evaluate(table, [sp], {sp: num_devices // sp}, "static")
+    assert plan is not None
+    return plan
+
+
+def best_static_plan(lengths, num_devices: int, *, max_sp: int, memory_tokens: int, cost_model) -> StepPlan:
+    """The best single SP degree for these lengths (feasible degrees only)."""
+    plans = []
+    for sp in allowed_group_sizes(num_devices, max_sp, getattr(cost_model, "n_heads", None)):
+        try:
+            plans.append(static_plan(lengths, num_devices, sp, memory_tokens=memory_tokens, cost_model=cost_model))
+        except ValueError:
+            continue
+    if not plans:
+        raise ValueError(f"no static degree up to {max_sp} fits the longest sequence ({int(np.max(lengths))} tokens)")
+    return min(plans, key=lambda p: p.predicted_time_s)

@@ -1,0 +1,74 @@
+"""Ulysses sequence parallelism (Jacobs et al., 2023, "DeepSpeed Ulysses").
+
+Each rank holds ``T/P`` tokens of every head. One fused all-to-all (q, k and v packed in one
+buffer) gives each rank all ``T`` tokens of ``H/P`` heads; attention runs locally over whole
+documents (varlen, per the ShardPlan's padded segments); a second all-to-all returns the output
+to the sequence split. GQA: with fewer kv heads than ranks, kv heads are replicated just enough
+for each rank to hold the kv head its query heads read.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from seqshard.kernels import attention
+
+from .comm import all_to_all
+
+
+def kv_head_map(n_heads: int, n_kv_heads: int, world: int) -> list[int] | None:
+    """kv head each rank needs when ``n_kv_heads < world`` (replication); None if they split."""
+    if n_heads % world:
+        raise ValueError(f"Ulysses needs the {n_heads} query heads divisible by the SP degree {world}; "
+                         "use sp_method ring or usp to go past the head count")
+    if n_kv_heads % world == 0:
+        return None
+    if world % n_kv_heads:
+        raise ValueError(f"Ulysses needs {n_kv_heads} kv heads and SP degree {world} to divide one another")
+    group = n_heads // n_kv_heads
+    return [(j * n_heads // world) // group for j in range(world)]
+
+
+def _orders(plan):
+    """Rank-major received order <-> padded global order (a permutation of P * local_len)."""
+    rank_major = plan.padded_index.reshape(-1)
+    to_padded = np.argsort(rank_major, kind="stable")
+    return torch.from_numpy(to_padded), torch.from_numpy(rank_major)
+
+
+def scatter_heads(q, k, v, group):
+    """Sequence split -> head split: ``[T/P, H, D]`` -> ``[P * T/P, H/P, D]`` in rank-major
+    order (rank i's tokens i-th), q, k and v in ONE all-to-all."""
+    world = dist.get_world_size(group)
+    local, n_heads, head_dim = q.shape
+    kv_map = kv_head_map(n_heads, k.shape[1], world)
+    if kv_map is not None:  # [T/P, H_kv, D] -> [T/P, P, D]: one replicated kv head per rank
+        k, v = k[:, kv_map], v[:, kv_map]
+    hq, hk = n_heads // world, k.shape[1] // world
+    # [T/P, H, D] -> [T/P, P, H/P, D]; q, k, v side by side per destination rank
+    packed = torch.cat([q.reshape(local, world, hq, head_dim), k.reshape(local, world, hk, head_dim),
+                        v.reshape(local, world, hk, head_dim)], dim=2)
+    received = all_to_all(packed.transpose(0, 1), group, "ulysses.qkv")  # [P(src), T/P, hq+2hk, D]
+    full = received.reshape(world * local, hq + 2 * hk, head_dim)
+    return full.split([hq, hk, hk], dim=1)
+
+
+def gather_heads(out, group):
+    """Head split -> sequence split: ``[P * T/P, H/P, D]`` (rank-major) -> ``[T/P, H, D]``."""
+    world = dist.get_world_size(group)
+    total, hq, head_dim = out.shape
+    local = total // world
+    back = all_to_all(out.reshape(world, local, hq, head_dim), group, "ulysses.out")  # [P(heads), T/P, H/P, D]
+    return back.transpose(0, 1).reshape(local, world * hq, head_dim)
+
+
+def ulysses_attention(q, k, v, plan, group, causal=True, softmax_scale=None):
+    """q ``[T/P, H, D]``, k/v ``[T/P, H_kv, D]`` local shards -> output ``[T/P, H, D]``."""
+    qf, kf, vf = scatter_heads(q, k, v, group)
+    to_padded, to_rank_major = _orders(plan)
+    qf, kf, vf = qf[to_padded], kf[to_padded], vf[to_padded]  # padded global order
+    cu = torch.tensor(plan.padded_cu_seqlens(), dtype=torch.int32)
+    max_len = int((cu[1:] - cu[:-1]).max()) if len(cu) > 1 else 0
+    out = attention(qf, kf, vf, cu, cu, max_len, max_len, causal=causal, softmax_scale=softmax_scale)
+    return gather_heads(out[to_rank_major], group)

@@ -1,0 +1,79 @@
+"""Every kind of bad spec gives one line naming the key path, exit code 2, no traceback."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from seqshard.launch.spec import SpecError, load_spec
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = ROOT / "examples" / "tiny.yaml"
+
+BAD = [
+    (["model.foo=1"], "model.foo: unknown key"),
+    (["train.lr=abc"], "train.lr: expected a number, got 'abc'"),
+    (["model.n_layers=2.5"], "model.n_layers: expected an integer"),
+    (["train.steps=0"], "train.steps: must be >= 1, got 0"),
+    (["parallel.sp=3"], "parallel.sp: 3 does not divide world size 2"),
+    (["data.tokens_per_step=1000"], "data.tokens_per_step: 1000 is not a multiple of max_seq_len x dp"),
+    (["parallel.sp_method=warp"], "parallel.sp_method: 'warp' is not one of"),
+    (["parallel.sp=2", "parallel.sp_method=ulysses", "model.n_heads=3", "model.n_kv_heads=3",
+      "model.dim=96"], "parallel.sp: ulysses needs model.n_heads 3 divisible by sp 2; use sp_method: ring or usp"),
+    (["parallel.sp=2", "parallel.sp_method=usp", "parallel.ulysses=4"],
+     "parallel.ulysses: 4 does not divide parallel.sp 2"),
+    (["parallel.sp=2", "parallel.sp_method=none"], "parallel.sp_method: none cannot run sp 2"),
+    (["model.n_kv_heads=3"], "model.n_kv_heads: 3 does not divide model.n_heads 4"),
+    (["model.arch=hybrid", "model.layer_pattern=LX"], "model.layer_pattern: 'LX' must be 2 letters"),
+    (["train.dtype=float8"], "train.dtype: 'float8' is not one of"),
+    (["launch.launcher=pbs"], "launch.launcher: 'pbs' is not one of"),
+    (["model=3"], "model: expected a mapping"),
+]
+
+
+@pytest.mark.parametrize("overrides,message", BAD, ids=[b[1].split(":")[0] + str(i) for i, b in enumerate(BAD)])
+def test_bad_spec_names_key_path(overrides, message):
+    with pytest.raises(SpecError) as err:
+        load_spec(TINY, overrides)
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_unreadable_yaml_is_one_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: {dim: 128\ntrain: [")
+    with pytest.raises(SpecError, match="is not valid YAML at line"):
+        load_spec(bad)
+
+
+def test_set_overrides_are_typed_like_yaml():
+    spec = load_spec(TINY, ["parallel.sp=2", "parallel.sp_method=ring", "train.lr=1e-3", "name=other"],
+                     world_size=4)
+    assert spec.parallel.sp == 2 and spec.train.lr == 1e-3 and spec.name == "other"
+    assert spec.dp(4) == 2
+
+
+@pytest.mark.parametrize("example", sorted((ROOT / "examples").glob("*.yaml")), ids=lambda p: p.name)
+def test_examples_validate(example):
+    assert load_spec(example).name
+
+
+def test_cli_validate_exit_code_and_single_line():
+    bad = subprocess.run([sys.executable, "-m", "seqshard", "validate", str(TINY), "--set", "parallel.sp=3"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2
+    assert bad.stderr.strip() == "seqshard: error: parallel.sp: 3 does not divide world size 2"
+    assert "Traceback" not in bad.stderr
+    good = subprocess.run([sys.executable, "-m", "seqshard", "validate", str(TINY)], capture_output=True, text=True)
+    assert good.returncode == 0, good.stderr
+    assert "valid" in good.stdout
+
+
+def test_train_refuses_bad_spec_before_any_process_group(tmp_path):
+    """Under no launcher the world is 1: sp 2 is refused before torch.distributed starts."""
+    out = subprocess.run([sys.executable, "-m", "seqshard", "train", str(TINY), "--set", "parallel.sp=2",
+                          "--set", "parallel.sp_method=ulysses", "--set", f"train.output_dir={tmp_path}"],
+                         capture_output=True, text=True)
+    assert out.returncode == 2
+    assert out.stderr.strip() == "seqshard: error: parallel.sp: 2 does not divide world size 1"
+    assert not (tmp_path / "metrics.jsonl").exists()
