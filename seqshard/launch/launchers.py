@@ -9,9 +9,20 @@ from __future__ import annotations
 
 import os
 import shlex
+import shutil
 import sys
+from pathlib import Path
 
 from .spec import Spec
+
+
+def tool_path(name: str) -> str:
+    """The ``name`` executable installed beside this interpreter (a venv's ``bin/``, which need
+    not be on ``PATH``), else the one on ``PATH``, else ``name`` (the launch then fails naming it)."""
+    beside = Path(sys.executable).parent / name
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return str(beside)
+    return shutil.which(name) or name
 
 
 def _train_args(spec_path: str, overrides: list[str], extra: list[str]) -> list[str]:
@@ -35,7 +46,7 @@ def torchrun_command(spec: Spec, spec_path, overrides=None, extra=None) -> list[
 
 def deepspeed_command(spec: Spec, spec_path, overrides=None, extra=None) -> list[str]:
     ln = spec.launch
-    cmd = ["deepspeed"]
+    cmd = [tool_path("deepspeed")]
     if ln.hostfile:
         cmd += ["--hostfile", ln.hostfile, "--num_nodes", str(ln.nnodes)]
     else:
@@ -47,7 +58,7 @@ def deepspeed_command(spec: Spec, spec_path, overrides=None, extra=None) -> list
 
 def mpirun_command(spec: Spec, spec_path, overrides=None, extra=None) -> list[str]:
     ln = spec.launch
-    cmd = ["mpirun", "-np", str(ln.nproc_per_node * ln.nnodes)]
+    cmd = [tool_path("mpirun"), "-np", str(ln.nproc_per_node * ln.nnodes)]
     if os.geteuid() == 0:  # containers often run as root; Open MPI refuses that by default
         cmd += ["--allow-run-as-root"]
     if ln.hostfile:

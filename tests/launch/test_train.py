@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+from seqshard.launch.launchers import tool_path
 from tests.distributed import run_ranks
 from tests.launch.train_helpers import ROOT, SMALL, assert_losses_close, read_metrics, train_rank
 
@@ -78,7 +79,7 @@ def test_torchrun_and_mpirun_match_single_process(reference, tmp_path):
     runs = {
         "torchrun": [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
                      "--standalone", "-m", "seqshard", "train"],
-        "mpirun": ["mpirun", "-np", "2", "--oversubscribe", sys.executable, "-m", "seqshard", "train"],
+        "mpirun": [tool_path("mpirun"), "-np", "2", "--oversubscribe", sys.executable, "-m", "seqshard", "train"],
     }
     for name, cmd in runs.items():
         out = tmp_path / name
