@@ -17,6 +17,7 @@ Pure functions of lengths and sizes: no torch.distributed.
 from __future__ import annotations
 
 import heapq
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -76,26 +77,25 @@ def _layout(counts: dict[int, int]) -> list[tuple[int, int]]:
 
 
 def _assign(table, sizes, groups):
-    """Longest-first, each sequence to the group that finishes it earliest (per-size heaps)."""
-    col = {s: j for j, s in enumerate(sizes)}
-    heaps = {}
-    for g, (_, size) in enumerate(groups):
-        heaps.setdefault(size, []).append((0.0, g))
+    """Longest-first, each sequence to the group that finishes it earliest (per-size heaps).
+
+    Plain Python floats in the loop: it runs once per candidate mix, several mixes per step."""
+    present = list(dict.fromkeys(size for _, size in groups))  # sizes in layout order
+    heaps = [[(0.0, g) for g, (_, size) in enumerate(groups) if size == s] for s in present]
     order = np.argsort(-np.nanmin(np.where(np.isinf(table), np.nan, table), axis=1), kind="stable")
+    cols = [table[order, sizes.index(s)].tolist() for s in present]  # [size][position in order]
     assignment = [0] * table.shape[0]
     loads = [0.0] * len(groups)
-    for i in order:
-        best = None
-        for size, heap in heaps.items():
-            t = table[i, col[size]]
-            if np.isfinite(t) and (best is None or heap[0][0] + t < best[0]):
-                best = (heap[0][0] + t, size)
-        if best is None:
+    for pos, i in enumerate(order.tolist()):
+        best_t, best_k = math.inf, -1
+        for k, heap in enumerate(heaps):
+            t = heap[0][0] + cols[k][pos]  # inf where sequence i does not fit size k
+            if t < best_t:
+                best_t, best_k = t, k
+        if best_k < 0:
             return None  # no group in this mix can hold sequence i
-        finish, size = best
-        _, g = heapq.heappop(heaps[size])
-        heapq.heappush(heaps[size], (finish, g))
-        assignment[i], loads[g] = g, finish
+        _, g = heapq.heapreplace(heaps[best_k], (best_t, heaps[best_k][0][1]))
+        assignment[i], loads[g] = g, best_t
     return assignment, loads
 
 
