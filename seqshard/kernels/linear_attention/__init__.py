@@ -4,19 +4,31 @@
 cu_seqlens=None) -> (o, final_state)``: q, k ``[B, T, H, K]``, v ``[B, T, H, V]``, optional
 per-token per-head log decay g ``[B, T, H]``, states ``[B or N, H, K, V]``, scale ``K ** -0.5``
 by default; with ``cu_seqlens`` B is 1 and the N documents are independent (state reset at each
-start), ``initial_state`` / ``final_state`` holding one state per document. The chunked torch
-form runs by default; ``naive.py`` is its per-token twin.
+start), ``initial_state`` / ``final_state`` holding one state per document.
+
+Dispatch (``..dispatch.use_triton``): on CUDA tensors, or with ``SEQSHARD_KERNELS=triton``, the
+Triton kernel of ``triton_chunk.py`` runs (forward and backward, native varlen: no Python loop
+over documents). Otherwise, or when ``impl`` is given explicitly, the torch reference runs: the
+chunked form ``chunk.py`` by default, ``naive.py`` its per-token twin (a Python loop over the
+``cu_seqlens`` documents).
 """
 from __future__ import annotations
 
 import torch
 
+from ..dispatch import use_triton
 from .chunk import chunk_linear_attention
 from .naive import naive_linear_attention
 
 
 def linear_attention(q, k, v, g=None, scale=None, initial_state=None, output_final_state=False,
-                     cu_seqlens=None, impl=chunk_linear_attention):
+                     cu_seqlens=None, impl=None):
+    """-> (o like q ``[B, T, H, V]``, fp32 final state or None); ``impl`` picks a torch reference."""
+    if impl is None and use_triton(q):
+        from .triton_chunk import triton_linear_attention
+
+        return triton_linear_attention(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens)
+    impl = chunk_linear_attention if impl is None else impl
     if cu_seqlens is None:
         return impl(q, k, v, g, scale, initial_state, output_final_state)
     assert q.shape[0] == 1, f"with cu_seqlens the batch must be 1, got {q.shape[0]}"
