@@ -54,7 +54,7 @@ class _AllGather(torch.autograd.Function):
         x = x.contiguous()
         out = x.new_empty((world * x.shape[0], *x.shape[1:]))
         with record(op, _nbytes(x) * (world - 1)):
-            dist.all_gather_into_tensor(out, x, group=group)
+            dist.all_gather_single(out, x, group=group)
         return out.view(world, *x.shape)
 
     @staticmethod

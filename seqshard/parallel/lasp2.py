@@ -40,23 +40,26 @@ def rank_layouts(plan) -> list[RankLayout]:
 
 
 def local_pieces(q, k, v, g, layout: RankLayout, scale):
-    """Each piece from a zero state. Returns the output ``[T/P, H, V]`` (padding rows zero), the
-    state after the last piece ``[H, K, V]`` and the last piece's total log decay ``[H]``, and
-    the first piece's cumulative decay ``[n, H]`` (for the inter-rank term)."""
-    out = q.new_zeros(q.shape[0], q.shape[1], v.shape[-1])
-    h, dk, dv = q.shape[1], q.shape[2], v.shape[-1]
-    last_state, last_decay, first_cum = q.new_zeros(h, dk, dv), q.new_zeros(h), None
-    for i, (_, off, n) in enumerate(layout.pieces):
-        sl = slice(off, off + n)
-        gp = None if g is None else g[sl][None]
-        o, state = linear_attention(q[sl][None], k[sl][None], v[sl][None], gp, scale, output_final_state=True)
-        out = out.index_copy(0, torch.arange(off, off + n), o[0])
-        cum = torch.zeros(n, h) if g is None else g[sl].cumsum(0)
-        if i == 0:
-            first_cum = cum
-        if i == len(layout.pieces) - 1:
-            last_state, last_decay = state[0], cum[-1]
-    return out, last_state, last_decay, first_cum
+    """Each piece from a zero state, all in one varlen ``linear_attention`` call (padding runs are
+    segments of their own whose output is zeroed). Returns the output ``[T/P, H, V]`` (padding
+    rows zero), the state after the last piece ``[H, K, V]`` and the last piece's total log decay
+    ``[H]``, and the first piece's cumulative decay ``[n, H]`` (for the inter-rank term)."""
+    t, h, dk, dv = q.shape[0], q.shape[1], q.shape[2], v.shape[-1]
+    if not layout.pieces:
+        return q.new_zeros(t, h, dv), q.new_zeros(h, dk, dv), q.new_zeros(h), None
+    bounds = sorted({0, t} | {off for _, off, _ in layout.pieces} | {off + n for _, off, n in layout.pieces})
+    cu = torch.tensor(bounds, dtype=torch.int32, device=q.device)
+    real = torch.zeros(t, dtype=torch.bool, device=q.device)
+    for _, off, n in layout.pieces:
+        real[off:off + n] = True
+    o, states = linear_attention(q[None], k[None], v[None], None if g is None else g[None], scale,
+                                 output_final_state=True, cu_seqlens=cu)
+    out = o[0] * real[:, None, None].to(o.dtype)
+    (_, first_off, first_n), (_, last_off, last_n) = layout.pieces[0], layout.pieces[-1]
+    last_state = states[bounds.index(last_off)]
+    if g is None:
+        return out, last_state, q.new_zeros(h), torch.zeros(first_n, h, device=q.device)
+    return out, last_state, g[last_off:last_off + last_n].sum(0), g[first_off:first_off + first_n].cumsum(0)
 
 
 def incoming_state(states, decays, layouts, rank):

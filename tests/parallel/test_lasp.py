@@ -56,6 +56,12 @@ def test_lasp1_two_and_four_ranks():
     assert all(run_ranks(4, check_lasp, "lasp1", CASES))
 
 
+def test_lasp2_through_the_triton_kernel(monkeypatch):
+    """The local pieces go through one varlen Triton call (padding runs as their own segments)."""
+    monkeypatch.setenv("SEQSHARD_KERNELS", "triton")  # inherited by the spawned ranks
+    assert all(run_ranks(2, check_lasp, "lasp2", [([5, 40, 2, 9], True), ([61, 1], False)]))
+
+
 def lasp2_bytes(rank, world):
     from seqshard.parallel.lasp2 import lasp2_attention
 
