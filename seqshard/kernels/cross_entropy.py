@@ -5,10 +5,73 @@ the same pass, into the gradients of the hidden states and the weight (softmax m
 then dropped (the Liger-Kernel approach). Peak extra memory is one ``[chunk, vocab]`` block
 instead of the full logits plus their gradient. The backward pass only scales the saved
 gradients. This torch form is the reference and what CPU training uses.
+
+On CUDA tensors (or with ``SEQSHARD_KERNELS=triton``) the per-chunk softmax step is the Triton
+kernel ``_ce_rows``: one program per token row streams the vocabulary twice (online max and
+sum of exponentials, then ``softmax - onehot`` written over the logits in place), so no second
+``[chunk, vocab]`` buffer is allocated; the two matmuls stay with cuBLAS.
 """
 from __future__ import annotations
 
 import torch
+
+from .dispatch import HAS_TRITON, use_triton
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _ce_rows(LOGITS, LABELS, LOSS, stride, n_cols, ignore_index, grad_scale,
+                 NEED_GRAD: tl.constexpr, BLOCK: tl.constexpr):
+        """Row loss ``lse - logit[label]`` (0 on ignored rows); with NEED_GRAD the row becomes
+        ``grad_scale * (softmax - onehot)`` (zeros on ignored rows)."""
+        row = tl.program_id(0).to(tl.int64)
+        ptr = LOGITS + row * stride
+        label = tl.load(LABELS + row)
+        m = tl.full((), float("-inf"), tl.float32)
+        total = tl.zeros((), tl.float32)
+        for c0 in range(0, n_cols, BLOCK):
+            cols = c0 + tl.arange(0, BLOCK)
+            x = tl.load(ptr + cols, mask=cols < n_cols, other=float("-inf")).to(tl.float32)
+            m_new = tl.maximum(m, tl.max(x, 0))
+            total = total * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), 0)
+            m = m_new
+        lse = m + tl.log(total)
+        ok = label != ignore_index
+        target = tl.load(ptr + tl.where(ok, label, 0)).to(tl.float32)
+        tl.store(LOSS + row, tl.where(ok, lse - target, 0.0))
+        if NEED_GRAD:
+            scale = tl.where(ok, grad_scale, 0.0)
+            for c0 in range(0, n_cols, BLOCK):
+                cols = c0 + tl.arange(0, BLOCK)
+                x = tl.load(ptr + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
+                grad = tl.exp(x - lse) - (cols == label).to(tl.float32)
+                tl.store(ptr + cols, grad * scale, mask=cols < n_cols)
+
+
+def _softmax_step_triton(logits, labels, ignore_index, grad_scale, need_grad):
+    """Triton: per-row losses ``[n]``; ``logits`` (fp32, contiguous) is overwritten by its gradient."""
+    n, vocab = logits.shape
+    loss = torch.empty(n, dtype=torch.float32, device=logits.device)
+    if n:
+        block = min(4096, triton.next_power_of_2(vocab))
+        _ce_rows[(n,)](logits, labels.contiguous(), loss, logits.stride(0), vocab, ignore_index,
+                       float(grad_scale), NEED_GRAD=need_grad, BLOCK=block)
+    return loss
+
+
+def _softmax_step_reference(logits, labels, ignore_index, grad_scale, need_grad):
+    """torch: per-row losses ``[n]``; ``logits`` is overwritten by its gradient when asked."""
+    ok = labels != ignore_index
+    safe = torch.where(ok, labels, torch.zeros_like(labels))
+    lse = torch.logsumexp(logits, dim=-1)
+    loss = (lse - logits.gather(1, safe.unsqueeze(1)).squeeze(1)) * ok
+    if need_grad:  # d loss / d logits = softmax - onehot, zero on ignored rows
+        logits.sub_(lse.unsqueeze(1)).exp_()
+        logits[torch.arange(logits.shape[0], device=logits.device), safe] -= 1
+        logits.mul_((ok * grad_scale).unsqueeze(1))
+    return loss
 
 
 def _chunk_size(vocab: int, budget_bytes: int = 64 * 2**20) -> int:
@@ -19,29 +82,22 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, ignore_index, reduction, chunk):
         tokens = hidden.shape[0]
-        valid = labels != ignore_index
-        count = int(valid.sum())
+        count = int((labels != ignore_index).sum())
         denom = max(count, 1) if reduction == "mean" else 1
         need_grad = hidden.requires_grad or weight.requires_grad
         d_hidden = torch.zeros_like(hidden, dtype=torch.float32) if need_grad else None
         d_weight = torch.zeros_like(weight, dtype=torch.float32) if need_grad else None
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         w = weight.float()
+        step = _softmax_step_triton if use_triton(hidden) else _softmax_step_reference
         for start in range(0, tokens, chunk):
             end = min(tokens, start + chunk)
             h = hidden[start:end].float()
-            logits = h @ w.t()  # [chunk, vocab]
-            lab, ok = labels[start:end], valid[start:end]
-            lse = torch.logsumexp(logits, dim=-1)
-            safe = torch.where(ok, lab, torch.zeros_like(lab))
-            target = logits.gather(1, safe.unsqueeze(1)).squeeze(1)
-            loss += ((lse - target) * ok).sum()
-            if need_grad:  # d loss / d logits = softmax - onehot, zero on ignored rows
-                grad = torch.softmax(logits, dim=-1)
-                grad[torch.arange(end - start, device=grad.device), safe] -= 1
-                grad *= ok.unsqueeze(1) / denom
-                d_hidden[start:end] = grad @ w
-                d_weight += grad.t() @ h
+            logits = h @ w.t()  # [chunk, vocab], becomes d loss / d logits in place
+            loss += step(logits, labels[start:end], ignore_index, 1.0 / denom, need_grad).sum()
+            if need_grad:
+                d_hidden[start:end] = logits @ w
+                d_weight += logits.t() @ h
         ctx.save_for_backward(d_hidden, d_weight)
         ctx.dtypes = (hidden.dtype, weight.dtype)
         return loss / denom

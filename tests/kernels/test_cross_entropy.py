@@ -29,3 +29,34 @@ def test_all_ignored_gives_zero_loss_and_grads():
     loss = linear_cross_entropy(hidden, weight, torch.full((4,), -100), reduction="mean")
     loss.backward()
     assert loss.item() == 0 and hidden.grad.abs().sum() == 0 and weight.grad.abs().sum() == 0
+
+
+@pytest.mark.parametrize("vocab,chunk", [(300, 7), (5000, 16)])  # 5000: two vocabulary blocks per row
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_triton_softmax_step_equals_unfused(force_triton, monkeypatch, vocab, chunk, reduction):
+    import seqshard.kernels.cross_entropy as ce
+
+    calls = []
+    triton_step = ce._softmax_step_triton
+    monkeypatch.setattr(ce, "_softmax_step_triton", lambda *a: calls.append(1) or triton_step(*a))
+    gen = torch.Generator().manual_seed(1)
+    hidden = torch.randn(23, 16, generator=gen, requires_grad=True)
+    weight = torch.randn(vocab, 16, generator=gen, requires_grad=True)
+    labels = torch.randint(0, vocab, (23,), generator=gen)
+    labels[::5] = -100
+    ref = F.cross_entropy(hidden @ weight.t(), labels, ignore_index=-100, reduction=reduction)
+    dh, dw = torch.autograd.grad(ref, (hidden, weight))
+    got = linear_cross_entropy(hidden, weight, labels, reduction=reduction, chunk_size=chunk)
+    gh, gw = torch.autograd.grad(got, (hidden, weight))
+    assert len(calls) == -(-23 // chunk)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    for name, a, b in (("d hidden", gh, dh), ("d weight", gw, dw)):
+        err = (a - b).abs().max() / b.abs().max()
+        assert err <= 1e-5, f"{name}: rel err {err:.2e}"
+
+
+def test_triton_without_grad_gives_the_loss_only(force_triton):
+    hidden, weight = torch.randn(9, 8), torch.randn(40, 8)
+    labels = torch.tensor([0, 3, -100, 39, 5, 5, 1, 2, 7])
+    ref = F.cross_entropy(hidden @ weight.t(), labels, ignore_index=-100, reduction="sum")
+    torch.testing.assert_close(linear_cross_entropy(hidden, weight, labels), ref, rtol=1e-5, atol=1e-5)
