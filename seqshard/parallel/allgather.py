@@ -7,6 +7,7 @@ the all-gather reduce-scatters dK and dV. Simple, exact on any layout, and commu
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -36,12 +37,15 @@ def allgather_attention(q, k, v, plan, group, causal=True, softmax_scale=None):
     n_kv = k.shape[1]
     gathered = all_gather(torch.cat([k, v], dim=1), group, "allgather.kv")  # [P, T/P, 2 H_kv, D]
     to_padded, _ = _orders(plan)
-    kv = gathered.reshape(-1, 2 * n_kv, k.shape[2])[to_padded]  # padded global order
+    kv = gathered.reshape(-1, 2 * n_kv, k.shape[2])[to_padded.to(q.device)]  # padded global order
     q_lens, k_ranges = key_segments(plan, rank, causal)
-    kidx = torch.cat([torch.arange(a, b) for a, b in k_ranges]) if k_ranges else torch.zeros(0, dtype=torch.long)
+    dev = q.device
+    kidx = torch.cat([torch.arange(a, b, device=dev) for a, b in k_ranges]) if k_ranges \
+        else torch.zeros(0, dtype=torch.long, device=dev)
     kv_seg = kv[kidx]
-    cu_q = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
-    cu_k = torch.tensor([0, *torch.tensor([b - a for a, b in k_ranges]).cumsum(0).tolist()], dtype=torch.int32)
+    cu_q = torch.tensor(np.concatenate([[0], np.cumsum(q_lens, dtype=np.int64)]), dtype=torch.int32, device=dev)
+    cu_k = torch.tensor(np.concatenate([[0], np.cumsum([b - a for a, b in k_ranges], dtype=np.int64)]),
+                        dtype=torch.int32, device=dev)
     return attention(q, kv_seg[:, :n_kv], kv_seg[:, n_kv:], cu_q, cu_k, max(q_lens, default=0),
                      int((cu_k[1:] - cu_k[:-1]).max()) if len(k_ranges) else 0, causal=causal,
                      softmax_scale=softmax_scale)

@@ -84,7 +84,7 @@ def add_incoming(out, q, first_cum, s_in, layout, scale):
     _, off, n = layout.pieces[0]
     qs = q[off:off + n].float() * torch.exp(first_cum).unsqueeze(-1)  # [n, H, K]
     extra = scale * torch.einsum("thk,hkv->thv", qs, s_in.float()).to(out.dtype)
-    return out.index_add(0, torch.arange(off, off + n), extra)
+    return out.index_add(0, torch.arange(off, off + n, device=out.device), extra)
 
 
 def lasp2_attention(q, k, v, g, plan, group):

@@ -109,7 +109,7 @@ class ShardPlan:
 
     def shard(self, x: torch.Tensor, rank: int, pad_value=0) -> torch.Tensor:
         """``x`` ``[T, ...]`` (global stream) -> this rank's ``[local_len, ...]``."""
-        idx = torch.from_numpy(self.index[rank])
+        idx = torch.from_numpy(self.index[rank]).to(x.device)
         out = x.new_full((self.local_len, *x.shape[1:]), pad_value)
         real = idx >= 0
         out[real] = x[idx[real]]
@@ -121,7 +121,7 @@ class ShardPlan:
 
         parts = [torch.empty_like(x_local) for _ in range(self.world)]
         dist.all_gather(parts, x_local.contiguous(), group=group)
-        flat, idx = torch.cat(parts), torch.from_numpy(self.index.reshape(-1))
+        flat, idx = torch.cat(parts), torch.from_numpy(self.index.reshape(-1)).to(x_local.device)
         out = x_local.new_empty((self.total_len, *x_local.shape[1:]))
         out[idx[idx >= 0]] = flat[idx >= 0]
         return out

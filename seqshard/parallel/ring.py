@@ -10,6 +10,7 @@ Works for any ShardPlan whose pieces of a document are disjoint, aligned chunks.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -18,14 +19,16 @@ from seqshard.kernels.attention import attention_backward, attention_forward
 from .comm import ring_exchange
 
 
-def _ranges(spans):
-    return torch.cat([torch.arange(a, a + n) for a, n in spans]) if spans else torch.zeros(0, dtype=torch.long)
+def _ranges(spans, device):
+    if not spans:
+        return torch.zeros(0, dtype=torch.long, device=device)
+    return torch.cat([torch.arange(a, a + n, device=device) for a, n in spans])
 
 
-def block_calls(plan, q_rank: int, k_rank: int, causal: bool):
+def block_calls(plan, q_rank: int, k_rank: int, causal: bool, device="cpu"):
     """Kernel calls for the queries of ``q_rank`` against the keys of ``k_rank``: a list of
     ``(q_index, k_index, cu_q, cu_k, max_q, max_k, causal)``, at most one unmasked call and one
-    diagonal (causal) call."""
+    diagonal (causal) call; index and ``cu`` tensors on ``device``."""
     by_doc = {}
     for piece, off, n in plan.segments(k_rank):
         if piece.doc >= 0:
@@ -46,16 +49,16 @@ def block_calls(plan, q_rank: int, k_rank: int, causal: bool):
             full_lens.append((n, sum(kn for _, kn in visible)))
     calls = []
     if full_q:
-        calls.append(_call(full_q, full_k, [a for a, _ in full_lens], [b for _, b in full_lens], False))
+        calls.append(_call(full_q, full_k, [a for a, _ in full_lens], [b for _, b in full_lens], False, device))
     if diag:
-        calls.append(_call(diag, diag, [n for _, n in diag], [n for _, n in diag], True))
+        calls.append(_call(diag, diag, [n for _, n in diag], [n for _, n in diag], True, device))
     return calls
 
 
-def _call(q_spans, k_spans, q_lens, k_lens, causal):
-    cu_q = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
-    cu_k = torch.tensor([0, *torch.tensor(k_lens).cumsum(0).tolist()], dtype=torch.int32)
-    return _ranges(q_spans), _ranges(k_spans), cu_q, cu_k, max(q_lens), max(k_lens), causal
+def _call(q_spans, k_spans, q_lens, k_lens, causal, device):
+    cu_q = torch.tensor(np.concatenate([[0], np.cumsum(q_lens)]), dtype=torch.int32, device=device)
+    cu_k = torch.tensor(np.concatenate([[0], np.cumsum(k_lens)]), dtype=torch.int32, device=device)
+    return _ranges(q_spans, device), _ranges(k_spans, device), cu_q, cu_k, max(q_lens), max(k_lens), causal
 
 
 def _merge(out, lse, idx, o, block_lse):
@@ -72,9 +75,9 @@ class _RingAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, plan, group, causal, scale):
         world, rank = dist.get_world_size(group), dist.get_rank(group)
-        calls = [block_calls(plan, rank, (rank - j) % world, causal) for j in range(world)]
-        out = torch.zeros(q.shape, dtype=torch.float32)
-        lse = torch.full((q.shape[1], q.shape[0]), float("-inf"))
+        calls = [block_calls(plan, rank, (rank - j) % world, causal, q.device) for j in range(world)]
+        out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+        lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), device=q.device)
         kv = torch.stack([k, v])  # [2, T/P, H_kv, D]
         for j in range(world):
             if j < world - 1:
@@ -92,9 +95,9 @@ class _RingAttention(torch.autograd.Function):
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
         group, world = ctx.group, dist.get_world_size(ctx.group)
-        dq = torch.zeros(q.shape, dtype=torch.float32)
+        dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         kv = torch.stack([k, v])
-        dkv = torch.zeros(kv.shape, dtype=torch.float32)
+        dkv = torch.zeros(kv.shape, dtype=torch.float32, device=q.device)
         for j in range(world):
             for qi, ki, cu_q, cu_k, mq, mk, c in ctx.calls[j]:
                 g = attention_backward(dout[qi], q[qi], kv[0][ki], kv[1][ki], out[qi], lse[:, qi],

@@ -67,8 +67,9 @@ def ulysses_attention(q, k, v, plan, group, causal=True, softmax_scale=None):
     """q ``[T/P, H, D]``, k/v ``[T/P, H_kv, D]`` local shards -> output ``[T/P, H, D]``."""
     qf, kf, vf = scatter_heads(q, k, v, group)
     to_padded, to_rank_major = _orders(plan)
+    to_padded, to_rank_major = to_padded.to(q.device), to_rank_major.to(q.device)
     qf, kf, vf = qf[to_padded], kf[to_padded], vf[to_padded]  # padded global order
-    cu = torch.tensor(plan.padded_cu_seqlens(), dtype=torch.int32)
+    cu = torch.tensor(plan.padded_cu_seqlens(), dtype=torch.int32, device=q.device)
     max_len = int((cu[1:] - cu[:-1]).max()) if len(cu) > 1 else 0
     out = attention(qf, kf, vf, cu, cu, max_len, max_len, causal=causal, softmax_scale=softmax_scale)
     return gather_heads(out[to_rank_major], group)

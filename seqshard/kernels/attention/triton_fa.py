@@ -168,7 +168,7 @@ def _blocks(cu, block):
 
 def _prep(q, k, softmax_scale, cu_q, cu_k):
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
-    return (scale, cu_q.to(torch.int32).contiguous(), cu_k.to(torch.int32).contiguous(),
+    return (scale, cu_q.to(q.device, torch.int32).contiguous(), cu_k.to(q.device, torch.int32).contiguous(),
             max(16, triton.next_power_of_2(q.shape[-1])))
 
 
