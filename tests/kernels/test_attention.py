@@ -46,9 +46,9 @@ CASES = [  # (q lengths, k lengths, heads, kv heads, head dim, causal)
 ]
 
 
-# every case in fp32; bf16 on the head-dim-64 cases only (the interpreter is slow)
+# every case in fp32; bf16 on the head-dim-64 cases only (the interpreter is slow); fp16 on two
 DTYPE_CASES = [(torch.float32, i) for i in range(len(CASES))] + \
-    [(torch.bfloat16, i) for i, c in enumerate(CASES) if c[4] == 64]
+    [(torch.bfloat16, i) for i, c in enumerate(CASES) if c[4] == 64] + [(torch.float16, 0), (torch.float16, 2)]
 
 
 @pytest.mark.parametrize("dtype,case_id", DTYPE_CASES, ids=[f"{str(d)[6:]}-case{i}" for d, i in DTYPE_CASES])
