@@ -46,10 +46,11 @@ def scatter_heads(q, k, v, group):
     if kv_map is not None:  # [T/P, H_kv, D] -> [T/P, P, D]: one replicated kv head per rank
         k, v = k[:, kv_map], v[:, kv_map]
     hq, hk = n_heads // world, k.shape[1] // world
-    # [T/P, H, D] -> [T/P, P, H/P, D]; q, k, v side by side per destination rank
-    packed = torch.cat([q.reshape(local, world, hq, head_dim), k.reshape(local, world, hk, head_dim),
-                        v.reshape(local, world, hk, head_dim)], dim=2)
-    received = all_to_all(packed.transpose(0, 1), group, "ulysses.qkv")  # [P(src), T/P, hq+2hk, D]
+    # [T/P, H, D] -> [P, T/P, H/P, D] per tensor; q, k, v side by side per destination rank,
+    # written by cat straight into the send layout (one copy)
+    packed = torch.cat([x.reshape(local, world, x.shape[1] // world, head_dim).transpose(0, 1) for x in (q, k, v)],
+                       dim=2)
+    received = all_to_all(packed, group, "ulysses.qkv")  # [P(src), T/P, hq+2hk, D]
     full = received.reshape(world * local, hq + 2 * hk, head_dim)
     return full.split([hq, hk, hk], dim=1)
 
