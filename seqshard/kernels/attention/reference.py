@@ -21,10 +21,13 @@ def attention_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, 
     cq = cu_seqlens_q.tolist()
     ck = cu_seqlens_k.tolist()
     assert len(cq) == len(ck), f"cu_seqlens_q has {len(cq)} entries, cu_seqlens_k {len(ck)}"
+    assert cq[-1] <= total_q and ck[-1] <= k.shape[0], f"cu_seqlens end {cq[-1]}/{ck[-1]} past the tokens"
+    # split once: slicing per document would give each slice's backward a full-size zero gradient
+    lens_q, lens_k = [b - a for a, b in zip(cq[:-1], cq[1:])], [b - a for a, b in zip(ck[:-1], ck[1:])]
+    q_docs = q[cq[0]:cq[-1]].split(lens_q)
+    k_docs, v_docs = k[ck[0]:ck[-1]].split(lens_k), v[ck[0]:ck[-1]].split(lens_k)
     outs, lses = [], []
-    for i in range(len(cq) - 1):
-        qs, ks = q[cq[i]:cq[i + 1]], k[ck[i]:ck[i + 1]]
-        vs = v[ck[i]:ck[i + 1]]
+    for qs, ks, vs in zip(q_docs, k_docs, v_docs):
         lq, lk = qs.shape[0], ks.shape[0]
         if lq == 0:
             continue

@@ -33,10 +33,14 @@ def linear_attention(q, k, v, g=None, scale=None, initial_state=None, output_fin
         return impl(q, k, v, g, scale, initial_state, output_final_state)
     assert q.shape[0] == 1, f"with cu_seqlens the batch must be 1, got {q.shape[0]}"
     bounds = cu_seqlens.tolist()
+    lens = [e - a for a, e in zip(bounds[:-1], bounds[1:])]
+    # split once: per-document slices would each get a full-size zero gradient in backward
+    docs = [x[:, bounds[0]:bounds[-1]].split(lens, dim=1) for x in (q, k, v)]
+    g_docs = [None] * len(lens) if g is None else g[:, bounds[0]:bounds[-1]].split(lens, dim=1)
+    inits = [None] * len(lens) if initial_state is None else initial_state.split(1)
     outs, states = [], []
-    for i, (a, e) in enumerate(zip(bounds[:-1], bounds[1:])):
-        init = None if initial_state is None else initial_state[i:i + 1]
-        o, s = impl(q[:, a:e], k[:, a:e], v[:, a:e], None if g is None else g[:, a:e], scale, init, True)
+    for qd, kd, vd, gd, init in zip(*docs, g_docs, inits):
+        o, s = impl(qd, kd, vd, gd, scale, init, True)
         outs.append(o)
         states.append(s)
     o = torch.cat(outs, 1) if outs else q.new_zeros(1, 0, q.shape[2], v.shape[-1])

@@ -19,21 +19,19 @@ def chunk_linear_attention(q, k, v, g=None, scale=None, initial_state=None, outp
     scale = dk ** -0.5 if scale is None else scale
     state = q.new_zeros(b, h, dk, dv, dtype=torch.float32) if initial_state is None else initial_state.float()
     outs = []
-    for start in range(0, t, chunk_size):
-        end = min(t, start + chunk_size)
-        # [B, C, H, K] -> [B, H, C, K]
-        qc, kc, vc = (x[:, start:end].float().transpose(1, 2) for x in (q, k, v))
-        c = end - start
-        if g is None:
-            cum = torch.zeros(b, h, c, dtype=torch.float32, device=q.device)
-        else:
-            cum = g[:, start:end].float().transpose(1, 2).cumsum(-1)  # [B, H, C]
+    # split once (not x[:, start:end] per chunk: each slice's backward would write a zero-filled
+    # full-length gradient, O(T^2 / C) in all)
+    qs, ks, vs = (x.float().transpose(1, 2).split(chunk_size, dim=2) for x in (q, k, v))  # [B, H, C, .]
+    gs = [None] * len(qs) if g is None else g.float().transpose(1, 2).split(chunk_size, dim=2)  # [B, H, C]
+    for qc, kc, vc, gc in zip(qs, ks, vs, gs):
+        c = qc.shape[2]
+        cum = torch.zeros(b, h, c, dtype=torch.float32, device=q.device) if gc is None else gc.cumsum(-1)
         mask = torch.ones(c, c, dtype=torch.bool, device=q.device).tril()
         decay = torch.exp((cum.unsqueeze(-1) - cum.unsqueeze(-2)).masked_fill(~mask, float("-inf")))  # [B,H,C,C]
         scores = (qc @ kc.transpose(-1, -2)) * decay
         o = scores @ vc + (qc * torch.exp(cum).unsqueeze(-1)) @ state
-        outs.append((scale * o).transpose(1, 2))
+        outs.append(scale * o)
         last = cum[..., -1:]  # [B, H, 1]
         state = state * torch.exp(last).unsqueeze(-1) + (kc * torch.exp(last - cum).unsqueeze(-1)).transpose(-1, -2) @ vc
-    o = torch.cat(outs, 1).to(q.dtype) if outs else q.new_zeros(b, 0, h, dv)
+    o = torch.cat(outs, 2).transpose(1, 2).to(q.dtype) if outs else q.new_zeros(b, 0, h, dv)
     return o, (state if output_final_state else None)
