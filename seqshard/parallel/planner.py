@@ -159,7 +159,17 @@ def _greedy(table, sizes, num_devices, keep=3):
     mixes = [m for m in (_mix_for_target(table, sizes, num_devices, t) for t in np.geomspace(lo, hi, 10)) if m]
     unique = {tuple(sorted(m.items())): m for m in mixes + statics}.values()
     ranked = sorted(unique, key=lambda m: _fractional_makespan(table, sizes, m))
-    plans = [p for p in (_evaluate(table, sizes, m, "greedy") for m in ranked[:keep] + statics) if p]
+    plans = [p for p in (_evaluate(table, sizes, m, "greedy") for m in ranked[:keep]) if p]
+    best = min((p.predicted_time_s for p in plans), default=np.inf)
+    # a static mix has one class, so its estimate is a true lower bound (mean load, longest
+    # item): skip the statics that cannot beat the best plan so far
+    for m in sorted(statics, key=lambda m: _fractional_makespan(table, sizes, m)):
+        if _fractional_makespan(table, sizes, m) >= best:
+            break
+        p = _evaluate(table, sizes, m, "greedy")
+        if p:
+            plans.append(p)
+            best = min(best, p.predicted_time_s)
     plan = min(plans, key=lambda p: p.predicted_time_s)
     plan.gap = plan.predicted_time_s / lo - 1  # distance to a lower bound of any plan
     return plan
