@@ -10,7 +10,7 @@ all-gather (ring is not supported on LASP's ``stream`` layout: ring balances cau
 on zigzag, and one step has one layout), the shard and SPContext built by ``make_sharder`` on
 ``init_device_mesh("cpu", (1, 4), ("dp", "sp"))``; fwd + loss + bwd per step.
 
-Everything runs in one spawn of 4 ranks (``tests.distributed.run_ranks``, file:// rendezvous,
+Everything runs in one spawn of 4 ranks (``tests.helpers.ranks.run_ranks``, file:// rendezvous,
 1 thread per rank). Per case: ``--warmup`` untimed reps, then ``--reps`` timed reps, each between
 barriers; a rep's wall time is the max over ranks, reported as the median over reps. Comm
 seconds / bytes are ``COMM_LOG`` totals per rank per rep (synchronous collective time, which
@@ -35,7 +35,7 @@ from seqshard.dist.comm_stats import COMM_LOG  # noqa: E402
 from seqshard.parallel.lasp1 import lasp1_attention  # noqa: E402
 from seqshard.parallel.lasp2 import lasp2_attention  # noqa: E402
 from seqshard.parallel.plan import ShardPlan  # noqa: E402
-from tests.distributed import run_ranks  # noqa: E402
+from tests.helpers.ranks import run_ranks  # noqa: E402
 
 WORLD, HEADS, HEAD_DIM = 4, 4, 64
 METHODS = {"lasp2": lasp2_attention, "lasp1": lasp1_attention}

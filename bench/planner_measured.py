@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from seqshard.launch.spec import load_spec  # noqa: E402
-from seqshard.launch.trainer import build_batch_builder  # noqa: E402
+from seqshard.train.trainer import build_batch_builder  # noqa: E402
 from seqshard.parallel.cost_model import CostModel  # noqa: E402
 from seqshard.parallel.hardware import get_profile  # noqa: E402
 from seqshard.parallel.planner import plan_step, static_plan  # noqa: E402

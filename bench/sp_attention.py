@@ -5,7 +5,7 @@ packed batch of T tokens (documents of at most ``max_doc`` tokens, every length 
 2P so no ShardPlan padding), for: ulysses, ring (contiguous, zigzag), allgather, usp (2 x 2) and
 DeepSpeed's ``deepspeed.sequence.layer.DistributedAttention`` wrapping the same local attention
 (the torch varlen reference, ``seqshard.kernels.attention``). Each (T, method) runs in freshly
-spawned ranks (``tests.distributed.run_ranks``, file:// rendezvous, 1 thread per rank).
+spawned ranks (``tests.helpers.ranks.run_ranks``, file:// rendezvous, 1 thread per rank).
 
 Measured:
 - wall: fwd+bwd seconds, max over ranks of each rep, median over ``--reps`` after one warm-up.
@@ -51,7 +51,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.distributed import run_ranks  # noqa: E402
+from tests.helpers.ranks import run_ranks  # noqa: E402
 
 H, D, P, BYTES = 8, 64, 4, 4
 METHODS = ["ulysses", "ring_contiguous", "ring_zigzag", "allgather", "usp_2x2", "deepspeed"]

@@ -32,7 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.distributed import run_ranks  # noqa: E402
+from tests.helpers.ranks import run_ranks  # noqa: E402
 
 P, H, D = 4, 8, 64
 METHODS = ("seqshard", "deepspeed")

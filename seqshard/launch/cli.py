@@ -56,7 +56,7 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("summary", help="one-paragraph summary of a run folder's metrics.jsonl",
                        description="Print first/last loss, throughput and memory of a finished run.")
     p.add_argument("run_dir", help="a train.output_dir holding metrics.jsonl")
-    from .cli_reports import register
+    from seqshard.report.cli import register
 
     ap.set_defaults(_reports=register(sub))  # sweep, report, simulate
     return ap
@@ -78,7 +78,7 @@ def cmd_validate(args) -> int:
 
 def cmd_train(args) -> int:
     spec = load_spec(args.spec, args.overrides, _world_size_from_env())
-    from .trainer import train
+    from seqshard.train.trainer import train
 
     train(spec, resume=args.resume, stop_after=args.stop_after)
     return 0
@@ -109,7 +109,7 @@ def cmd_launch(args) -> int:
 def cmd_calibrate(args) -> int:
     import json
 
-    from .calibrate import calibrate, save_profile
+    from seqshard.report.calibrate import calibrate, save_profile
 
     profile = calibrate()
     print(json.dumps(profile, indent=1))
@@ -119,7 +119,7 @@ def cmd_calibrate(args) -> int:
 
 
 def cmd_summary(args) -> int:
-    from .logs import read_metrics
+    from seqshard.train.logs import read_metrics
 
     m = read_metrics(args.run_dir)
     if not m:

@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .spec import SpecError
+from seqshard.launch.spec import SpecError
 
 SWEEP_EPILOG = """examples:
   seqshard sweep examples/sweep.yaml --world 1,2,4 --dry-run
@@ -130,7 +130,7 @@ def cmd_report(args) -> int:
     except (report.ReportError, SimulateError, SpecError) as err:
         return _fail(str(err))
     notes = [f"{len(rows)} runs from {', '.join(args.runs)}", "first step (warmup) left out of every average",
-             peak_note, "formulas: see the docstring of seqshard/launch/report.py (MFU with the causal "
+             peak_note, "formulas: see the docstring of seqshard/report/report.py (MFU with the causal "
              "attention term 6 * d * sum L_i^2 per softmax layer)", *args.note]
     written = report.write_report(rows, args.out, args.title, notes)
     print(report.markdown_table(rows))

@@ -36,8 +36,8 @@ from pathlib import Path
 
 import yaml
 
-from .logs import read_metrics
-from .spec import Spec, SpecError, from_dict
+from seqshard.train.logs import read_metrics
+from seqshard.launch.spec import Spec, SpecError, from_dict
 
 # Keys that say *where* a run ran, not *what* it trained: excluded from the config identity.
 _PLACE_KEYS = ("launch.", "train.output_dir", "parallel.sp", "data.tokens_per_step")

@@ -2,7 +2,7 @@
 
 An analytic alpha-beta model of one training step (forward + backward) on ``P`` devices, with
 the hardware profiles of :mod:`seqshard.parallel.hardware`, drawn
-as the same report as measured runs (:mod:`seqshard.launch.report`), every title marked
+as the same report as measured runs (:mod:`seqshard.report.report`), every title marked
 PREDICTED. Load: weak scaling with ``tokens_per_device`` tokens per device: the step holds
 ``n_seq = max(1, P * T_d // L)`` sequences of ``L`` tokens; ``sp = max(1, P // n_seq)`` devices
 share a sequence, ``dp = P / sp`` groups run side by side, each device holds ``n = n_seq L / P``.
@@ -46,7 +46,7 @@ from seqshard.parallel.hardware import HardwareProfile, get_profile
 from seqshard.parallel.planner import plan_step
 
 from . import report
-from .spec import load_spec
+from seqshard.launch.spec import load_spec
 
 METHODS = ("ulysses", "ring", "usp", "allgather", "lasp2", "adaptive")
 
@@ -311,7 +311,7 @@ def run_cli(args) -> int:
     per_device = parse_size(args.tokens_per_device)
     start = time.perf_counter()
     rows, impossible = grid_rows(spec, prof, methods, devices, seqs, per_device)
-    notes = ["PREDICTED by the analytic model of seqshard/launch/simulate.py: no run behind these numbers",
+    notes = ["PREDICTED by the analytic model of seqshard/report/simulate.py: no run behind these numbers",
              _describe(prof), f"model {spec.name}: {spec.model.arch} dim {spec.model.dim}, {spec.model.n_layers} "
              f"layers, {spec.model.n_heads} heads, ZeRO {spec.train.zero_stage}; {_size(per_device)} tokens per "
              "device (weak scaling, one sequence at least); lasp2 is the linear-attention variant of the model",

@@ -24,9 +24,9 @@ from pathlib import Path
 
 import yaml
 
-from .launchers import launch_command
-from .logs import read_metrics
-from .spec import Spec, SpecError, load_spec
+from seqshard.launch.launchers import launch_command
+from seqshard.train.logs import read_metrics
+from seqshard.launch.spec import Spec, SpecError, load_spec
 
 
 @dataclass

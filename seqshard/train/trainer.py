@@ -12,6 +12,7 @@ import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -26,7 +27,9 @@ from seqshard.models import VarlenContext, build_model
 
 from .engines import build_engine
 from .logs import MetricsWriter, Progress, get_logger, peak_memory_mb
-from .spec import Spec
+
+if TYPE_CHECKING:  # the typed spec lives in launch/, a room above this one
+    from seqshard.launch.spec import Spec
 
 
 def lr_at(step: int, spec: Spec) -> float:

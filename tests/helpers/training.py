@@ -20,8 +20,8 @@ def small_spec(output_dir, world_size, overrides=(), base="tiny.yaml"):
 
 
 def train_rank(rank, world_size, output_dir, overrides, kwargs=None):
-    """Run ``seqshard.launch.trainer.train`` on this rank; return the per-step losses."""
-    from seqshard.launch.trainer import train
+    """Run ``seqshard.train.trainer.train`` on this rank; return the per-step losses."""
+    from seqshard.train.trainer import train
 
     history = train(small_spec(output_dir, world_size, overrides), **(kwargs or {}))
     return [m["loss"] for m in history]

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from seqshard.launch.launchers import launch_command
-from tests.launch.train_helpers import ROOT, small_spec
+from tests.helpers.training import ROOT, small_spec
 
 TINY = str(ROOT / "examples/tiny.yaml")
 

@@ -7,7 +7,7 @@ import torch.distributed as dist
 
 from seqshard.dist.comm_stats import COMM_LOG, CollectiveError
 from seqshard.parallel.comm import all_gather, all_to_all
-from tests.distributed import run_ranks
+from tests.helpers.ranks import run_ranks
 
 
 def _collectives(rank, world):

@@ -5,7 +5,7 @@ import torch.distributed as dist
 from seqshard.dist.comm_stats import COMM_LOG
 from seqshard.kernels.linear_attention import linear_attention
 from seqshard.parallel.plan import ShardPlan
-from tests.distributed import run_ranks
+from tests.helpers.ranks import run_ranks
 
 TOL = 1e-5
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from seqshard.parallel.plan import ShardPlan
-from tests.distributed import run_ranks
+from tests.helpers.ranks import run_ranks
 
 CASES = [[3, 17, 1, 19], [64], [1, 1, 1], [5, 100, 7, 2, 33]]
 

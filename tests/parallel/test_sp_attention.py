@@ -1,7 +1,7 @@
 """Every SP method equals single-device varlen attention, forward and dq/dk/dv, on real gloo groups."""
 import pytest
 
-from tests.distributed import run_ranks
+from tests.helpers.ranks import run_ranks
 from tests.parallel.sp_checks import check_method
 
 # packed batches: documents shorter than 2P tokens, one spanning all ranks, a single document; GQA

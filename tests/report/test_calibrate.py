@@ -1,6 +1,6 @@
 import math
 
-from seqshard.launch.calibrate import calibrate
+from seqshard.report.calibrate import calibrate
 from seqshard.parallel.cost_model import CostModel
 from seqshard.parallel.hardware import HardwareProfile, get_profile
 from seqshard.models.config import ModelConfig

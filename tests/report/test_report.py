@@ -5,10 +5,10 @@ import re
 
 import pytest
 
-from seqshard.launch import report
-from seqshard.launch.cli_reports import register
-from tests.distributed import run_ranks
-from tests.launch.train_helpers import read_metrics, small_spec, train_rank
+from seqshard.report import report
+from seqshard.report.cli import register
+from tests.helpers.ranks import run_ranks
+from tests.helpers.training import read_metrics, small_spec, train_rank
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 REL = 1e-9  # the report and this test do the same float arithmetic in a different order

@@ -6,13 +6,13 @@ import time
 import pytest
 import yaml
 
-from seqshard.launch import report, simulate
-from seqshard.launch.cli_reports import register
-from seqshard.launch.simulate import Layout, predict
+from seqshard.report import report, simulate
+from seqshard.report.cli import register
+from seqshard.report.simulate import Layout, predict
 from seqshard.launch.spec import from_dict, load_spec
 from seqshard.parallel.cost_model import CostModel
 from seqshard.parallel.hardware import HardwareProfile
-from tests.launch.train_helpers import ROOT
+from tests.helpers.training import ROOT
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 REL = 1e-12

@@ -4,10 +4,10 @@ import json
 
 import pytest
 
-from seqshard.launch import report
-from seqshard.launch.cli_reports import register
-from seqshard.launch.sweep import plan, parse_axes, resolve
-from tests.launch.train_helpers import ROOT, SMALL
+from seqshard.report import report
+from seqshard.report.cli import register
+from seqshard.report.sweep import plan, parse_axes, resolve
+from tests.helpers.training import ROOT, SMALL
 
 SPEC = str(ROOT / "examples" / "sweep.yaml")
 

@@ -1,8 +1,8 @@
 """Training with pack and decompose batching runs, and its loss does not depend on the layout."""
 import pytest
 
-from tests.distributed import run_ranks
-from tests.launch.train_helpers import assert_losses_close, read_metrics, train_rank
+from tests.helpers.ranks import run_ranks
+from tests.helpers.training import assert_losses_close, read_metrics, train_rank
 
 CASES = {
     "pack": ["data.batching=pack", "data.pack_method=bfd"],

@@ -1,8 +1,8 @@
 """train.engine: deepspeed (real DeepSpeed engine, CPU accelerator, gloo) == train.engine: torch."""
 import pytest
 
-from tests.distributed import run_ranks
-from tests.launch.train_helpers import assert_losses_close, train_rank
+from tests.helpers.ranks import run_ranks
+from tests.helpers.training import assert_losses_close, train_rank
 
 pytest.importorskip("deepspeed")
 

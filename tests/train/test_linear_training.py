@@ -1,8 +1,8 @@
 """linear_llama and hybrid models under LASP-1 / LASP-2 reproduce the single-process losses."""
 import pytest
 
-from tests.distributed import run_ranks
-from tests.launch.train_helpers import assert_losses_close, train_rank
+from tests.helpers.ranks import run_ranks
+from tests.helpers.training import assert_losses_close, train_rank
 
 MODELS = {
     "linear_data": ["model.arch=linear_llama", "model.linear_attn.decay=data"],

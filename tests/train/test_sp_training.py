@@ -1,8 +1,8 @@
 """Every SP layout reproduces the single-process loss trajectory (DESIGN.md invariant 3)."""
 import pytest
 
-from tests.distributed import run_ranks
-from tests.launch.train_helpers import assert_losses_close, read_metrics, train_rank
+from tests.helpers.ranks import run_ranks
+from tests.helpers.training import assert_losses_close, read_metrics, train_rank
 
 
 @pytest.fixture(scope="module")

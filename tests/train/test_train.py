@@ -7,8 +7,8 @@ import sys
 import pytest
 
 from seqshard.launch.launchers import tool_path
-from tests.distributed import run_ranks
-from tests.launch.train_helpers import ROOT, SMALL, assert_losses_close, read_metrics, train_rank
+from tests.helpers.ranks import run_ranks
+from tests.helpers.training import ROOT, SMALL, assert_losses_close, read_metrics, train_rank
 
 METRIC_KEYS = {"step", "loss", "tokens", "lr", "grad_norm", "step_time_s", "tokens_per_s", "peak_mem_mb"}
 
