@@ -49,6 +49,13 @@ def parser() -> argparse.ArgumentParser:
     _add_spec_args(p)
     p.add_argument("--dry-run", action="store_true", help="print the command (or sbatch script) only")
     p.add_argument("--resume", action="store_true", help="pass --resume to every rank")
+    p = sub.add_parser("eval", help="held-out loss and perplexity of a run's checkpoint",
+                       description="Evaluate a checkpoint of RUN_DIR on its spec's data.eval split, under the "
+                       "spec's layout (run it under torchrun / mpirun like train, or as one process).")
+    p.add_argument("run_dir", help="a train.output_dir holding spec.yaml and checkpoints/")
+    p.add_argument("--step", type=int, help="checkpoint step (default: the newest complete one)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+                   help="override a key of the run's spec.yaml, e.g. --set data.eval.source=held_out/")
     p = sub.add_parser("calibrate", help="fit the cost model's hardware profile on this machine",
                        description="Measure matmul FLOP/s and 2-process all-to-all bandwidth/latency here "
                        "and print (or save) a hardware profile for the adaptive planner and simulate.")
@@ -106,6 +113,28 @@ def cmd_launch(args) -> int:
     return subprocess.call(cmd, env=env)
 
 
+def cmd_eval(args) -> int:
+    from seqshard.train.evaluate import checkpoint_dir, evaluate_checkpoint
+
+    run_dir = os.path.abspath(args.run_dir)
+    spec = load_spec(os.path.join(run_dir, "spec.yaml"), args.overrides + [f"train.output_dir={run_dir}"],
+                     _world_size_from_env())
+    if not (spec.data.eval.fraction or spec.data.eval.source):
+        raise SpecError("data.eval", f"{run_dir}/spec.yaml has no held-out data; add --set "
+                        "data.eval.source=PATH (or data.eval.fraction, if the run trained with that split)")
+    path = checkpoint_dir(run_dir, args.step)
+    if path is None:
+        raise SpecError("--step", f"no complete checkpoint {'step_%d ' % args.step if args.step else ''}"
+                        f"under {run_dir}/checkpoints")
+    result = evaluate_checkpoint(spec, path)
+    import torch.distributed as dist
+
+    if dist.get_rank() == 0:
+        print(f"{run_dir} step {result['step']}: eval_loss {result['eval_loss']:.4f} "
+              f"eval_ppl {result['eval_ppl']:.2f} ({result['eval_tokens']} tokens)", flush=True)
+    return 0
+
+
 def cmd_calibrate(args) -> int:
     import json
 
@@ -136,7 +165,7 @@ def main(argv=None) -> int:
     args = parser().parse_args(argv)
     try:
         return {"train": cmd_train, "validate": cmd_validate, "launch": cmd_launch,
-                "summary": cmd_summary, "calibrate": cmd_calibrate, **args._reports}[args.command](args)
+                "summary": cmd_summary, "eval": cmd_eval, "calibrate": cmd_calibrate, **args._reports}[args.command](args)
     except SpecError as err:
         print(f"seqshard: error: {err}", file=sys.stderr)
         return 2

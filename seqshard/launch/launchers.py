@@ -68,11 +68,23 @@ def mpirun_command(spec: Spec, spec_path, overrides=None, extra=None) -> list[st
     return cmd + [sys.executable, "-m", "seqshard"] + _train_args(spec_path, overrides, extra)
 
 
+def srun_command(spec: Spec, spec_path, overrides=None, extra=None) -> list[str]:
+    """``srun``, one task per GPU and no torchrun: every task bootstraps from ``SLURM_PROCID``
+    (dist/bootstrap.py). Run it inside an allocation (``salloc`` or an sbatch script)."""
+    ln = spec.launch
+    return ["srun", f"--nodes={ln.nnodes}", f"--ntasks-per-node={ln.nproc_per_node}",
+            f"--ntasks={ln.nnodes * ln.nproc_per_node}", "--kill-on-bad-exit=1",
+            sys.executable, "-m", "seqshard"] + _train_args(spec_path, overrides, extra)
+
+
 def slurm_script(spec: Spec, spec_path, overrides=None, extra=None) -> str:
+    """sbatch script; ``--gpus-per-node``, ``--ntasks-per-node`` and torchrun's
+    ``--nproc-per-node`` all derive from the one value ``launch.nproc_per_node``."""
     ln, sl = spec.launch, spec.launch.slurm
+    per_node = ln.nproc_per_node  # GPUs per node = ranks per node (validated against slurm.gpus_per_node)
     lines = ["#!/bin/bash", f"#SBATCH --job-name={sl.job_name or spec.name}", f"#SBATCH --nodes={ln.nnodes}",
-             "#SBATCH --ntasks-per-node=1", f"#SBATCH --gpus-per-node={sl.gpus_per_node}",
-             f"#SBATCH --time={sl.time}"]
+             "#SBATCH --ntasks-per-node=1",  # one torchrun per node; it starts the per-GPU ranks
+             f"#SBATCH --gpus-per-node={per_node}", f"#SBATCH --time={sl.time}"]
     lines += [f"#SBATCH --partition={sl.partition}"] if sl.partition else []
     lines += [f"#SBATCH --account={sl.account}"] if sl.account else []
     train = " ".join(shlex.quote(a) for a in _train_args(spec_path, overrides, extra))
@@ -80,12 +92,13 @@ def slurm_script(spec: Spec, spec_path, overrides=None, extra=None) -> str:
               'MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
               f"MASTER_PORT={ln.master_port}",
               "srun torchrun --nnodes=\"$SLURM_NNODES\" "
-              f"--nproc-per-node={ln.nproc_per_node} --rdzv-id=\"$SLURM_JOB_ID\" --rdzv-backend=c10d "
+              f"--nproc-per-node={per_node} --rdzv-id=\"$SLURM_JOB_ID\" --rdzv-backend=c10d "
               f"--rdzv-endpoint=\"$MASTER_ADDR:$MASTER_PORT\" -m seqshard {train}"]
     return "\n".join(lines) + "\n"
 
 
-BUILDERS = {"torchrun": torchrun_command, "deepspeed": deepspeed_command, "mpirun": mpirun_command}
+BUILDERS = {"torchrun": torchrun_command, "deepspeed": deepspeed_command, "mpirun": mpirun_command,
+            "srun": srun_command}
 
 
 def launch_command(spec: Spec, spec_path, overrides=None, extra=None):

@@ -30,6 +30,13 @@ class CurriculumSpec:
 
 
 @dataclass(frozen=True)
+class EvalSpec:
+    fraction: float = 0.0  # held-out share of data.source's documents (0 = none)
+    source: str = ""  # or a separate local path (then data.source is all training data)
+    text_field: str = ""  # "" = data.text_field
+
+
+@dataclass(frozen=True)
 class DataSpec:
     source: str = "stdlib"
     text_field: str = "text"
@@ -42,6 +49,7 @@ class DataSpec:
     curriculum: CurriculumSpec = field(default_factory=CurriculumSpec)
     max_documents: int = 0  # 0 = all; a cap for quick experiments
     cache_dir: str = ""
+    eval: EvalSpec = field(default_factory=EvalSpec)
 
 
 @dataclass(frozen=True)
@@ -81,6 +89,11 @@ class TrainSpec:
     engine: str = "torch"  # torch | deepspeed
     zero_stage: int = 0
     ds_config: str = ""
+    lr_schedule: str = "cosine"  # cosine | linear | constant | wsd (train/schedule.py)
+    decay_fraction: float = 0.2  # wsd: share of train.steps spent decaying
+    eval_every: int = 0  # steps between evaluations on data.eval (0 = only with data.eval, at the end)
+    eval_tokens: int = 0  # held-out tokens per evaluation; 0 = data.tokens_per_step
+    loggers: list = field(default_factory=lambda: ["jsonl"])  # jsonl | tensorboard | wandb
 
 
 @dataclass(frozen=True)
@@ -88,13 +101,13 @@ class SlurmSpec:
     partition: str = ""
     account: str = ""
     time: str = "01:00:00"
-    gpus_per_node: int = 8
+    gpus_per_node: int = 0  # 0 = launch.nproc_per_node (the one value the script uses)
     job_name: str = ""
 
 
 @dataclass(frozen=True)
 class LaunchSpec:
-    launcher: str = "torchrun"  # torchrun | deepspeed | mpirun | slurm
+    launcher: str = "torchrun"  # torchrun | deepspeed | mpirun | slurm | srun
     nproc_per_node: int = 1
     nnodes: int = 1
     node_rank: int = 0
@@ -216,5 +229,5 @@ def load_spec(path, overrides=None, world_size: int | None = None) -> Spec:
 
 
 __all__ = ["Spec", "SpecError", "ModelConfig", "LinearAttnConfig", "DataSpec", "ParallelSpec",
-           "TrainSpec", "LaunchSpec", "SlurmSpec", "PlannerSpec", "CurriculumSpec",
+           "TrainSpec", "LaunchSpec", "EvalSpec", "SlurmSpec", "PlannerSpec", "CurriculumSpec",
            "load_spec", "from_dict", "apply_overrides", "load_raw"]

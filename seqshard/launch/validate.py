@@ -12,7 +12,7 @@ LAYOUTS = ("auto", "zigzag", "contiguous", "stream")
 BATCHING = ("window", "pack", "decompose")
 PACK_METHODS = ("bfd", "ffd", "spfhp", "greedy")
 SCHEDULES = ("uniform", "grow_p2", "grow_linear", "shrink")
-LAUNCHERS = ("torchrun", "deepspeed", "mpirun", "slurm")
+LAUNCHERS = ("torchrun", "deepspeed", "mpirun", "slurm", "srun")
 
 
 def _one_of(path, value, choices):
@@ -188,3 +188,6 @@ def validate(spec, world_size: int):
     _check_train(spec.train)
     _check_data(spec.data, spec.dp(world_size))
     _check_engine(spec)
+    from .validate_extras import check_extras
+
+    check_extras(spec)

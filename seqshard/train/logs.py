@@ -5,6 +5,7 @@ import json
 import logging
 import resource
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -61,11 +62,18 @@ class MetricsWriter:
             self.file.close()
 
 
+def _duration(seconds: float) -> str:
+    s = int(seconds)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
 class Progress:
-    """A tqdm bar on rank 0 when stderr is a terminal; plain log lines otherwise."""
+    """A tqdm bar on rank 0 when stderr is a terminal; otherwise (SLURM output files, pipes) one
+    log line every ``train.log_every`` steps with step, loss, tokens/s and the ETA."""
 
     def __init__(self, done: int, total: int, rank: int):
         self.bar = None
+        self.done, self.total, self.start = done, total, time.perf_counter()
         if rank == 0 and sys.stderr.isatty():
             self.bar = tqdm(total=total, initial=done, unit="step", dynamic_ncols=True)
 
@@ -77,8 +85,13 @@ class Progress:
             self.bar.close()
 
     def update(self, m: dict, log):
-        line = (f"step {m['step']} loss {m['loss']:.4f} lr {m['lr']:.2e} grad_norm {m['grad_norm']:.3f} "
-                f"{m['tokens_per_s']:.0f} tok/s {m['step_time_s']:.2f}s")
+        taken = m["step"] - self.done
+        eta = (time.perf_counter() - self.start) / max(1, taken) * (self.total - m["step"])
+        line = (f"step {m['step']}/{self.total} loss {m['loss']:.4f} lr {m['lr']:.2e} "
+                f"grad_norm {m['grad_norm']:.3f} {m['tokens_per_s']:.0f} tok/s {m['step_time_s']:.2f}s "
+                f"eta {_duration(eta)}")
+        if "eval_loss" in m:
+            line += f" eval_loss {m['eval_loss']:.4f} eval_ppl {m['eval_ppl']:.2f}"
         if self.bar:
             self.bar.set_postfix_str(f"loss {m['loss']:.4f} {m['tokens_per_s']:.0f} tok/s")
             self.bar.update(1)

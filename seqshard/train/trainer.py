@@ -8,7 +8,6 @@ gradient, whatever the layout, so every layout reproduces the single-process los
 """
 from __future__ import annotations
 
-import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -26,20 +25,19 @@ from seqshard.dist.mesh import ParallelDims, build_mesh
 from seqshard.models import VarlenContext, build_model
 
 from .engines import build_engine
-from .logs import MetricsWriter, Progress, get_logger, peak_memory_mb
+from .evaluate import eval_due, evaluate, load_data
+from .loggers import RunLoggers
+from .logs import Progress, get_logger, peak_memory_mb
+from .runinfo import describe_engine, engine_settings, run_config
+from .schedule import Schedule, lr_at as schedule_lr_at
 
 if TYPE_CHECKING:  # the typed spec lives in launch/, a room above this one
     from seqshard.launch.spec import Spec
 
 
 def lr_at(step: int, spec: Spec) -> float:
-    """Linear warmup to ``train.lr``, then cosine decay to ``lr * min_lr_ratio`` (step is 1-based)."""
-    t = spec.train
-    if step <= t.warmup_steps:
-        return t.lr * step / max(1, t.warmup_steps)
-    progress = (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps)
-    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    return t.lr * (t.min_lr_ratio + (1 - t.min_lr_ratio) * cosine)
+    """Linear warmup to ``train.lr``, then ``train.lr_schedule`` (step is 1-based; train/schedule.py)."""
+    return schedule_lr_at(step, spec.train)
 
 
 def micro_batches(rows: list[Row], budget: int) -> list[list[Row]]:
@@ -122,6 +120,8 @@ class Run:
     engine: object  # TorchEngine | DeepSpeedEngine (engines.py)
     builder: object
     scatter: object  # StaticScatter | AdaptiveScatter
+    schedule: Schedule = None
+    held_out: object = None  # data.eval documents (evaluate.py), or None
 
 
 def setup(spec: Spec) -> Run:
@@ -133,16 +133,9 @@ def setup(spec: Spec) -> Run:
     torch.manual_seed(spec.seed)  # identical initial weights on every rank, for every layout
     model = build_model(spec.model).to(device)
     scatter = build_scatter(spec, model, mesh, denv)
-    from seqshard.data.corpus import load_corpus
-
-    d = spec.data
-    if denv.rank == 0:  # build the datasets cache once, then everyone reads it
-        corpus = load_corpus(d.source, d.text_field, d.cache_dir or None, d.max_documents or None)
-    dist.barrier()
-    if denv.rank != 0:
-        corpus = load_corpus(d.source, d.text_field, d.cache_dir or None, d.max_documents or None)
+    corpus, held_out = load_data(spec, denv.rank)  # rank 0 builds the datasets cache first
     return Run(spec, denv, device, mesh, build_engine(model, spec, denv.local_rank),
-               build_batch_builder(spec, corpus), scatter)
+               build_batch_builder(spec, corpus), scatter, Schedule(spec.train), held_out)
 
 
 def train_step(run: Run, step: int) -> dict:
@@ -153,7 +146,7 @@ def train_step(run: Run, step: int) -> dict:
     n_loss = batch.num_loss_tokens
     autocast = (torch.autocast(run.device.type, dtype=torch.bfloat16)
                 if spec.train.dtype == "bfloat16" else nullcontext())
-    lr = lr_at(step, spec)
+    lr = run.schedule.lr(step)
     engine.set_lr(lr)
     loss_sum = torch.zeros((), dtype=torch.float64)
     local = list(run.scatter(batch))
@@ -177,7 +170,8 @@ def train_step(run: Run, step: int) -> dict:
 
 
 def _trainer_state(run: Run, step: int) -> dict:
-    return {"step": step, "data": run.builder.state_dict(), "spec_name": run.spec.name}
+    return {"step": step, "data": run.builder.state_dict(), "spec_name": run.spec.name,
+            "schedule": run.schedule.state_dict()}
 
 
 def write_run_info(run: Run):
@@ -194,7 +188,8 @@ def write_run_info(run: Run):
             "sp": run.spec.parallel.sp, "sp_method": run.spec.parallel.sp_method,
             "engine": run.spec.train.engine, "launcher": run.denv.launcher, "device": run.device.type,
             "torch": torch.__version__, "python": platform.python_version(),
-            "n_params": sum(p.numel() for p in run.engine.model.parameters())}
+            "n_params": sum(p.numel() for p in run.engine.model.parameters()),
+            **run_config(run.spec, run.engine, run.denv.launcher)}
     (out / "run.json").write_text(json.dumps(info, indent=1) + "\n")
     (out / "spec.yaml").write_text(yaml.safe_dump(run.spec.to_dict(), sort_keys=False))
 
@@ -210,15 +205,21 @@ def train(spec: Spec, resume: bool = False, stop_after: int | None = None) -> li
         state = run.engine.load(ckpt)
         run.builder.load_state_dict(state["data"])
         start_step = state["step"]
+        changed = run.schedule.load_state_dict(state.get("schedule", {}))
         log.info("resumed from %s (step %d)", ckpt, start_step)
+        if changed:
+            log.warning("resume: the lr schedule differs from the checkpoint's: %s", "; ".join(changed))
     last = min(spec.train.steps, stop_after or spec.train.steps)
-    writer = MetricsWriter(spec.train.output_dir, run.denv.rank, keep_through=start_step)
+    writer = RunLoggers(spec, run.denv.rank, run_config(spec, run.engine, run.denv.launcher), start_step)
     log.info("%s: world %d (dp %d x sp %d, %s), %d steps, launcher %s", spec.name, run.denv.world_size,
              run.mesh["dp"].size(), spec.parallel.sp, spec.parallel.sp_method, spec.train.steps, run.denv.launcher)
+    log.info("%s, lr schedule %s", describe_engine(engine_settings(spec, run.engine)), spec.train.lr_schedule)
     history = []
     with Progress(start_step, last, run.denv.rank) as bar:
         for step in range(start_step + 1, last + 1):
             metrics = train_step(run, step)
+            if eval_due(spec, step, last):
+                metrics.update(evaluate(run, run.held_out))
             history.append(metrics)
             writer.write(metrics)
             bar.update(metrics, log if step % spec.train.log_every == 0 else None)
