@@ -71,6 +71,10 @@ def register(sub) -> dict:
     p.add_argument("runs", nargs="+", help="run folders or folders holding them (e.g. a sweep folder)")
     p.add_argument("--out", required=True, metavar="DIR", help="where report.md/html and the PNGs go")
     p.add_argument("--title", default="seqshard scaling report (measured)")
+    p.add_argument("--tokens", metavar="N", help="recommend the fastest and the cheapest configuration "
+                   "to train N tokens (e.g. 2B, 500M), from measured and PREDICTED points")
+    p.add_argument("--min-efficiency", type=float, default=0.7, metavar="E", help="efficiency a recommended "
+                   "configuration must reach (per-device tokens/s against 1 device; default 0.7)")
     p.add_argument("--note", action="append", default=[], metavar="TEXT", help="a line for the report's "
                    "notes, e.g. the machine (repeatable)")
     _add_peak(p)
@@ -134,6 +138,14 @@ def cmd_report(args) -> int:
              "attention term 6 * d * sum L_i^2 per softmax layer)", *args.note]
     written = report.write_report(rows, args.out, args.title, notes)
     print(report.markdown_table(rows))
+    if args.tokens:
+        from .recommend import add_to_report, parse_tokens
+
+        try:
+            rec = add_to_report(args.out, rows, parse_tokens(args.tokens), args.min_efficiency)
+        except (report.ReportError, SimulateError) as err:
+            return _fail(str(err))
+        print("\n" + rec["section"], end="")
     print(f"wrote {', '.join(sorted(written))} into {args.out}")
     return 0
 

@@ -122,3 +122,28 @@ def test_report_cli_bad_input_exits_2_with_one_line(runs, tmp_path, capsys):
         assert handlers["report"](args) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and msg in err, err
+
+
+def test_report_recommends_fastest_and_cheapest_for_a_token_target(runs, tmp_path):
+    ap = argparse.ArgumentParser()
+    handlers = register(ap.add_subparsers(dest="command"))
+    out = tmp_path / "rec"
+    args = ap.parse_args(["report", str(runs), "--out", str(out), "--tokens", "2B", "--min-efficiency", "0.3"])
+    assert handlers["report"](args) == 0
+    data = json.loads((out / "report.json").read_text())
+    rec, rows = data["recommendation"], {r["path"]: r for r in data["rows"]}
+    base = next(r for r in rows.values() if r["world"] == 1)["tokens_per_s_per_device"]
+    measured = [c for c in rec["candidates"] if c["source"] == "measured"]
+    assert len(measured) == 3 and {c["world"] for c in rec["candidates"] if c["source"] == "PREDICTED"} == {4, 8}
+    for c in measured:  # efficiency and time recomputed from the rows
+        row = next(r for r in rows.values() if r["world"] == c["world"] and r["tokens_per_step"] == c["tokens_per_step"])
+        assert c["efficiency"] == pytest.approx(row["tokens_per_s_per_device"] / base, rel=REL)
+        assert c["hours"] == pytest.approx(2e9 / row["tokens_per_s"] / 3600, rel=REL)
+    ok = [c for c in rec["candidates"] if c["efficiency"] is not None and c["efficiency"] >= 0.3]
+    assert rec["fastest"]["hours"] == min(c["hours"] for c in ok)
+    assert rec["cheapest"]["device_hours"] == min(c["device_hours"] for c in ok)
+    md = (out / "report.md").read_text()
+    assert "## Recommendation for 2e+09 tokens (efficiency >= 0.3)" in md and "**fastest**" in md
+    assert "| PREDICTED |" in md and "| measured |" in md and "![recommendation](recommendation.png)" in md
+    assert (out / "recommendation.png").read_bytes()[:8] == PNG_MAGIC
+    assert "Recommendation for" in (out / "report.html").read_text()
