@@ -1,4 +1,6 @@
 """train.engine: deepspeed (real DeepSpeed engine, CPU accelerator, gloo) == train.engine: torch."""
+import json
+
 import pytest
 
 from tests.helpers.ranks import run_ranks
@@ -19,6 +21,8 @@ def test_deepspeed_zero_matches_torch_engine(torch_losses, tmp_path, stage):
     assert losses[0] == losses[1]
     assert_losses_close(losses[0], torch_losses)
     assert (tmp_path / "checkpoints" / "step_3" / "COMPLETE").is_file()
+    engine = json.loads((tmp_path / "run.json").read_text())["engine"]  # the engine in use, as DeepSpeed reports it
+    assert engine["engine"] == "deepspeed" and engine["zero_stage"] == stage and engine["precision"] == "float32"
 
 
 def test_deepspeed_resume_through_engine_checkpoint(torch_losses, tmp_path):

@@ -64,8 +64,9 @@ def _eval_losses(rank, world_size, root, layouts):
             for name, extra in layouts.items()}
 
 
-def test_eval_loss_same_for_every_layout_and_loggers_write(tmp_path):
+def test_eval_loss_same_for_every_layout_and_loggers_write(tmp_path, monkeypatch):
     """One process (with TensorBoard and W&B on) vs dp 2, ulysses 2, ring 2: the same eval loss."""
+    monkeypatch.setenv("WANDB_MODE", "offline")  # never the network, even where a W&B key is set
     single = run_ranks(1, _eval_losses, str(tmp_path),
                        {"single": ["train.loggers=[jsonl,tensorboard,wandb]"]})[0]["single"]
     assert len(single) == 2 and single[0][0] > single[1][0]  # it learns on held-out text
@@ -139,3 +140,22 @@ def test_held_out_split_is_disjoint_and_refuses_an_empty_training_set(tmp_path):
     assert (held.indices == split_held_out(corpus, 0.2, seed=0)[1].indices).all()  # fixed by the seed
     with pytest.raises(DataError, match="data.eval.fraction"):
         split_held_out(corpus, 0.99, seed=0)
+
+
+def test_progress_lines_carry_eta_when_not_a_terminal():
+    import logging
+
+    from seqshard.train.logs import Progress
+
+    lines = []
+    log = logging.getLogger("seqshard-test-progress")
+    log.handlers = [logging.Handler()]
+    log.handlers[0].emit = lambda record: lines.append(record.getMessage())
+    log.setLevel(logging.INFO)
+    m = {"loss": 2.5, "lr": 1e-3, "grad_norm": 0.5, "tokens_per_s": 1000.0, "step_time_s": 0.1}
+    with Progress(4, 10, rank=0) as bar:  # resumed at step 4; stderr is captured, not a TTY
+        assert bar.bar is None
+        bar.update({**m, "step": 5}, log)
+        bar.update({**m, "step": 6, "eval_loss": 2.0, "eval_ppl": math.exp(2.0)}, log)
+    assert lines[0].startswith("step 5/10 loss 2.5000") and "1000 tok/s" in lines[0]
+    assert lines[0].split(" eta ")[1] == "0m00s" and "eval_loss 2.0000 eval_ppl 7.39" in lines[1]
