@@ -20,7 +20,8 @@ import torch.distributed as dist
 from seqshard.data.batches import Row
 from seqshard.data.tokenizer import PAD_ID
 from seqshard.dist.bootstrap import DistEnv, init_distributed
-from seqshard.dist.checkpoint import latest_checkpoint
+from seqshard.dist.guard import named_barrier, shared_failure
+from seqshard.dist.resume import resume_from_newest_loadable
 from seqshard.dist.comm_stats import COMM_LOG
 from seqshard.dist.mesh import ParallelDims, build_mesh
 from seqshard.models import VarlenContext, build_model
@@ -136,27 +137,31 @@ def setup(spec: Spec) -> Run:
     from seqshard.data.corpus import load_corpus
 
     d = spec.data
-    if denv.rank == 0:  # build the datasets cache once, then everyone reads it
-        corpus = load_corpus(d.source, d.text_field, d.cache_dir or None, d.max_documents or None)
-    dist.barrier()
-    if denv.rank != 0:
-        corpus = load_corpus(d.source, d.text_field, d.cache_dir or None, d.max_documents or None)
-    return Run(spec, denv, device, mesh, build_engine(model, spec, denv.local_rank),
-               build_batch_builder(spec, corpus), scatter)
+    corpus = None
+    with shared_failure("loading data"):  # build the datasets cache once, then everyone reads it
+        if denv.rank == 0:
+            corpus = load_corpus(d.source, d.text_field, d.cache_dir or None, d.max_documents or None)
+    with shared_failure("loading data"):
+        if denv.rank != 0:
+            corpus = load_corpus(d.source, d.text_field, d.cache_dir or None, d.max_documents or None)
+        builder = build_batch_builder(spec, corpus)
+    return Run(spec, denv, device, mesh, build_engine(model, spec, denv.local_rank), builder, scatter)
 
 
 def train_step(run: Run, step: int) -> dict:
     spec, engine = run.spec, run.engine
     start = time.perf_counter()
     COMM_LOG.reset()
-    batch = run.builder.next_batch()
+    with shared_failure(f"step {step}: data"):
+        batch = run.builder.next_batch()
     n_loss = batch.num_loss_tokens
     autocast = (torch.autocast(run.device.type, dtype=torch.bfloat16)
                 if spec.train.dtype == "bfloat16" else nullcontext())
     lr = lr_at(step, spec)
     engine.set_lr(lr)
     loss_sum = torch.zeros((), dtype=torch.float64)
-    local = list(run.scatter(batch))
+    with shared_failure(f"step {step}: plan"):
+        local = list(run.scatter(batch))
     for i, (tokens, labels, positions, ctx) in enumerate(local):
         with autocast:
             loss = engine.forward(tokens.to(run.device), positions.to(run.device), ctx, labels.to(run.device))
@@ -206,8 +211,9 @@ def train(spec: Spec, resume: bool = False, stop_after: int | None = None) -> li
     if run.denv.rank == 0:
         write_run_info(run)
     start_step = 0
-    if resume and (ckpt := latest_checkpoint(spec.train.output_dir)) is not None:
-        state = run.engine.load(ckpt)
+    ckpt, state = (resume_from_newest_loadable(spec.train.output_dir, run.engine.load,
+                                               log if run.denv.rank == 0 else None) if resume else (None, None))
+    if ckpt is not None:
         run.builder.load_state_dict(state["data"])
         start_step = state["step"]
         log.info("resumed from %s (step %d)", ckpt, start_step)
@@ -227,5 +233,5 @@ def train(spec: Spec, resume: bool = False, stop_after: int | None = None) -> li
                 path = run.engine.save(spec.train.output_dir, step, _trainer_state(run, step))
                 log.info("checkpoint %s", path)
     writer.close()
-    dist.barrier()
+    named_barrier("train.end")
     return history
