@@ -188,3 +188,6 @@ def validate(spec, world_size: int):
     _check_train(spec.train)
     _check_data(spec.data, spec.dp(world_size))
     _check_engine(spec)
+    from .datacheck import check_data
+
+    check_data(spec)
