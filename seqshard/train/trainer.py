@@ -140,7 +140,8 @@ def setup(spec: Spec) -> Run:
     corpus = None
     with shared_failure("loading data"):  # build the datasets cache once, then everyone reads it
         if denv.rank == 0:
-            corpus = load_corpus(d.source, d.text_field, d.cache_dir or None, d.max_documents or None)
+            corpus = load_corpus(d.source, d.text_field, d.cache_dir or None, d.max_documents or None,
+                                 warn=get_logger(0).warning)
     with shared_failure("loading data"):
         if denv.rank != 0:
             corpus = load_corpus(d.source, d.text_field, d.cache_dir or None, d.max_documents or None)

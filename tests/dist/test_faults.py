@@ -41,6 +41,22 @@ def cli_adaptive_unplannable(rank, world_size, out):
     return rc, err.getvalue()
 
 
+def cli_bad_row(rank, world_size, out):
+    """Line 3 of the corpus has no text (validate peeks at line 1 only): reported once, by line."""
+    from seqshard.launch.cli import main
+
+    data = Path(out) / "corpus.jsonl"
+    if rank == 0:
+        data.write_text('{"text": "a document"}\n{"text": "another"}\n{"title": "no text"}\n')
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size))
+    sets = SMALL + [f"train.output_dir={out}/run", f"data.source={data}", f"data.cache_dir={out}/cache",
+                    "data.max_seq_len=16", "data.tokens_per_step=32"]
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        rc = main(["train", str(ROOT / "examples" / "tiny.yaml"), *[a for s in sets for a in ("--set", s)]])
+    return rc, err.getvalue()
+
+
 def barrier_with_absent_rank(rank):
     if rank == 1:
         time.sleep(4)  # never enters the barrier
@@ -54,12 +70,14 @@ def barrier_with_absent_rank(rank):
 
 def fault_checks(rank, world_size, out):
     """One spawn for three checks (the barrier one last: it leaves the group timed out)."""
-    return fail_on_rank_one(rank), cli_adaptive_unplannable(rank, world_size, out), barrier_with_absent_rank(rank)
+    return (fail_on_rank_one(rank), cli_adaptive_unplannable(rank, world_size, out),
+            cli_bad_row(rank, world_size, out), barrier_with_absent_rank(rank))
 
 
 def test_errors_reach_every_rank_as_one_line_and_barriers_are_named(tmp_path):
-    (guard0, (rc0, err0), barrier0), (guard1, (rc1, err1), _) = run_ranks(2, fault_checks, str(tmp_path),
-                                                                          timeout=180)
+    rank0, rank1 = run_ranks(2, fault_checks, str(tmp_path), timeout=180)
+    (guard0, (rc0, err0), (data_rc0, data_err0), barrier0), (guard1, (rc1, err1), (data_rc1, data_err1), _) = \
+        rank0, rank1
     # an error raised on rank 1 only is raised on both, named by rank and region, first line only
     assert guard0 == guard1 == "rank 1: loading data: ValueError: bad row 7"
     # the adaptive planner failing on rank 0 ends both ranks promptly; rank 0 prints one line
@@ -68,6 +86,11 @@ def test_errors_reach_every_rank_as_one_line_and_barriers_are_named(tmp_path):
     assert len(lines) == 1 and lines[0].startswith("seqshard: error: rank 0: adaptive plan: ValueError: "
                                                    "sequence"), err0
     assert "Traceback" not in err0 and "error" not in err1
+    # a document without text: one line on rank 0 naming the file and line, nothing on rank 1
+    assert data_rc0 == data_rc1 == 1
+    assert data_err0.strip() == (f"seqshard: error: rank 0: loading data: DataError: {tmp_path / 'corpus.jsonl'} "
+                                 "line 3: field 'text' is NoneType, not text"), data_err0
+    assert data_err1 == ""
     # a checkpoint barrier that a rank never reaches fails under its name, not as a silent hang
     assert barrier0.startswith("rank 0: collective 'checkpoint.written'"), barrier0
 
