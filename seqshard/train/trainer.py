@@ -20,10 +20,10 @@ import torch.distributed as dist
 from seqshard.data.batches import Row
 from seqshard.data.tokenizer import PAD_ID
 from seqshard.dist.bootstrap import DistEnv, init_distributed
+from seqshard.dist.comm_stats import COMM_LOG, record
 from seqshard.dist.guard import named_barrier, shared_failure
-from seqshard.dist.resume import resume_from_newest_loadable
-from seqshard.dist.comm_stats import COMM_LOG
 from seqshard.dist.mesh import ParallelDims, build_mesh
+from seqshard.dist.resume import resume_from_newest_loadable
 from seqshard.models import VarlenContext, build_model
 
 from .engines import build_engine
@@ -169,7 +169,8 @@ def train_step(run: Run, step: int) -> dict:
         engine.backward(loss / n_loss, last=i == len(local) - 1)
         loss_sum += loss.detach().double().cpu()
     grad_norm = engine.step()
-    dist.all_reduce(loss_sum)
+    with record("all_reduce.loss", 8):
+        dist.all_reduce(loss_sum)
     elapsed = time.perf_counter() - start
     comm = COMM_LOG.snapshot()
     return {"step": step, "loss": loss_sum.item() / n_loss, "tokens": batch.num_tokens,
