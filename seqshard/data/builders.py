@@ -74,12 +74,15 @@ class PackBuilder:
 
     def _fill_pool(self) -> np.ndarray:
         """Carried pieces plus new documents until the pieces shorter than a row (the ones that
-        need packing) hold ``window * tokens_per_step`` tokens."""
+        need packing) hold ``window * tokens_per_step`` tokens, or the full-row pieces alone fill
+        that many rows (a document longer than the window enters the pool once, as index ranges)."""
         def short_tokens(pieces):
             return int(pieces[pieces[:, 2] < self.capacity, 2].sum())
 
-        pool, tokens = [self.carry], short_tokens(self.carry)
-        while tokens < self.window * self.rows_per_step * self.capacity:
+        target = self.window * self.rows_per_step * self.capacity
+        pool, short = [self.carry], short_tokens(self.carry)
+        full = int(self.carry[:, 2].sum()) - short
+        while short < target and full < target:
             doc = self._next_document()
             length = int(self.corpus.lengths[doc])
             if length == 0:
@@ -87,12 +90,15 @@ class PackBuilder:
             pieces = split_pieces([length], self.capacity)
             pieces[:, 0] = doc
             pool.append(np.concatenate([pieces, np.zeros((len(pieces), 1), np.int64)], axis=1))
-            tokens += short_tokens(pieces)
+            tail = short_tokens(pieces)
+            short, full = short + tail, full + length - tail
         return np.concatenate(pool)
 
     def _choose_bins(self, pool, result) -> list[int]:
-        waited = np.array([pool[b, 3].max() for b in result.bins])
         load = result.bin_lengths()
+        if len(load) == 0:
+            return []
+        waited = np.maximum.reduceat(pool[result.order, 3], result.offsets[:-1])  # per bin, vectorized
         order = np.lexsort((np.arange(len(load)), -load, -waited))  # oldest, then fullest, then first
         return sorted(order[:self.rows_per_step].tolist())
 
@@ -114,7 +120,7 @@ class PackBuilder:
         emitted = np.zeros(len(pool), bool)
         rows, cache = [], {}
         for b in chosen:
-            ids = np.asarray(result.bins[b])
+            ids = result.order[result.offsets[b]:result.offsets[b + 1]]
             emitted[ids] = True
             rows.append(self._row(pool[ids, :3], cache))
         self.carry = pool[~emitted]

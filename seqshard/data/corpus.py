@@ -52,13 +52,85 @@ def default_cache_dir() -> str:
     return os.environ.get("SEQSHARD_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "seqshard"))
 
 
-def _tokenize_batch(batch, text_field):
+class _BadRow(Exception):
+    """A row without text; ``index`` is its row number in the whole dataset."""
+
+    def __init__(self, index: int, reason: str):
+        super().__init__(reason)
+        self.index, self.reason = index, reason
+
+
+def _tokenize_batch(batch, indices, text_field):
     ids = []
-    for i, text in enumerate(batch[text_field]):
+    for index, text in zip(indices, batch[text_field]):
         if not isinstance(text, str):
-            raise DataError(f"document {i} of a batch: field '{text_field}' is {type(text).__name__}, not text")
+            raise _BadRow(index, f"field '{text_field}' is {type(text).__name__}, not text")
         ids.append(encode(text))
-    return {"input_ids": ids, "length": [len(x) for x in ids]}
+    # U+FFFD marks bytes that were not UTF-8 (the text builder reads with errors="replace")
+    return {"input_ids": ids, "length": [len(x) for x in ids],
+            "replaced": [t.count("\ufffd") for t in batch[text_field]]}
+
+
+def _rows_per_file(builder: str, files: list[str]) -> list[list[int]]:
+    """For each file, the 1-based line (jsonl) or row number of each of its dataset rows."""
+    import json
+
+    out = []
+    for file in files:
+        if builder == "text":
+            out.append([1])
+        elif builder == "parquet":
+            import pyarrow.parquet as pq
+
+            out.append(list(range(1, pq.ParquetFile(file).metadata.num_rows + 1)))
+        else:
+            with open(file, "rb") as f:
+                head = f.read(1).lstrip()
+                f.seek(0)
+                if head == b"[":
+                    out.append(list(range(1, len(json.load(f)) + 1)))
+                else:
+                    out.append([n for n, line in enumerate(f, 1) if line.strip()])
+    return out
+
+
+def locate_rows(builder: str, files: list[str], indices) -> list[tuple[str, str]]:
+    """``(file, "line N" | "row N")`` of each dataset row index (files are read in order)."""
+    per_file = _rows_per_file(builder, files)
+    starts = np.cumsum([0] + [len(r) for r in per_file])
+    unit = "line" if builder == "json" else "row"
+    out = []
+    for index in indices:
+        f = int(np.searchsorted(starts, index, side="right")) - 1
+        f = min(f, len(files) - 1)
+        rows = per_file[f]
+        k = index - int(starts[f])
+        out.append((files[f], f"{unit} {rows[k]}" if k < len(rows) else f"{unit} ?"))
+    return out
+
+
+def _first_invalid_utf8(files: list[str]) -> str:
+    """Where the first byte that is not UTF-8 sits: ``file line N: ...`` (error path only)."""
+    for file in files:
+        with open(file, "rb") as f:
+            for n, line in enumerate(f, 1):
+                try:
+                    line.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    return (f"{file} line {n}: byte 0x{line[err.start]:02x} at column {err.start + 1} is not "
+                            "UTF-8; re-encode the file as UTF-8")
+    return f"{files[0]}: text that is not UTF-8"
+
+
+def replaced_per_file(builder: str, files: list[str], replaced) -> dict[str, int]:
+    """Replacement characters counted per source file (only the rows that have any are located)."""
+    replaced = np.asarray(replaced, dtype=np.int64)
+    rows = np.nonzero(replaced)[0]
+    counts: dict[str, int] = {}
+    if len(rows):
+        for (file, _), n in zip(locate_rows(builder, files, rows.tolist()), replaced[rows].tolist()):
+            counts[file] = counts.get(file, 0) + n
+    return counts
 
 
 class Corpus:
@@ -67,6 +139,7 @@ class Corpus:
     def __init__(self, dataset):
         self._ds = dataset.with_format("numpy", columns=["input_ids"])
         self.lengths = np.asarray(dataset["length"], dtype=np.int64)
+        self.replaced: dict[str, int] = {}  # invalid UTF-8 sequences replaced, per source file
 
     def __len__(self):
         return len(self.lengths)
@@ -79,7 +152,9 @@ class Corpus:
         return np.random.default_rng([seed, epoch]).permutation(len(self.lengths))
 
 
-def load_corpus(source="stdlib", text_field="text", cache_dir=None, max_documents=None) -> Corpus:
+def load_corpus(source="stdlib", text_field="text", cache_dir=None, max_documents=None, warn=None) -> Corpus:
+    """The tokenized corpus; a row without text raises DataError naming its file and line or row.
+    ``warn(line)`` (rank 0's logger) receives one line per file whose invalid UTF-8 was replaced."""
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     import datasets
 
@@ -87,15 +162,31 @@ def load_corpus(source="stdlib", text_field="text", cache_dir=None, max_document
     builder, files = _source_files(source)
     kwargs = {"sample_by": "document", "encoding_errors": "replace"} if builder == "text" else {}
     cache = cache_dir or os.path.join(default_cache_dir(), "datasets")
-    ds = datasets.load_dataset(builder, data_files=files, split="train", cache_dir=cache, **kwargs)
+    try:
+        ds = datasets.load_dataset(builder, data_files=files, split="train", cache_dir=cache, **kwargs)
+    except datasets.exceptions.DatasetGenerationError as err:  # e.g. files with different columns
+        cause = err.__cause__ or err
+        raise DataError(f"data.source: {source} cannot be read: {type(cause).__name__}: "
+                        f"{str(cause).splitlines()[0] if str(cause) else ''}") from None
     if builder == "text" and text_field != "text":
         text_field = "text"  # the text builder always names its column 'text'
     if text_field not in ds.column_names:
         raise DataError(f"data.text_field: '{text_field}' not in the columns of {source} ({ds.column_names})")
     if max_documents is not None:
         ds = ds.select(range(min(max_documents, len(ds))))
-    ds = ds.map(_tokenize_batch, batched=True, fn_kwargs={"text_field": text_field},
-                remove_columns=ds.column_names, desc="tokenizing")
+    try:
+        ds = ds.map(_tokenize_batch, batched=True, with_indices=True, fn_kwargs={"text_field": text_field},
+                    remove_columns=ds.column_names, desc="tokenizing")
+    except _BadRow as bad:
+        (file, where), = locate_rows(builder, files, [bad.index])
+        raise DataError(f"{file} {where}: {bad.reason}") from None
+    except UnicodeDecodeError:  # json/parquet strings are not decoded with replacement
+        raise DataError(_first_invalid_utf8(files)) from None
     if len(ds) == 0:
         raise DataError(f"data.source: {source} holds no documents")
-    return Corpus(ds)
+    corpus = Corpus(ds)
+    corpus.replaced = replaced_per_file(builder, files, ds["replaced"]) if source != "stdlib" else {}
+    if warn is not None:
+        for file, n in corpus.replaced.items():
+            warn(f"data: {file}: {n} invalid UTF-8 sequence(s) replaced by U+FFFD")
+    return corpus

@@ -12,8 +12,10 @@ hanging forever; ``comm_stats.record`` names the rank and operation).
 """
 from __future__ import annotations
 
+import atexit
 import os
 import re
+import shutil
 import socket
 import tempfile
 from dataclasses import dataclass
@@ -78,7 +80,14 @@ def _init_method(denv: DistEnv) -> str:
         host = env.get("MASTER_ADDR") or _first_slurm_host(env.get("SLURM_JOB_NODELIST", "127.0.0.1"))
         port = env.get("MASTER_PORT") or str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000)
         return f"tcp://{host}:{port}"
-    return f"file://{tempfile.mkdtemp(prefix='seqshard-pg-')}/rendezvous"
+    return f"file://{_private_rendezvous_dir()}/rendezvous"
+
+
+def _private_rendezvous_dir() -> str:
+    """A fresh temp folder for a single-process rendezvous, removed when the process exits."""
+    folder = tempfile.mkdtemp(prefix="seqshard-pg-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
 
 
 def init_distributed(timeout_s: float = 300.0) -> tuple[DistEnv, torch.device]:

@@ -20,6 +20,8 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from .guard import named_barrier
+
 MARKER = "COMPLETE"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 # Test hook: exit hard after the shards are written but before the checkpoint is committed.
@@ -48,19 +50,19 @@ def commit_checkpoint(output_dir, step: int, write, trainer_state: dict) -> Path
     if rank == 0:
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
-    dist.barrier()
+    named_barrier("checkpoint.start")
     write(partial)
     torch.save(torch.get_rng_state(), partial / f"rng_{rank}.pt")
     if os.environ.get(_CRASH_ENV) == str(step):
         os._exit(17)
-    dist.barrier()
+    named_barrier("checkpoint.written")
     if rank == 0:
         (partial / "trainer.json").write_text(json.dumps(trainer_state, indent=1))
         (partial / MARKER).write_text(f"step {step}\n")
         if final.exists():
             shutil.rmtree(final)
         os.replace(partial, final)
-    dist.barrier()
+    named_barrier("checkpoint.committed")
     return final
 
 

@@ -21,9 +21,11 @@ class ParallelDims:
     ulysses: int = 1
 
     def __post_init__(self):
-        assert self.dp * self.sp == self.world_size and self.sp % self.ulysses == 0, (
-            f"dp {self.dp} x sp {self.sp} must equal world size {self.world_size}, "
-            f"and ulysses {self.ulysses} must divide sp")
+        if min(self.dp, self.sp, self.ulysses) < 1 or self.dp * self.sp != self.world_size \
+                or self.sp % self.ulysses:
+            raise ValueError(f"parallel degrees dp {self.dp} x sp {self.sp} (ulysses {self.ulysses}) do not fit "
+                             f"world size {self.world_size}: dp x sp must equal world size {self.world_size}, "
+                             f"and ulysses {self.ulysses} must divide sp {self.sp}")
 
     @property
     def ring(self) -> int:

@@ -7,6 +7,8 @@ import shlex
 import subprocess
 import sys
 
+from seqshard.dist.guard import RankFailure
+
 from .spec import SpecError, load_spec
 
 EPILOG = """examples:
@@ -161,6 +163,12 @@ def cmd_summary(args) -> int:
     return 0
 
 
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
     try:
@@ -172,6 +180,10 @@ def main(argv=None) -> int:
     except FileNotFoundError as err:
         print(f"seqshard: error: {err.strerror}: {err.filename}", file=sys.stderr)
         return 2
+    except RankFailure as err:  # raised on every rank with the same line: rank 0 prints it
+        if _rank() == 0:
+            print(f"seqshard: error: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

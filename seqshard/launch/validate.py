@@ -188,6 +188,8 @@ def validate(spec, world_size: int):
     _check_train(spec.train)
     _check_data(spec.data, spec.dp(world_size))
     _check_engine(spec)
+    from .datacheck import check_data
     from .validate_extras import check_extras
 
     check_extras(spec)
+    check_data(spec)

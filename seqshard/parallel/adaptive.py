@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from seqshard.dist.comm_stats import record
+from seqshard.dist.guard import shared_failure
 from seqshard.models.context import VarlenContext, causal_varlen_attention
 
 from .planner import allowed_group_sizes
@@ -105,11 +107,13 @@ class AdaptiveScatter:
         from .planner import plan_step
 
         box = [None]
-        if self.rank == 0:
-            box[0] = plan_step(lengths, self.world, max_sp=self.max_sp, memory_tokens=self.memory_tokens,
-                               cost_model=self.cost_model, solver=self.solver, time_limit_s=self.time_limit,
-                               allowed_sizes=self.sizes)
-        dist.broadcast_object_list(box, src=0)
+        with shared_failure("adaptive plan"):  # a plan error on rank 0 reaches every rank
+            if self.rank == 0:
+                box[0] = plan_step(lengths, self.world, max_sp=self.max_sp, memory_tokens=self.memory_tokens,
+                                   cost_model=self.cost_model, solver=self.solver,
+                                   time_limit_s=self.time_limit, allowed_sizes=self.sizes)
+        with record("adaptive.plan.broadcast", 0):
+            dist.broadcast_object_list(box, src=0)
         return box[0]
 
     def __call__(self, batch):

@@ -18,6 +18,9 @@ import torch.distributed as dist
 
 from seqshard.data.corpus import DataError, load_corpus
 from seqshard.data.window import WindowBuilder
+from seqshard.dist.guard import shared_failure
+
+from .logs import get_logger
 
 _EVAL_STREAM = 0x5EED_E7A1  # a fixed rng stream id for the held-out split
 
@@ -52,23 +55,26 @@ def split_held_out(corpus, fraction: float, seed: int):
     return CorpusView(corpus, np.flatnonzero(~mask)), CorpusView(corpus, np.flatnonzero(mask))
 
 
-def _load_all(d):
-    train = load_corpus(d.source, d.text_field, d.cache_dir or None, d.max_documents or None)
+def _load_all(d, warn=None):
+    train = load_corpus(d.source, d.text_field, d.cache_dir or None, d.max_documents or None, warn=warn)
     if d.eval.source:
-        return train, load_corpus(d.eval.source, d.eval.text_field or d.text_field, d.cache_dir or None)
+        return train, load_corpus(d.eval.source, d.eval.text_field or d.text_field, d.cache_dir or None, warn=warn)
     return train, None
 
 
 def load_data(spec, rank: int):
-    """(training corpus, held-out corpus or None). Rank 0 builds the datasets cache first."""
-    if rank == 0:
-        loaded = _load_all(spec.data)
-    dist.barrier()
-    if rank != 0:
-        loaded = _load_all(spec.data)
-    train, held = loaded
-    if spec.data.eval.fraction:
-        train, held = split_held_out(train, spec.data.eval.fraction, spec.seed)
+    """(training corpus, held-out corpus or None). Rank 0 builds the datasets cache first and
+    reports replaced bytes; a failure on any rank stops every rank with one line."""
+    loaded = None
+    with shared_failure("loading data"):
+        if rank == 0:
+            loaded = _load_all(spec.data, warn=get_logger(0).warning)
+    with shared_failure("loading data"):
+        if rank != 0:
+            loaded = _load_all(spec.data)
+        train, held = loaded
+        if spec.data.eval.fraction:
+            train, held = split_held_out(train, spec.data.eval.fraction, spec.seed)
     return train, held
 
 

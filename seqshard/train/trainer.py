@@ -19,9 +19,10 @@ import torch.distributed as dist
 from seqshard.data.batches import Row
 from seqshard.data.tokenizer import PAD_ID
 from seqshard.dist.bootstrap import DistEnv, init_distributed
-from seqshard.dist.checkpoint import latest_checkpoint
-from seqshard.dist.comm_stats import COMM_LOG
+from seqshard.dist.comm_stats import COMM_LOG, record
+from seqshard.dist.guard import named_barrier, shared_failure
 from seqshard.dist.mesh import ParallelDims, build_mesh
+from seqshard.dist.resume import resume_from_newest_loadable
 from seqshard.models import VarlenContext, build_model
 
 from .engines import build_engine
@@ -134,29 +135,34 @@ def setup(spec: Spec) -> Run:
     model = build_model(spec.model).to(device)
     scatter = build_scatter(spec, model, mesh, denv)
     corpus, held_out = load_data(spec, denv.rank)  # rank 0 builds the datasets cache first
-    return Run(spec, denv, device, mesh, build_engine(model, spec, denv.local_rank),
-               build_batch_builder(spec, corpus), scatter, Schedule(spec.train), held_out)
+    with shared_failure("loading data"):
+        builder = build_batch_builder(spec, corpus)
+    return Run(spec, denv, device, mesh, build_engine(model, spec, denv.local_rank), builder, scatter,
+               Schedule(spec.train), held_out)
 
 
 def train_step(run: Run, step: int) -> dict:
     spec, engine = run.spec, run.engine
     start = time.perf_counter()
     COMM_LOG.reset()
-    batch = run.builder.next_batch()
+    with shared_failure("step data"):
+        batch = run.builder.next_batch()
     n_loss = batch.num_loss_tokens
     autocast = (torch.autocast(run.device.type, dtype=torch.bfloat16)
                 if spec.train.dtype == "bfloat16" else nullcontext())
     lr = run.schedule.lr(step)
     engine.set_lr(lr)
     loss_sum = torch.zeros((), dtype=torch.float64)
-    local = list(run.scatter(batch))
+    with shared_failure("step plan"):
+        local = list(run.scatter(batch))
     for i, (tokens, labels, positions, ctx) in enumerate(local):
         with autocast:
             loss = engine.forward(tokens.to(run.device), positions.to(run.device), ctx, labels.to(run.device))
         engine.backward(loss / n_loss, last=i == len(local) - 1)
         loss_sum += loss.detach().double().cpu()
     grad_norm = engine.step()
-    dist.all_reduce(loss_sum)
+    with record("all_reduce.loss", 8):
+        dist.all_reduce(loss_sum)
     elapsed = time.perf_counter() - start
     comm = COMM_LOG.snapshot()
     return {"step": step, "loss": loss_sum.item() / n_loss, "tokens": batch.num_tokens,
@@ -201,8 +207,9 @@ def train(spec: Spec, resume: bool = False, stop_after: int | None = None) -> li
     if run.denv.rank == 0:
         write_run_info(run)
     start_step = 0
-    if resume and (ckpt := latest_checkpoint(spec.train.output_dir)) is not None:
-        state = run.engine.load(ckpt)
+    ckpt, state = (resume_from_newest_loadable(spec.train.output_dir, run.engine.load,
+                                               log if run.denv.rank == 0 else None) if resume else (None, None))
+    if ckpt is not None:
         run.builder.load_state_dict(state["data"])
         start_step = state["step"]
         changed = run.schedule.load_state_dict(state.get("schedule", {}))
@@ -228,5 +235,5 @@ def train(spec: Spec, resume: bool = False, stop_after: int | None = None) -> li
                 path = run.engine.save(spec.train.output_dir, step, _trainer_state(run, step))
                 log.info("checkpoint %s", path)
     writer.close()
-    dist.barrier()
+    named_barrier("train.end")
     return history

@@ -161,3 +161,18 @@ def test_bad_settings_name_the_fix():
         PackBuilder(corpus(), 1024, 1000)
     with pytest.raises(ValueError, match="data.tokens_per_step"):
         DecomposeBuilder(corpus(), 1024, 64, 1000)
+
+
+def test_pack_holds_a_long_document_once():
+    """One document of 200 rows beside 3 short ones: the pool holds it once, as index ranges
+    (issue 16: it held 128 copies and took 35 s per step on a 5 MB document)."""
+    data = TinyCorpus([200 * 256 + 17, 30, 40, 50])
+    builder = PackBuilder(data, 256, 1024, "bfd", seed=0)
+    seen = []
+    for _ in range(6):
+        for row in builder.next_batch().rows:
+            check_row(row, 256)
+            seen.extend(row.tokens.tolist())
+        long_tokens = builder.carry[builder.carry[:, 0] == 0, 2].sum()
+        assert long_tokens <= data.lengths[0], f"pool holds {long_tokens / data.lengths[0]:.1f} copies"
+    assert len(seen) == len(set(seen)) == 24 * 256  # 6 steps x 4 full rows, no token twice

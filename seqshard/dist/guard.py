@@ -1,0 +1,84 @@
+"""Errors on one rank reach every rank: guarded regions and named barriers.
+
+A failure inside :func:`shared_failure` on any rank (the planner, data loading, a step, an OOM
+caught by the caller) is shared through one small all-reduce of a flag, then an all-gather of
+the messages, so every rank raises the same :class:`RankFailure` ("rank R: cause") instead of
+leaving the others blocked in the next collective. Every rank of the group must enter the
+region (it is a collective, DESIGN.md invariant 8). The CLI prints a RankFailure as one line
+on rank 0 and exits 1.
+
+    with shared_failure("plan"):
+        plan = plan_step(...)          # may raise on rank 0 only
+
+``raise_on_all_ranks(what, error_or_None)`` is the same agreement for code that already caught
+its own exception (e.g. ``except torch.OutOfMemoryError as e: raise_on_all_ranks("step 3", e)``).
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from .comm_stats import record
+
+
+class RankFailure(RuntimeError):
+    """An error raised on some rank(s), now raised on every rank with the same one-line message."""
+
+    def __init__(self, message: str, ranks: list[int]):
+        super().__init__(message)
+        self.ranks = ranks
+
+
+def _describe(err: BaseException) -> str:
+    text = str(err).splitlines()[0] if str(err) else ""
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+def raise_on_all_ranks(what: str, error: BaseException | None, group=None) -> None:
+    """Collective: if ``error`` is set on any rank, every rank raises one RankFailure naming the
+    first failed rank and its cause (and how many others failed). A no-op when all succeeded."""
+    if not dist.is_initialized():
+        if error is not None:
+            raise RankFailure(f"rank 0: {what}: {_describe(error)}", [0]) from error
+        return
+    flag = torch.tensor([0 if error is None else 1], dtype=torch.int64)
+    with record(f"guard.{what}", flag.numel() * 8):
+        dist.all_reduce(flag, group=group)
+    if int(flag.item()) == 0:
+        return
+    messages = [None] * dist.get_world_size(group)
+    with record(f"guard.{what}.gather", 0):
+        dist.all_gather_object(messages, None if error is None else _describe(error), group=group)
+    failed = [r for r, m in enumerate(messages) if m is not None]
+    rank = dist.get_global_rank(group, failed[0]) if group is not None else failed[0]
+    more = f" (and {len(failed) - 1} other rank(s))" if len(failed) > 1 else ""
+    raise RankFailure(f"rank {rank}: {what}: {messages[failed[0]]}{more}", failed) from error
+
+
+@contextmanager
+def shared_failure(what: str, group=None):
+    """Run the block on every rank; an exception on any rank is raised on all of them as a
+    :class:`RankFailure`. KeyboardInterrupt and SystemExit pass through untouched, and so does a
+    RankFailure from an inner region (every rank raised it already)."""
+    error = None
+    try:
+        yield
+    except RankFailure:
+        raise  # already raised on every rank by an inner region
+    except Exception as err:  # noqa: BLE001 - shared with every rank below, then re-raised
+        error = err
+    raise_on_all_ranks(what, error, group)
+
+
+def named_barrier(op: str, timeout_s: float | None = None, group=None) -> None:
+    """A barrier under the collective timeout whose failure names this rank and ``op``.
+    On gloo, ``monitored_barrier`` also names the ranks that never arrived."""
+    with record(op, 0):
+        if dist.get_backend(group) == dist.Backend.GLOO:
+            kwargs = {"timeout": timedelta(seconds=timeout_s)} if timeout_s else {}
+            dist.monitored_barrier(group=group, **kwargs)
+        else:
+            dist.barrier(group=group)

@@ -1,0 +1,102 @@
+"""Data checks that need no process group: the source exists, is readable and holds a document
+with the configured text field (peeking at the first rows of the first file only), and the
+tokenizer's vocabulary fits ``model.vocab_size``. Each failure is one :class:`SpecError`.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from .spec import SpecError
+
+SUFFIXES = (".txt", ".json", ".jsonl", ".parquet")
+_PEEK_BYTES = 1 << 20  # a JSON array file up to this size is parsed whole to find a row
+
+
+def tokenizer_vocab_size(data) -> int | None:
+    """The vocabulary size of ``data.tokenizer`` (``byte`` when the field is absent); None when
+    it cannot be known before the run. Extend here for tokenizer folders."""
+    name = getattr(data, "tokenizer", "byte")
+    if name == "byte":
+        from seqshard.data.tokenizer import VOCAB_SIZE
+
+        return VOCAB_SIZE
+    return None
+
+
+def check_vocab(spec) -> None:
+    need = tokenizer_vocab_size(spec.data)
+    if need is not None and spec.model.vocab_size < need:
+        raise SpecError("model.vocab_size", f"{spec.model.vocab_size} is smaller than the vocabulary of "
+                        f"data.tokenizer {getattr(spec.data, 'tokenizer', 'byte')!r} ({need}); set it to >= {need}")
+
+
+def _data_files(source: str) -> list[Path]:
+    path = Path(source)
+    if not path.exists():
+        raise SpecError("data.source", f"{source} does not exist (a file or folder of "
+                        f"{' '.join(SUFFIXES)}, or stdlib)")
+    if not os.access(path, os.R_OK) or (path.is_dir() and not os.access(path, os.X_OK)):
+        raise SpecError("data.source", f"{source} is not readable by this user")
+    if path.is_file():
+        if path.suffix not in SUFFIXES:
+            raise SpecError("data.source", f"{source}: unsupported file type {path.suffix!r}; "
+                            f"use one of {' '.join(SUFFIXES)}")
+        return [path]
+    files = sorted(p for p in path.rglob("*") if p.suffix in SUFFIXES and p.is_file())
+    if not files:
+        raise SpecError("data.source", f"no {'/'.join(SUFFIXES)} files under {source}")
+    return files
+
+
+def _first_json_row(file: Path):
+    """The first row of a JSON-lines file (or of a small JSON array file), or None if empty."""
+    with open(file, "rb") as f:
+        head = f.read(_PEEK_BYTES)
+    text = head.decode("utf-8", errors="replace").lstrip()
+    if not text:
+        return None
+    if text[0] == "[":
+        if file.stat().st_size > _PEEK_BYTES:
+            return ...  # a large array file: not peeked
+        rows = json.loads(text)
+        return rows[0] if rows else None
+    return json.loads(text.splitlines()[0])
+
+
+def _check_first_file(file: Path, field: str) -> None:
+    key = "data.source" if file.suffix == ".txt" else "data.text_field"
+    try:
+        if file.suffix == ".txt":
+            with open(file, "rb") as f:
+                f.read(1)
+            return
+        if file.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            meta = pq.ParquetFile(file)
+            names, rows = meta.schema_arrow.names, meta.metadata.num_rows
+            if rows == 0:
+                raise SpecError("data.source", f"{file} holds no rows")
+            if field not in names:
+                raise SpecError(key, f"'{field}' is not a column of {file} (columns: {names})")
+            return
+        row = _first_json_row(file)
+    except SpecError:
+        raise
+    except (OSError, ValueError) as err:
+        raise SpecError("data.source", f"{file} cannot be read: {type(err).__name__}: {err}") from err
+    if row is None:
+        raise SpecError("data.source", f"{file} holds no rows")
+    if row is not ... and (not isinstance(row, dict) or not isinstance(row.get(field), str)):
+        found = sorted(row) if isinstance(row, dict) else type(row).__name__
+        raise SpecError(key, f"the first row of {file} has no text field '{field}' (found {found})")
+
+
+def check_data(spec) -> None:
+    d = spec.data
+    if d.source != "stdlib":
+        files = _data_files(d.source)
+        _check_first_file(files[0], d.text_field)
+    check_vocab(spec)
