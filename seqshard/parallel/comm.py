@@ -100,6 +100,8 @@ def ring_exchange(tensor: torch.Tensor, group, op: str = "ring.p2p"):
     while the caller computes on the current block (batch_isend_irecv)."""
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     tensor = tensor.contiguous()
+    if world == 1:  # a ring of one (USP with ulysses == sp): the block comes back to itself
+        return tensor, lambda: tensor
     received = torch.empty_like(tensor)
     ops = [dist.P2POp(dist.isend, tensor, dist.get_global_rank(group, (rank + 1) % world), group),
            dist.P2POp(dist.irecv, received, dist.get_global_rank(group, (rank - 1) % world), group)]
