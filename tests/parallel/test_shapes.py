@@ -104,14 +104,14 @@ def every_shape(rank, world):
 
 def test_every_rank_joins_every_collective():
     """DESIGN.md invariant 8 on 4 ranks: LASP-1/2 alone and in hybrid models, shards of padding only."""
-    assert all(run_ranks(4, every_shape, collective_timeout=20, timeout=240))
+    assert all(run_ranks(4, every_shape, collective_timeout=60, timeout=300))
 
 
 # Property tests: every SP method == single-process attention, forward and gradients.
 # One spawn of 4 ranks runs all examples (degrees 2 and 3 on sub-groups); see sp_properties.py.
 def _property_run(count, seed):
     examples = draw_examples(example_strategy(SOFTMAX + LINEAR), count, seed)
-    ran = run_ranks(4, run_examples, examples, collective_timeout=30, timeout=900)
+    ran = run_ranks(4, run_examples, examples, collective_timeout=90, timeout=900)
     assert ran[0] == len(examples) > count // 2, (ran, count)
 
 
