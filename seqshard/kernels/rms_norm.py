@@ -51,7 +51,8 @@ if HAS_TRITON:
             y = torch.empty_like(x2)
             rstd = torch.empty(x2.shape[0], dtype=torch.float32, device=x.device)
             block = triton.next_power_of_2(n)
-            _rms_fwd[(x2.shape[0],)](x2, weight.contiguous(), y, rstd, n, eps, BLOCK=block)
+            if x2.shape[0]:  # T = 0: nothing to launch
+                _rms_fwd[(x2.shape[0],)](x2, weight.contiguous(), y, rstd, n, eps, BLOCK=block)
             ctx.save_for_backward(x2, weight, rstd)
             ctx.shape, ctx.block = shape, block
             return y.view(shape)
@@ -63,7 +64,8 @@ if HAS_TRITON:
             dy2 = dy.reshape(-1, n).contiguous()
             dx = torch.empty_like(x2)
             dw_rows = torch.empty(x2.shape, dtype=torch.float32, device=x2.device)
-            _rms_bwd[(x2.shape[0],)](dy2, x2, weight.contiguous(), rstd, dx, dw_rows, n, BLOCK=ctx.block)
+            if x2.shape[0]:
+                _rms_bwd[(x2.shape[0],)](dy2, x2, weight.contiguous(), rstd, dx, dw_rows, n, BLOCK=ctx.block)
             return dx.view(ctx.shape), dw_rows.sum(0).to(weight.dtype), None
 
 

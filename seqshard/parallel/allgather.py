@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 from seqshard.kernels import attention
 
-from .comm import all_gather
+from .comm import all_gather, keep_in_graph
 from .ulysses import _orders
 
 
@@ -46,6 +46,8 @@ def allgather_attention(q, k, v, plan, group, causal=True, softmax_scale=None):
     cu_q = torch.tensor(np.concatenate([[0], np.cumsum(q_lens, dtype=np.int64)]), dtype=torch.int32, device=dev)
     cu_k = torch.tensor(np.concatenate([[0], np.cumsum([b - a for a, b in k_ranges], dtype=np.int64)]),
                         dtype=torch.int32, device=dev)
-    return attention(q, kv_seg[:, :n_kv], kv_seg[:, n_kv:], cu_q, cu_k, max(q_lens, default=0),
-                     int((cu_k[1:] - cu_k[:-1]).max()) if len(k_ranges) else 0, causal=causal,
-                     softmax_scale=softmax_scale)
+    out = attention(q, kv_seg[:, :n_kv], kv_seg[:, n_kv:], cu_q, cu_k, max(q_lens, default=0),
+                    int((cu_k[1:] - cu_k[:-1]).max()) if len(k_ranges) else 0, causal=causal,
+                    softmax_scale=softmax_scale)
+    # a shard of padding reads no gathered key: the all-gather's backward must still run here
+    return keep_in_graph(out, gathered)

@@ -2,6 +2,14 @@
 
 Every call is counted by ``seqshard.dist.comm_stats.record`` (bytes this rank sends, seconds),
 which also turns a failed or timed-out collective into an error naming the rank and operation.
+
+DESIGN.md invariant 8: a rank must take part in the backward collective of every forward
+collective, whatever its shard holds. An ``autograd.Function`` gets a backward node only when
+one of its inputs requires grad, and a rank whose shard is all padding may feed a collective
+constants (zero states, no real tokens). So every Function here also takes ``graph_anchor()``,
+an empty tensor that requires grad whenever autograd is recording: the node exists on every
+rank or on none (``torch.no_grad`` is a per-step decision all ranks share). The caller keeps the
+output in its result (``keep_in_graph``), so backward reaches the node on every rank.
 """
 from __future__ import annotations
 
@@ -15,21 +23,36 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
+def graph_anchor(like: torch.Tensor) -> torch.Tensor:
+    """An empty tensor that requires grad when autograd records: passed to a collective's
+    ``autograd.Function`` so its backward node exists whatever the other inputs are."""
+    return torch.empty(0, device=like.device, requires_grad=torch.is_grad_enabled())
+
+
+def keep_in_graph(out: torch.Tensor, *used: torch.Tensor) -> torch.Tensor:
+    """``out`` plus a zero that depends on ``used`` (outputs of collectives this rank does not
+    otherwise need), so backward runs their collectives here too. Same value, zero gradient."""
+    for t in used:
+        if t.requires_grad:
+            out = out + 0.0 * t.sum().to(out.dtype)
+    return out
+
+
 def all_to_all(x: torch.Tensor, group, op: str = "all_to_all") -> torch.Tensor:
     """``x`` ``[P, ...]``: chunk j goes to rank j; returns ``[P, ...]`` with chunk i from rank i.
     Sends ``(P-1)/P`` of ``x``; its own backward (the same exchange) undoes it."""
-    return _AllToAll.apply(x, group, op)
+    return _AllToAll.apply(x, group, op, graph_anchor(x))
 
 
 class _AllToAll(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, group, op):
+    def forward(ctx, x, group, op, _anchor):
         ctx.group, ctx.op = group, op
         return _exchange(x, group, op)
 
     @staticmethod
     def backward(ctx, grad):
-        return _exchange(grad, ctx.group, ctx.op + ".bwd"), None, None
+        return _exchange(grad, ctx.group, ctx.op + ".bwd"), None, None, None
 
 
 def _exchange(x, group, op):
@@ -43,12 +66,12 @@ def _exchange(x, group, op):
 
 def all_gather(x: torch.Tensor, group, op: str = "all_gather") -> torch.Tensor:
     """``x`` ``[n, ...]`` -> ``[P, n, ...]`` (rank order); backward reduce-scatters the gradient."""
-    return _AllGather.apply(x, group, op)
+    return _AllGather.apply(x, group, op, graph_anchor(x))
 
 
 class _AllGather(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, group, op):
+    def forward(ctx, x, group, op, _anchor):
         ctx.group, ctx.op = group, op
         world = dist.get_world_size(group)
         x = x.contiguous()
@@ -59,7 +82,7 @@ class _AllGather(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        return reduce_scatter_sum(grad, ctx.group, ctx.op + ".bwd"), None, None
+        return reduce_scatter_sum(grad, ctx.group, ctx.op + ".bwd"), None, None, None
 
 
 def reduce_scatter_sum(x: torch.Tensor, group, op: str = "reduce_scatter") -> torch.Tensor:
@@ -77,6 +100,8 @@ def ring_exchange(tensor: torch.Tensor, group, op: str = "ring.p2p"):
     while the caller computes on the current block (batch_isend_irecv)."""
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     tensor = tensor.contiguous()
+    if world == 1:  # a ring of one (USP with ulysses == sp): the block comes back to itself
+        return tensor, lambda: tensor
     received = torch.empty_like(tensor)
     ops = [dist.P2POp(dist.isend, tensor, dist.get_global_rank(group, (rank + 1) % world), group),
            dist.P2POp(dist.irecv, received, dist.get_global_rank(group, (rank - 1) % world), group)]

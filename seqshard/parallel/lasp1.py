@@ -12,6 +12,7 @@ import torch.distributed as dist
 
 from seqshard.dist.comm_stats import record
 
+from .comm import graph_anchor, keep_in_graph
 from .lasp2 import add_incoming, local_pieces, rank_layouts
 
 
@@ -29,10 +30,11 @@ def _recv(like, src, group, op):
 
 class _StateChain(torch.autograd.Function):
     """``(S_last, a) -> S_in``: forward passes ``S_end = exp(a) S_in + S_last`` rank to rank;
-    backward passes ``dS_end`` back. Every rank takes part in both hops of the chain."""
+    backward passes ``dS_end`` back. Every rank takes part in both hops of the chain (the anchor
+    puts the node on every rank's graph, see ``comm.py``)."""
 
     @staticmethod
-    def forward(ctx, last_state, last_decay, group, continues, single):
+    def forward(ctx, last_state, last_decay, group, continues, single, _anchor):
         world, rank = dist.get_world_size(group), dist.get_rank(group)
         s_in = torch.zeros_like(last_state)
         if rank > 0:
@@ -60,7 +62,7 @@ class _StateChain(torch.autograd.Function):
         d_s_in = d_in + (decay * d_end if ctx.carry else 0)
         if rank > 0:
             _send(d_s_in, rank - 1, group, "lasp1.state_grad")
-        return d_last, d_decay, None, None, None
+        return d_last, d_decay, None, None, None, None
 
 
 def lasp1_attention(q, k, v, g, plan, group):
@@ -70,7 +72,7 @@ def lasp1_attention(q, k, v, g, plan, group):
     layout = layouts[rank]
     scale = q.shape[-1] ** -0.5
     out, state, decay, first_cum = local_pieces(q, k, v, g, layout, scale)
-    s_in = _StateChain.apply(state, decay, group, layout.continues, layout.single)
+    s_in = _StateChain.apply(state, decay, group, layout.continues, layout.single, graph_anchor(state))
     if layout.continues:
         return add_incoming(out, q, first_cum, s_in, layout, scale)
-    return out + 0.0 * s_in.sum()  # keep the chain's backward hop on every rank (see lasp2.py)
+    return keep_in_graph(out, s_in)  # the chain's backward hop runs on every rank

@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from seqshard.kernels.linear_attention import linear_attention
 
-from .comm import all_gather
+from .comm import all_gather, keep_in_graph
 
 
 @dataclass(frozen=True)
@@ -42,11 +42,10 @@ def rank_layouts(plan) -> list[RankLayout]:
 def local_pieces(q, k, v, g, layout: RankLayout, scale):
     """Each piece from a zero state, all in one varlen ``linear_attention`` call (padding runs are
     segments of their own whose output is zeroed). Returns the output ``[T/P, H, V]`` (padding
-    rows zero), the state after the last piece ``[H, K, V]`` and the last piece's total log decay
-    ``[H]``, and the first piece's cumulative decay ``[n, H]`` (for the inter-rank term)."""
+    rows zero), the fp32 state after the last piece ``[H, K, V]`` and the last piece's total log
+    decay ``[H]``, and the first piece's cumulative decay ``[n, H]`` (for the inter-rank term).
+    The kernel runs on every shard, one of padding only too, so q, k, v, g always get a gradient."""
     t, h, dk, dv = q.shape[0], q.shape[1], q.shape[2], v.shape[-1]
-    if not layout.pieces:
-        return q.new_zeros(t, h, dv), q.new_zeros(h, dk, dv), q.new_zeros(h), None
     bounds = sorted({0, t} | {off for _, off, _ in layout.pieces} | {off + n for _, off, n in layout.pieces})
     cu = torch.tensor(bounds, dtype=torch.int32, device=q.device)
     real = torch.zeros(t, dtype=torch.bool, device=q.device)
@@ -55,11 +54,13 @@ def local_pieces(q, k, v, g, layout: RankLayout, scale):
     o, states = linear_attention(q[None], k[None], v[None], None if g is None else g[None], scale,
                                  output_final_state=True, cu_seqlens=cu)
     out = o[0] * real[:, None, None].to(o.dtype)
+    if not layout.pieces:  # padding only: nothing flows to the next rank
+        return out, q.new_zeros(h, dk, dv, dtype=torch.float32), q.new_zeros(h, dtype=torch.float32), None
     (_, first_off, first_n), (_, last_off, last_n) = layout.pieces[0], layout.pieces[-1]
     last_state = states[bounds.index(last_off)]
     if g is None:
-        return out, last_state, q.new_zeros(h), torch.zeros(first_n, h, device=q.device)
-    return out, last_state, g[last_off:last_off + last_n].sum(0), g[first_off:first_off + first_n].cumsum(0)
+        return out, last_state, q.new_zeros(h, dtype=torch.float32), torch.zeros(first_n, h, device=q.device)
+    return out, last_state, g[last_off:last_off + last_n].float().sum(0), g[first_off:first_off + first_n].cumsum(0)
 
 
 def incoming_state(states, decays, layouts, rank):
@@ -94,14 +95,12 @@ def lasp2_attention(q, k, v, g, plan, group):
     scale = q.shape[-1] ** -0.5
     out, state, decay, first_cum = local_pieces(q, k, v, g, layouts[rank], scale)
     h, dk, dv = state.shape
-    packed = torch.cat([state.reshape(-1), decay.reshape(-1)])  # one buffer: [H K V + H]
+    packed = torch.cat([state.reshape(-1), decay.reshape(-1)])  # one fp32 buffer on every rank: [H K V + H]
     gathered = all_gather(packed, group, "lasp2.states")  # [P, H K V + H]
     states = gathered[:, :h * dk * dv].reshape(-1, h, dk, dv)
     decays = gathered[:, h * dk * dv:]
     s_in = incoming_state(states, decays, layouts, rank)
     if s_in is not None:
         return add_incoming(out, q, first_cum, s_in, layouts[rank], scale)
-    # Keep the all-gather in this rank's graph (its gradient is zero) so its backward
-    # collective runs on every rank of the group; otherwise the peers' reduce-scatter would pair
-    # with whatever collective this rank issues next.
-    return out + 0.0 * gathered.sum()
+    # the all-gather's backward is a collective: it must run here too (DESIGN.md invariant 8)
+    return keep_in_graph(out, gathered)

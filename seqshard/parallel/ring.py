@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from seqshard.kernels.attention import attention_backward, attention_forward
 
-from .comm import ring_exchange
+from .comm import graph_anchor, ring_exchange
 
 
 def _ranges(spans, device):
@@ -73,7 +73,7 @@ def _merge(out, lse, idx, o, block_lse):
 
 class _RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, plan, group, causal, scale):
+    def forward(ctx, q, k, v, plan, group, causal, scale, _anchor):
         world, rank = dist.get_world_size(group), dist.get_rank(group)
         calls = [block_calls(plan, rank, (rank - j) % world, causal, q.device) for j in range(world)]
         out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
@@ -111,9 +111,10 @@ class _RingAttention(torch.autograd.Function):
                 kv, dkv = wait_kv(), wait_dkv()
             else:  # the last hop brings every block's dK/dV home
                 dkv = ring_exchange(dkv, group, "ring.dkv")[1]()
-        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None, None
+        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None, None, None
 
 
 def ring_attention(q, k, v, plan, group, causal=True, softmax_scale=None):
     """q ``[T/P, H, D]``, k/v ``[T/P, H_kv, D]`` local shards -> output ``[T/P, H, D]``."""
-    return _RingAttention.apply(q, k, v, plan, group, causal, softmax_scale)
+    # the anchor keeps the backward ring on every rank's graph (DESIGN.md invariant 8, comm.py)
+    return _RingAttention.apply(q, k, v, plan, group, causal, softmax_scale, graph_anchor(q))

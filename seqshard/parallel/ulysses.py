@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 from seqshard.kernels import attention
 
-from .comm import all_to_all
+from .comm import all_to_all, keep_in_graph
 
 
 def kv_head_map(n_heads: int, n_kv_heads: int, world: int) -> list[int] | None:
@@ -73,4 +73,5 @@ def ulysses_attention(q, k, v, plan, group, causal=True, softmax_scale=None):
     cu = torch.tensor(plan.padded_cu_seqlens(), dtype=torch.int32, device=q.device)
     max_len = int((cu[1:] - cu[:-1]).max()) if len(cu) > 1 else 0
     out = attention(qf, kf, vf, cu, cu, max_len, max_len, causal=causal, softmax_scale=softmax_scale)
+    out = keep_in_graph(out, qf)  # backward reaches the first all-to-all on every rank
     return gather_heads(out[to_rank_major], group)

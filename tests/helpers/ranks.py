@@ -4,6 +4,8 @@
 through a ``file://`` store in a fresh temp dir, calls ``fn(rank, world_size, *args)`` and
 returns the list of per-rank return values (which must be picklable). A rank that raises
 has its traceback re-raised in the test; a run past ``timeout`` seconds fails.
+``collective_timeout`` (seconds) bounds every collective of the process group, so a test of a
+shape that used to hang fails fast with the rank's CollectiveError instead of waiting 120 s.
 ``fn`` must be importable (defined at module level of a test module).
 """
 from __future__ import annotations
@@ -17,7 +19,7 @@ from datetime import timedelta
 import torch.multiprocessing as mp
 
 
-def _worker(rank, world_size, init_file, fn, args, queue):
+def _worker(rank, world_size, init_file, fn, args, queue, collective_timeout=120):
     import torch
     import torch.distributed as dist
 
@@ -25,7 +27,7 @@ def _worker(rank, world_size, init_file, fn, args, queue):
     torch.set_num_threads(1)
     try:
         dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                                world_size=world_size, timeout=timedelta(seconds=120))
+                                world_size=world_size, timeout=timedelta(seconds=collective_timeout))
         result = fn(rank, world_size, *args)
         queue.put((rank, "ok", result))
     except BaseException:  # noqa: BLE001 - re-raised in the parent with the traceback
@@ -35,12 +37,12 @@ def _worker(rank, world_size, init_file, fn, args, queue):
             dist.destroy_process_group()
 
 
-def run_ranks(world_size, fn, *args, timeout=300):
+def run_ranks(world_size, fn, *args, timeout=300, collective_timeout=120):
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
     with tempfile.TemporaryDirectory() as tmp:
         init_file = os.path.join(tmp, "rendezvous")
-        procs = [ctx.Process(target=_worker, args=(r, world_size, init_file, fn, args, queue))
+        procs = [ctx.Process(target=_worker, args=(r, world_size, init_file, fn, args, queue, collective_timeout))
                  for r in range(world_size)]
         for p in procs:
             p.start()

@@ -4,7 +4,9 @@
 cu_seqlens=None) -> (o, final_state)``: q, k ``[B, T, H, K]``, v ``[B, T, H, V]``, optional
 per-token per-head log decay g ``[B, T, H]``, states ``[B or N, H, K, V]``, scale ``K ** -0.5``
 by default; with ``cu_seqlens`` B is 1 and the N documents are independent (state reset at each
-start), ``initial_state`` / ``final_state`` holding one state per document.
+start), ``initial_state`` / ``final_state`` holding one state per document. Zero-length
+documents (repeated ``cu_seqlens`` entries) and ``T = 0`` are accepted on every path: an empty
+document's final state is its initial state (zeros without one).
 
 Dispatch (``..dispatch.use_triton``): on CUDA tensors, or with ``SEQSHARD_KERNELS=triton``, the
 Triton kernel of ``triton_chunk.py`` runs (forward and backward, native varlen: no Python loop
@@ -43,8 +45,11 @@ def linear_attention(q, k, v, g=None, scale=None, initial_state=None, output_fin
         o, s = impl(qd, kd, vd, gd, scale, init, True)
         outs.append(o)
         states.append(s)
-    o = torch.cat(outs, 1) if outs else q.new_zeros(1, 0, q.shape[2], v.shape[-1])
-    return o, (torch.cat(states, 0) if output_final_state else None)
+    if not outs:  # no document at all (``cu_seqlens == [0]``)
+        h, dk, dv = q.shape[2], q.shape[3], v.shape[-1]
+        empty = v[:, :0].to(q.dtype)  # [1, 0, H, V], on the autograd graph like a kernel's output
+        return empty, (q.new_zeros(0, h, dk, dv, dtype=torch.float32) if output_final_state else None)
+    return torch.cat(outs, 1), (torch.cat(states, 0) if output_final_state else None)
 
 
 __all__ = ["linear_attention", "chunk_linear_attention", "naive_linear_attention"]

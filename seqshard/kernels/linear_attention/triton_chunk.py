@@ -19,10 +19,14 @@ kernels on the same grid: ``_bwd_dq``, a forward sweep recomputing ``S`` for
     dk = scale * ((do @ v^T) * D)^T @ q + exp(G_C - G) * (v @ dS^T)
     dS <- exp(G_C) dS + scale * (q * exp(G))^T @ do        (d initial_state at the start)
 
-``dq`` / ``dk`` sum over value blocks (partials summed in torch); ``dg`` comes from ``dq`` /
-``dk`` in torch (see ``_decay_grad``). ``tl.dot`` operands are rounded to the input dtype (the
-fp32 state too), accumulation and the carried state are fp32; fp32 inputs use IEEE fp32 dots
-(no TF32). Under the interpreter the rounded operands are upcast to fp32 (numpy has no bf16).
+``dq`` / ``dk`` sum over value blocks (partials summed in torch); the kernels leave out the
+``s = t`` terms of ``D`` in ``dq`` / ``dk`` (torch adds ``scale (do_t . v_t) k_t`` / ``.. q_t``
+after ``dg``): ``dg`` comes from ``dq`` / ``dk`` in torch (see ``_decay_grad``), where those terms
+cancel exactly and would otherwise swamp a ``dg`` of order ``exp(-10)``. (Under constant decays
+near -30 the final-state term still cancels: ``dg`` is then accurate relative to the other
+gradients, not to its own tiny size; the torch chunk form is accurate there.)
+``tl.dot`` operands are rounded to the input dtype (the fp32 state too), accumulation and the
+carried state are fp32; fp32 inputs use IEEE fp32 dots (no TF32). Under the interpreter the rounded operands are upcast to fp32 (numpy has no bf16).
 """
 from __future__ import annotations
 
@@ -53,22 +57,23 @@ def _tile(P, bos, rows, r_ok, h, H, D, cols, c_ok):
 
 
 @triton.jit
-def _cum_decay(G, bos, rows, r_ok, h, H, HAS_G: tl.constexpr, C: tl.constexpr):
-    """Chunk cumulative log decay ``G`` ``[C]`` (padding rows add 0, so they repeat the last
-    valid value) and the chunk total ``G_C`` (its value at the chunk's last row)."""
+def _chunk_decays(G, bos, rows, r_ok, h, H, offs_c, HAS_G: tl.constexpr, C: tl.constexpr):
+    """Decays of one chunk, every exponent a sum of log decays (<= 0) summed on its own:
+    ``cum`` ``[C]`` (``G_t``, from the chunk start; padding rows add 0), ``last`` (``G_C``),
+    ``dmat`` ``[C, C]`` (``D[t, s] = exp(g_{s+1} + ... + g_t)`` for ``s <= t``, else 0) and
+    ``to_end`` ``[C]`` (``exp(g_{s+1} + ... + g_C)``). The segment sums come from a masked
+    cumulative sum (Mamba-2's ``segsum``), not from ``G_t - G_s``, which cancels after strong decays."""
     if HAS_G:
         g = tl.load(G + (bos + rows) * H + h, mask=r_ok, other=0.0).to(tl.float32)
     else:
         g = tl.zeros([C], tl.float32)
     cum = tl.cumsum(g, 0)
-    return cum, tl.max(tl.where(tl.arange(0, C) == C - 1, cum, float("-inf")), 0)
-
-
-@triton.jit
-def _decay_matrix(cum, offs_c):
-    """``D[t, s] = exp(G_t - G_s)`` for ``s <= t``, else 0 (``[C, C]``)."""
-    causal = offs_c[:, None] >= offs_c[None, :]
-    return tl.exp(tl.where(causal, cum[:, None] - cum[None, :], float("-inf")))
+    last = tl.sum(tl.where(offs_c == C - 1, cum, 0.0), 0)
+    terms = tl.where(offs_c[:, None] > offs_c[None, :], g[:, None], 0.0)  # [C(r), C(s)]: g_r for r > s
+    seg = tl.cumsum(terms, 0)  # [C(t), C(s)]: g_{s+1} + ... + g_t
+    dmat = tl.where(offs_c[:, None] >= offs_c[None, :], tl.exp(seg), 0.0)
+    to_end = tl.exp(tl.sum(tl.where(offs_c[:, None] == C - 1, seg, 0.0), 0))  # row C - 1
+    return cum, last, dmat, to_end
 
 
 @triton.jit
@@ -78,9 +83,9 @@ def _state_ptrs(P, n, h, H, DK, DV, offs_k, offs_v):
 
 
 @triton.jit
-def _advance(state, k, v, cum, last, PREC: tl.constexpr, F32: tl.constexpr):
+def _advance(state, k, v, to_end, last, PREC: tl.constexpr, F32: tl.constexpr):
     """State after the chunk: ``exp(G_C) S + (k * exp(G_C - G))^T @ v`` (``[BK, BV]`` fp32)."""
-    k_dec = (k * tl.exp(last - cum)[:, None]).to(k.dtype)  # [C, BK]
+    k_dec = (k * to_end[:, None]).to(k.dtype)  # [C, BK]
     return state * tl.exp(last) + _dot(tl.trans(k_dec), v, PREC, F32)
 
 
@@ -112,13 +117,13 @@ def _fwd(Q, K, V, G, S0, O, SF, CU, scale, H, DK, DV,
         q = _tile(Q, bos, rows, r_ok, h, H, DK, offs_k, k_ok)  # [C, BK]
         k = _tile(K, bos, rows, r_ok, h, H, DK, offs_k, k_ok)  # [C, BK]
         v = _tile(V, bos, rows, r_ok, h, H, DV, offs_v, v_ok)  # [C, BV]
-        cum, last = _cum_decay(G, bos, rows, r_ok, h, H, HAS_G, C)
-        scores = _dot(q, tl.trans(k), PREC, F32) * _decay_matrix(cum, offs_c)  # [C, C]
+        cum, last, dmat, to_end = _chunk_decays(G, bos, rows, r_ok, h, H, offs_c, HAS_G, C)
+        scores = _dot(q, tl.trans(k), PREC, F32) * dmat  # [C, C]
         o = _dot((q * tl.exp(cum)[:, None]).to(dt), state.to(dt), PREC, F32) \
             + _dot(scores.to(dt), v, PREC, F32)  # [C, BV]
         tl.store(O + ((bos + rows)[:, None] * H + h) * DV + offs_v[None, :], (scale * o).to(O.dtype.element_ty),
                  mask=r_ok[:, None] & v_ok[None, :])
-        state = _advance(state, k, v, cum, last, PREC, F32)
+        state = _advance(state, k, v, to_end, last, PREC, F32)
     tl.store(_state_ptrs(SF, n, h, H, DK, DV, offs_k, offs_v), state, mask=s_mask)
 
 
@@ -140,13 +145,14 @@ def _bwd_dq(Q, K, V, G, S0, DO, DQ, CU, scale, H, DK, DV, nv_stride,
         k = _tile(K, bos, rows, r_ok, h, H, DK, offs_k, k_ok)  # [C, BK]
         v = _tile(V, bos, rows, r_ok, h, H, DV, offs_v, v_ok)  # [C, BV]
         do = _tile(DO, bos, rows, r_ok, h, H, DV, offs_v, v_ok)  # [C, BV]
-        cum, last = _cum_decay(G, bos, rows, r_ok, h, H, HAS_G, C)
-        dp = _dot(do, tl.trans(v), PREC, F32) * _decay_matrix(cum, offs_c)  # [C, C]
+        cum, last, dmat, to_end = _chunk_decays(G, bos, rows, r_ok, h, H, offs_c, HAS_G, C)
+        strict = tl.where(offs_c[:, None] > offs_c[None, :], dmat, 0.0)  # s < t: the diagonal is added in torch
+        dp = _dot(do, tl.trans(v), PREC, F32) * strict  # [C, C]
         dq = tl.exp(cum)[:, None] * _dot(do, tl.trans(state.to(dt)), PREC, F32) \
             + _dot(dp.to(dt), k, PREC, F32)  # [C, BK]
         tl.store(DQ + iv * nv_stride + ((bos + rows)[:, None] * H + h) * DK + offs_k[None, :], scale * dq,
                  mask=r_ok[:, None] & k_ok[None, :])
-        state = _advance(state, k, v, cum, last, PREC, F32)
+        state = _advance(state, k, v, to_end, last, PREC, F32)
 
 
 @triton.jit
@@ -170,11 +176,10 @@ def _bwd_dkv(Q, K, V, G, DO, DSF, DK_, DV_, DS0, CU, scale, H, DK, DV, nv_stride
         k = _tile(K, bos, rows, r_ok, h, H, DK, offs_k, k_ok)
         v = _tile(V, bos, rows, r_ok, h, H, DV, offs_v, v_ok)
         do = _tile(DO, bos, rows, r_ok, h, H, DV, offs_v, v_ok)
-        cum, last = _cum_decay(G, bos, rows, r_ok, h, H, HAS_G, C)
-        dmat = _decay_matrix(cum, offs_c)
+        cum, last, dmat, to_end = _chunk_decays(G, bos, rows, r_ok, h, H, offs_c, HAS_G, C)
         scores = (_dot(q, tl.trans(k), PREC, F32) * dmat).to(dt)  # [C(t), C(s)]
-        dp = (_dot(do, tl.trans(v), PREC, F32) * dmat).to(dt)  # [C(t), C(s)]
-        to_end = tl.exp(last - cum)  # [C]
+        strict = tl.where(offs_c[:, None] > offs_c[None, :], dmat, 0.0)  # s < t: the diagonal is added in torch
+        dp = (_dot(do, tl.trans(v), PREC, F32) * strict).to(dt)  # [C(t), C(s)]
         ds = dstate.to(dt)
         dv = scale * _dot(tl.trans(scores), do, PREC, F32) + _dot((k * to_end[:, None]).to(dt), ds, PREC, F32)
         dk = scale * _dot(tl.trans(dp), q, PREC, F32) + to_end[:, None] * _dot(v, tl.trans(ds), PREC, F32)
@@ -258,6 +263,9 @@ def _decay_grad(q, k, dq, dk, final, dsf, cu):
         dL/dG_t = sum_K q_t dq_t - sum_K k_t dk_t + [t = L] sum(dS_final * S_final)
 
     and ``dL/dg_r = sum_{t >= r} dL/dG_t`` (reverse cumulative sum inside the document).
+    The ``s = t`` terms of ``dq_t`` and ``dk_t`` add the same ``scale (q_t . k_t)(do_t . v_t)`` to
+    both sums, so ``dq`` / ``dk`` may come without them (the kernels' are), which avoids that
+    cancellation.
     """
     d_cum = (q.float() * dq).sum(-1) - (k.float() * dk).sum(-1)  # [TT, H]
     lens = (cu[1:] - cu[:-1]).long()
@@ -287,10 +295,13 @@ class _ChunkLinearAttention(torch.autograd.Function):
         do = torch.zeros(*q.shape[:2], v.shape[-1], dtype=q.dtype, device=q.device) if do is None \
             else do.to(q.dtype).contiguous()
         dsf = None if dsf is None else dsf.float().contiguous()
-        dq, dk, dv, ds0 = _backward(q, k, v, g, s0, do, dsf, cu, ctx.scale)
+        dq, dk, dv, ds0 = _backward(q, k, v, g, s0, do, dsf, cu, ctx.scale)  # dq, dk without s = t terms
         dg = None
         if g is not None and ctx.needs_input_grad[3]:
             dg = _decay_grad(q, k, dq, dk, final, dsf, cu).to(g.dtype)
+        # the s = t terms (decay exp(0) = 1): scale * (do_t . v_t) k_t into dq_t, the same times q_t into dk_t
+        diag = ctx.scale * (do.float() * v.float()).sum(-1, keepdim=True)  # [TT, H, 1]
+        dq, dk = dq + diag * k.float(), dk + diag * q.float()
         ds0 = None if ds0 is None else ds0.to(s0.dtype)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg, ds0, None, None
 
