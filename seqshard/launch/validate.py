@@ -110,14 +110,9 @@ def _check_parallel(p, m, world_size):
                         f"{m.arch} needs lasp1 or lasp2 (hybrid softmax layers use parallel.softmax_method)")
     if p.sp_method == "adaptive":
         if m.arch != "llama":
-            raise SpecError("parallel.sp_method", "adaptive runs Ulysses inside groups: model.arch must be llama")
+            raise SpecError("parallel.sp_method", "adaptive runs Ulysses/Ring/USP inside groups: model.arch must be llama")
         if p.max_sp & (p.max_sp - 1) or p.max_sp > world_size:
             raise SpecError("parallel.max_sp", f"{p.max_sp} must be a power of two <= world size {world_size}")
-        if m.n_heads % p.max_sp:
-            raise SpecError("parallel.max_sp", f"{p.max_sp} does not divide model.n_heads {m.n_heads}")
-        if m.n_kv_heads % p.max_sp and p.max_sp % m.n_kv_heads:
-            raise SpecError("parallel.max_sp", f"{p.max_sp} and model.n_kv_heads {m.n_kv_heads} must divide "
-                            "one another (Ulysses replicates kv heads up to the group size)")
         from seqshard.parallel.hardware import PROFILES
 
         _one_of("parallel.planner.profile", p.planner.profile, tuple(sorted(PROFILES)))
