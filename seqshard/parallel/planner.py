@@ -311,3 +311,14 @@ def best_static_plan(lengths, num_devices: int, *, max_sp: int, memory_tokens: i
     if not plans:
         raise ValueError(f"no static degree up to {max_sp} fits the longest sequence ({int(np.max(lengths))} tokens)")
     return min(plans, key=lambda p: p.predicted_time_s)
+
+
+def lower_bound(lengths, num_devices: int, *, max_sp: int, memory_tokens: int, cost_model) -> float:
+    """A lower bound on the makespan of any plan (the fractional bound): no plan finishes before
+    its longest item on its fastest feasible group, nor before the cheapest device-seconds of all
+    sequences spread evenly over the devices."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    sizes = allowed_group_sizes(num_devices, max_sp)
+    table = _time_table(lengths, sizes, memory_tokens, cost_model)
+    device_time = (table * np.asarray(sizes)).min(axis=1)
+    return float(max(table.min(axis=1).max(), device_time.sum() / num_devices))
