@@ -130,7 +130,7 @@ def _mix_for_target(table, sizes, num_devices, target):
         return None
     scaled = groups * num_devices / demand
     counts = np.floor(scaled).astype(int)
-    need = int(sizes_arr[np.isfinite(table).argmax(axis=1)].max())  # largest minimal group
+    need = int(sizes_arr[choice].max())  # the group the longest-running choice needs
     if not counts[sizes_arr >= need].any():
         counts[sizes.index(need)] = 1
     spare = num_devices - int((counts * sizes_arr).sum())
@@ -156,13 +156,33 @@ def _fractional_makespan(table, sizes, counts):
     return max(max(load), float(sub.min(axis=1).max()))
 
 
-def _greedy(table, sizes, num_devices, keep=3):
+def _ladders(table, sizes, num_devices):
+    """Heterogeneous mixes for long-tailed steps: one group of a size that holds the longest
+    sequence, then ``k`` groups of each smaller power-of-two size below it, the rest singles
+    (one pack per device: the data-parallel part of a hybrid DP x SP step)."""
+    need = min(j for j in range(len(sizes)) if np.isfinite(table[:, j]).all())
+    out = []
+    for top in range(need, len(sizes)):
+        for k in (1, 2, 4):
+            counts, left = {sizes[top]: 1}, num_devices - sizes[top]
+            for j in range(top - 1, 0, -1):
+                c = min(k, left // sizes[j])
+                if c:
+                    counts[sizes[j]] = counts.get(sizes[j], 0) + c
+                    left -= c * sizes[j]
+            if left >= 0 and sizes[0] == 1:
+                counts[1] = counts.get(1, 0) + left
+                out.append({s: c for s, c in counts.items() if c})
+    return out
+
+
+def _greedy(table, sizes, num_devices, keep=4):
     statics = [{s: num_devices // s} for s in sizes if np.isfinite(table[:, sizes.index(s)]).all()]
     device_time = (table * np.asarray(sizes)).min(axis=1)  # cheapest device-seconds per sequence
     lo = max(table.min(axis=1).max(), device_time.sum() / num_devices)
     hi = max(lo, min(_fractional_makespan(table, sizes, c) for c in statics)) if statics else lo * 8
     mixes = [m for m in (_mix_for_target(table, sizes, num_devices, t) for t in np.geomspace(lo, hi, 10)) if m]
-    unique = {tuple(sorted(m.items())): m for m in mixes + statics}.values()
+    unique = {tuple(sorted(m.items())): m for m in mixes + statics + _ladders(table, sizes, num_devices)}.values()
     ranked = sorted(unique, key=lambda m: _fractional_makespan(table, sizes, m))
     plans = [p for p in (_evaluate(table, sizes, m, "greedy") for m in ranked[:keep]) if p]
     best = min((p.predicted_time_s for p in plans), default=np.inf)
