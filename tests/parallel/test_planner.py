@@ -131,3 +131,18 @@ def test_cost_model_sanity():
     assert CM.comm_time(10_000, 1) == 0
     # attention grows quadratically: doubling L more than doubles the FLOPs
     assert CM.flops(200_000) > 2.2 * CM.flops(100_000)
+
+
+def test_hybrid_dp_sp_in_one_plan():
+    """Short sequences packed several per single device (data parallel), long ones in SP groups,
+    decided in the same plan: the balance objective counts the packs' summed times."""
+    rng = np.random.default_rng(11)
+    lengths = np.concatenate([[150_000, 120_000], rng.integers(500, 4000, 600)])
+    plan = plan_step(lengths, 64, max_sp=64, memory_tokens=16384, cost_model=CM)
+    assert_valid(plan, lengths, 64, 16384)
+    per_group = np.bincount(plan.assignment, minlength=len(plan.groups))
+    singles = [g for g, (_, s) in enumerate(plan.groups) if s == 1]
+    assert singles and max(per_group[singles]) > 1  # packs of several short sequences
+    assert plan.groups[plan.assignment[0]][1] >= 16  # the long ones in SP groups
+    static = best_static_plan(lengths, 64, max_sp=64, memory_tokens=16384, cost_model=CM)
+    assert plan.predicted_time_s < static.predicted_time_s
