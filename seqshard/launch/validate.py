@@ -73,9 +73,10 @@ def _check_data(d, dp):
 
 def _check_heads(p, m):
     sp = p.sp
-    if p.sp_method == "ulysses" and m.n_heads % sp:
-        raise SpecError("parallel.sp", f"ulysses needs model.n_heads {m.n_heads} divisible by sp {sp}; "
-                        "use sp_method: ring or usp (with parallel.ulysses dividing the heads) to go past the head count")
+    if p.sp_method == "ulysses" and m.n_heads < sp:
+        raise SpecError("parallel.sp", f"ulysses needs model.n_heads {m.n_heads} >= sp {sp} (heads are split, "
+                        "unevenly when sp does not divide them); use sp_method: ring or usp (with "
+                        "parallel.ulysses dividing the heads) to go past the head count")
     if p.sp_method == "ulysses" and m.n_kv_heads % sp and sp % m.n_kv_heads:
         raise SpecError("parallel.sp", f"ulysses needs model.n_kv_heads {m.n_kv_heads} and sp {sp} "
                         "to divide one another (kv heads are replicated up to sp)")
