@@ -73,9 +73,10 @@ def _check_data(d, dp):
 
 def _check_heads(p, m):
     sp = p.sp
-    if p.sp_method == "ulysses" and m.n_heads % sp:
-        raise SpecError("parallel.sp", f"ulysses needs model.n_heads {m.n_heads} divisible by sp {sp}; "
-                        "use sp_method: ring or usp (with parallel.ulysses dividing the heads) to go past the head count")
+    if p.sp_method == "ulysses" and m.n_heads < sp:
+        raise SpecError("parallel.sp", f"ulysses needs model.n_heads {m.n_heads} >= sp {sp} (heads are split, "
+                        "unevenly when sp does not divide them); use sp_method: ring or usp (with "
+                        "parallel.ulysses dividing the heads) to go past the head count")
     if p.sp_method == "ulysses" and m.n_kv_heads % sp and sp % m.n_kv_heads:
         raise SpecError("parallel.sp", f"ulysses needs model.n_kv_heads {m.n_kv_heads} and sp {sp} "
                         "to divide one another (kv heads are replicated up to sp)")
@@ -110,14 +111,9 @@ def _check_parallel(p, m, world_size):
                         f"{m.arch} needs lasp1 or lasp2 (hybrid softmax layers use parallel.softmax_method)")
     if p.sp_method == "adaptive":
         if m.arch != "llama":
-            raise SpecError("parallel.sp_method", "adaptive runs Ulysses inside groups: model.arch must be llama")
+            raise SpecError("parallel.sp_method", "adaptive runs Ulysses/Ring/USP inside groups: model.arch must be llama")
         if p.max_sp & (p.max_sp - 1) or p.max_sp > world_size:
             raise SpecError("parallel.max_sp", f"{p.max_sp} must be a power of two <= world size {world_size}")
-        if m.n_heads % p.max_sp:
-            raise SpecError("parallel.max_sp", f"{p.max_sp} does not divide model.n_heads {m.n_heads}")
-        if m.n_kv_heads % p.max_sp and p.max_sp % m.n_kv_heads:
-            raise SpecError("parallel.max_sp", f"{p.max_sp} and model.n_kv_heads {m.n_kv_heads} must divide "
-                            "one another (Ulysses replicates kv heads up to the group size)")
         from seqshard.parallel.hardware import PROFILES
 
         _one_of("parallel.planner.profile", p.planner.profile, tuple(sorted(PROFILES)))

@@ -4,12 +4,14 @@ Every rank holds a full replica. At start, one process group is created for ever
 range of every allowed size (``(first, size)`` with ``first % size == 0``), in the same order on
 every rank. Each step, every rank computes the same plan from the step's document lengths
 (:func:`seqshard.parallel.planner.plan_step`), finds the group it belongs to, packs that group's
-documents into one varlen stream, shards it over the group with a ShardPlan and runs Ulysses
-inside the group (a group of one runs plain local attention). Gradients are then summed over all
+documents into one varlen stream, shards it over the group with a ShardPlan and runs the SP
+method the plan chose for that group (``plan.methods``: Ulysses, Ring, or USP for groups past the
+head count; a group of one runs plain local attention). Gradients are then summed over all
 ranks, so the loss trajectory is the single-process one whatever the plan.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -19,7 +21,13 @@ from seqshard.dist.comm_stats import record
 from seqshard.dist.guard import shared_failure
 from seqshard.models.context import VarlenContext, causal_varlen_attention
 
+from .parallelize import DEFAULT_LAYOUT, SPContext
 from .planner import allowed_group_sizes
+
+
+@dataclass
+class AdaptiveContext(SPContext):
+    method: str = "ulysses"  # ulysses | ring | usp: what this step's group runs
 
 
 def create_groups(world_size: int, sizes: list[int]) -> dict:
@@ -31,6 +39,30 @@ def create_groups(world_size: int, sizes: list[int]) -> dict:
             group = dist.new_group(ranks) if size > 1 else None
             groups[(first, size)] = group
     return groups
+
+
+def create_usp_groups(world_size: int, sizes: list[int], cost_model) -> dict:
+    """``{(first, size): (ulysses group, ring group) of this rank}`` for the sizes where USP is
+    possible: U = gcd(heads, size) consecutive ranks form a Ulysses group, ranks with the same
+    Ulysses index form a ring (SP rank = ring index * U + ulysses index, as in usp.py).
+    Collective: every rank creates every group in the same order."""
+    rank, out = dist.get_rank(), {}
+    for size in sizes:
+        if size == 1 or "usp" not in cost_model.methods(size):
+            continue
+        u = math.gcd(cost_model.n_heads, size)
+        for first in range(0, world_size, size):
+            mine = [None, None]
+            for i in range(size // u):
+                ranks = list(range(first + i * u, first + (i + 1) * u))
+                g = dist.new_group(ranks)
+                mine[0] = g if rank in ranks else mine[0]
+            for j in range(u):
+                ranks = list(range(first + j, first + size, u))
+                g = dist.new_group(ranks)
+                mine[1] = g if rank in ranks else mine[1]
+            out[(first, size)] = tuple(mine)
+    return out
 
 
 @dataclass
@@ -49,9 +81,17 @@ def my_work(plan, doc_lengths, rank: int) -> GroupWork:
 
 
 def adaptive_attention(q, k, v, ctx):
-    """Installed on every softmax layer: Ulysses over the step's group, local for groups of one."""
+    """Installed on every softmax layer: the group's method (``ctx.method``), local for groups of one."""
     if isinstance(ctx, VarlenContext):
         return causal_varlen_attention(q, k, v, ctx)
+    if ctx.method == "ring":
+        from .ring import ring_attention
+
+        return ring_attention(q, k, v, ctx.plan, ctx.group, causal=True)
+    if ctx.method == "usp":
+        from .usp import usp_attention
+
+        return usp_attention(q, k, v, ctx.plan, (ctx.ulysses_group, ctx.ring_group), causal=True)
     from .ulysses import ulysses_attention
 
     return ulysses_attention(q, k, v, ctx.plan, ctx.group, causal=True)
@@ -99,6 +139,7 @@ class AdaptiveScatter:
         self.groups = create_groups(world_size, self.sizes)
         bytes_per_element = 2 if spec.train.dtype == "bfloat16" else 4
         self.cost_model = CostModel.from_model_config(spec.model, get_profile(p.planner.profile), bytes_per_element)
+        self.usp_groups = create_usp_groups(world_size, self.sizes, self.cost_model)
         self.last = {}
         install_adaptive(model)
 
@@ -117,7 +158,6 @@ class AdaptiveScatter:
         return box[0]
 
     def __call__(self, batch):
-        from .parallelize import SPContext
         from .plan import ShardPlan
 
         docs = split_documents(batch.rows)
@@ -130,7 +170,8 @@ class AdaptiveScatter:
             tokens_per_group[g] += lengths[i]
         self.last = {"plan_group_sizes": [s for _, s in plan.groups], "plan_tokens_per_group": tokens_per_group,
                      "plan_predicted_s": plan.predicted_time_s, "plan_solve_s": plan.solve_time_s,
-                     "plan_solver": plan.solver}
+                     "plan_solver": plan.solver, "plan_methods": list(plan.methods)}
+        method = plan.methods[plan.group_of_rank(self.rank)]
         for ids in pack_in_order(work.doc_ids, lengths, work.size * self.memory_tokens):
             tokens, labels, positions = (torch.cat([docs[i][k] for i in ids]) for k in range(3))
             doc_lens = [lengths[i] for i in ids]
@@ -138,10 +179,13 @@ class AdaptiveScatter:
                 yield tokens, labels, positions, VarlenContext.from_lengths(doc_lens)
                 continue
             cu = [0, *torch.tensor(doc_lens).cumsum(0).tolist()]
-            shard = ShardPlan.build(cu, work.size, "contiguous")
+            shard = ShardPlan.build(cu, work.size, "contiguous" if method == "ulysses" else DEFAULT_LAYOUT[method])
             r = self.rank - work.first
+            ulysses_group, ring_group = self.usp_groups.get((work.first, work.size), (None, None))
+            ctx = AdaptiveContext(plan=shard, group=group, ulysses_group=ulysses_group, ring_group=ring_group,
+                                  method=method)
             yield (shard.shard(tokens, r, pad_value=self.pad_id), shard.shard(labels, r, pad_value=-100),
-                   shard.shard(positions, r, pad_value=0), SPContext(plan=shard, group=group))
+                   shard.shard(positions, r, pad_value=0), ctx)
 
     def step_metrics(self) -> dict:
         return dict(self.last)

@@ -64,6 +64,34 @@ def _exchange(x, group, op):
     return out
 
 
+def all_to_all_uneven(x: torch.Tensor, in_splits: list[int], out_splits: list[int], group,
+                      op: str = "all_to_all_uneven") -> torch.Tensor:
+    """1-D ``x``: its ``in_splits[j]`` elements (in order) go to rank j; returns the
+    ``out_splits[i]`` elements from each rank i, concatenated. Backward: the reverse exchange."""
+    return _AllToAllUneven.apply(x, in_splits, out_splits, group, op)
+
+
+class _AllToAllUneven(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, in_splits, out_splits, group, op):
+        ctx.splits, ctx.group, ctx.op = (in_splits, out_splits), group, op
+        return _exchange_uneven(x, in_splits, out_splits, group, op)
+
+    @staticmethod
+    def backward(ctx, grad):
+        in_splits, out_splits = ctx.splits
+        return _exchange_uneven(grad, out_splits, in_splits, ctx.group, ctx.op + ".bwd"), None, None, None, None
+
+
+def _exchange_uneven(x, in_splits, out_splits, group, op):
+    x = x.contiguous()
+    out = x.new_empty(sum(out_splits))
+    rank = dist.get_rank(group)
+    with record(op, (sum(in_splits) - in_splits[rank]) * x.element_size()):
+        dist.all_to_all_single(out, x, output_split_sizes=out_splits, input_split_sizes=in_splits, group=group)
+    return out
+
+
 def all_gather(x: torch.Tensor, group, op: str = "all_gather") -> torch.Tensor:
     """``x`` ``[n, ...]`` -> ``[P, n, ...]`` (rank order); backward reduce-scatters the gradient."""
     return _AllGather.apply(x, group, op, graph_anchor(x))

@@ -1,4 +1,7 @@
-"""Cost model of one sequence of length L trained in an SP group of d devices (Ulysses inside).
+"""Cost model of one sequence of length L trained in an SP group of d devices.
+
+The group runs Ulysses, Ring or USP inside (:meth:`CostModel.methods` lists those a size allows;
+:meth:`CostModel.time` takes the fastest, :meth:`CostModel.method_for` names it).
 
 Per layer and token, forward + backward = 3x the forward FLOPs:
 - linear terms: projections q, k, v, o and the SwiGLU MLP, ``2 * params_per_layer`` FLOPs per
@@ -9,11 +12,20 @@ both divided by d (Ulysses splits heads across the group).
 Communication: Ulysses moves q, k, v in and the output back with all-to-alls, 4 in the forward
 and 4 in the backward per layer, each sending ``(d-1)/d`` of the local ``L/d x dim`` activations,
 over the slowest link the group spans (NVLink inside a node, the network across nodes).
-Memory: activations of ``L/d`` tokens per device; the planner bounds that by ``memory_tokens``.
+Ring (Liu et al., 2023): K and V (``2 * kv_dim`` per token) travel d-1 hops per layer in the
+forward, K, V and their gradients (2x that) in the backward, one P2P latency per hop; each hop
+overlaps with the attention block it feeds, so attention costs ``max(attention compute, P2P)``.
+USP (Fang & Zhao, 2024): Ulysses over U = gcd(heads, d) consecutive ranks (all-to-all bytes as
+Ulysses on U), Ring over R = d/U of them carrying ``kv_dim / U`` per token.
+Memory: activations of ``L/d`` tokens per device whatever the method; the planner bounds that
+by ``memory_tokens``.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+
+import numpy as np
 
 from .hardware import HardwareProfile
 
@@ -47,10 +59,55 @@ class CostModel:
     def compute_time(self, length, d: int):
         return self.flops(length) / d / (self.profile.peak_flops * self.profile.mfu)
 
+    def attention_compute_time(self, length, d: int):
+        """The attention part of :meth:`compute_time` (what ring P2P overlaps with)."""
+        return 3.0 * self.n_layers * 2.0 * length * length * self.dim / d / (self.profile.peak_flops * self.profile.mfu)
+
     def link_bandwidth(self, d: int) -> float:
-        """Bandwidth of an aligned group of d devices: NVLink if it fits in one node."""
+        """Bandwidth of an aligned group of d devices: the profile's measured figure for that
+        group size if it has one, else NVLink if it fits in one node, else the network."""
         p = self.profile
+        if p.bw_by_group_size:
+            fitting = [bw for size, bw in p.bw_by_group_size if size <= d]
+            return fitting[-1] if fitting else p.bw_by_group_size[0][1]
         return p.intra_node_bw if d <= p.devices_per_node else p.inter_node_bw
+
+    def methods(self, d: int) -> list[str]:
+        """SP methods a group of d devices can run: ulysses when d divides the head count (and
+        the kv heads split or replicate evenly), usp when only a factor of d does, ring always."""
+        if d == 1:
+            return ["local"]
+        out = []
+        if self.n_heads % d == 0 and (self.n_kv_heads % d == 0 or d % self.n_kv_heads == 0):
+            out.append("ulysses")
+        u = math.gcd(self.n_heads, d)
+        if 1 < u < d and (self.n_kv_heads % u == 0 or u % self.n_kv_heads == 0):
+            out.append("usp")
+        return out + ["ring"]
+
+    def kv_dim(self) -> int:
+        return self.dim // self.n_heads * self.n_kv_heads
+
+    def ring_p2p_time(self, length, d: int, ring: int):
+        """Seconds of ring P2P for one sequence: ``ring - 1`` hops per layer, forward (K, V) and
+        backward (K, V, dK, dV), each hop carrying K/V of ``L/d`` tokens x all kv heads (USP:
+        ``U L/d`` tokens x ``1/U`` of the heads, the same bytes)."""
+        if ring <= 1:
+            return 0.0 * length
+        hop = length / d * 2 * self.kv_dim() * self.bytes_per_element
+        hops = 3 * self.n_layers * (ring - 1)
+        return hops * hop / self.link_bandwidth(d) + hops * self.profile.collective_latency_s
+
+    def method_time(self, length, d: int, method: str):
+        """Predicted seconds of a sequence on a group of d devices running ``method``."""
+        if method in ("local", "ulysses"):
+            return self.compute_time(length, d) + self.comm_time(length, d)
+        u = math.gcd(self.n_heads, d) if method == "usp" else 1
+        ring = d // u
+        attn = self.attention_compute_time(length, d)
+        linear = self.compute_time(length, d) - attn
+        a2a = self.comm_time_over(length, d, u) if u > 1 else 0.0 * length
+        return linear + a2a + np.maximum(attn, self.ring_p2p_time(length, d, ring))
 
     def comm_bytes(self, length, d: int):
         """Bytes one device sends for a sequence: 8 all-to-alls per layer (fwd + bwd)."""
@@ -60,15 +117,27 @@ class CostModel:
         return 8.0 * self.n_layers * local * (d - 1) / d
 
     def comm_time(self, length, d: int):
-        if d == 1:
+        return self.comm_time_over(length, d, d)
+
+    def comm_time_over(self, length, d: int, u: int):
+        """Ulysses all-to-all seconds over ``u`` ranks of a d-device group (u = d: plain Ulysses),
+        each rank holding ``L/d`` tokens."""
+        if u == 1:
             return 0.0 * length
         latency = 8 * self.n_layers * self.profile.collective_latency_s
-        return self.comm_bytes(length, d) / self.link_bandwidth(d) + latency
+        local = length / d * self.dim * self.bytes_per_element
+        return 8.0 * self.n_layers * local * (u - 1) / u / self.link_bandwidth(u) + latency
 
     def time(self, length, d: int):
         """Predicted seconds for sequences of ``length`` tokens (a number or a numpy array) on a
-        group of ``d`` devices."""
-        return self.compute_time(length, d) + self.comm_time(length, d)
+        group of ``d`` devices, running the fastest method the group allows."""
+        times = [self.method_time(length, d, m) for m in self.methods(d)]
+        return times[0] if len(times) == 1 else np.minimum.reduce(times)
+
+    def method_for(self, length, d: int) -> str:
+        """The method :meth:`time` uses for a sequence of ``length`` tokens on d devices."""
+        ms = self.methods(d)
+        return min(ms, key=lambda m: float(self.method_time(length, d, m)))
 
     def memory_per_device(self, length: int, d: int, bytes_per_token: float) -> float:
         return length / d * bytes_per_token

@@ -23,6 +23,10 @@ class HardwareProfile:
     memory_bytes: float  # per device
     collective_latency_s: float  # fixed cost of one collective call
     source: str = ""
+    # measured all-to-all bandwidth per group size, ((size, bytes/s), ...) ascending; when set it
+    # replaces the intra/inter-node rule for every group size (the entry of the largest listed
+    # size <= d applies)
+    bw_by_group_size: tuple = ()
 
     def with_(self, **changes) -> "HardwareProfile":
         return replace(self, **changes)
@@ -45,6 +49,13 @@ PROFILES = {
         "cpu_gloo", peak_flops=1.6e11, mfu=0.1, intra_node_bw=1.04e9, inter_node_bw=1.04e9,
         devices_per_node=4, memory_bytes=8 * 2**30, collective_latency_s=4.6e-4,
         source="seqshard calibrate on a 2-core CPU machine (gloo, loopback)"),
+    # FlexSP (Wang et al., ASPLOS 2025), Table/figure of measured all-to-all bandwidth on their
+    # A100 cluster per SP group size: 2: 154, 4: 137, 8: 121, 16: 8.7 GB/s (across nodes).
+    "a100_flexsp": HardwareProfile(
+        "a100_flexsp", peak_flops=312e12, mfu=0.45, intra_node_bw=121e9, inter_node_bw=8.7e9,
+        devices_per_node=8, memory_bytes=80 * 2**30, collective_latency_s=25e-6,
+        source="FlexSP paper: measured all-to-all bandwidth per group size on its A100 cluster",
+        bw_by_group_size=((2, 154e9), (4, 137e9), (8, 121e9), (16, 8.7e9))),
 }
 
 

@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
+from scipy.optimize import Bounds, LinearConstraint, milp  # imported here: never inside a timed call
 
 
 @dataclass
@@ -34,6 +35,7 @@ class StepPlan:
     status: str = "ok"
     gap: float | None = None
     solve_time_s: float = 0.0
+    methods: list[str] = field(default_factory=list)  # SP method of every group (local for size 1)
 
     def group_of_rank(self, rank: int) -> int:
         for g, (first, size) in enumerate(self.groups):
@@ -43,10 +45,12 @@ class StepPlan:
 
 
 def allowed_group_sizes(num_devices: int, max_sp: int, n_heads: int | None = None) -> list[int]:
-    """Powers of two up to ``max_sp`` dividing the device count (and the head count, for Ulysses)."""
+    """Powers of two up to ``max_sp`` dividing the device count. The head count no longer caps
+    them: a group past it (or not dividing it) runs Ring or USP inside (``n_heads`` is kept for
+    callers; the cost model picks the method per group)."""
     sizes, s = [], 1
     while s <= min(max_sp, num_devices):
-        if num_devices % s == 0 and (n_heads is None or n_heads % s == 0):
+        if num_devices % s == 0:
             sizes.append(s)
         s *= 2
     return sizes
@@ -60,9 +64,10 @@ def _time_table(lengths, sizes, memory_tokens, cost_model):
     unfit = np.isinf(table).all(axis=1)
     if unfit.any():
         i = int(np.flatnonzero(unfit)[0])
-        raise ValueError(f"sequence {i} of length {int(lengths[i])} does not fit: the largest group "
-                         f"({max(sizes)} devices x memory_tokens {memory_tokens}) holds "
-                         f"{max(sizes) * memory_tokens} tokens; raise parallel.max_sp or memory")
+        raise ValueError(f"sequence {i} of length {int(lengths[i])} does not fit: the largest group, "
+                         f"ring/USP over {max(sizes)} devices x memory_tokens {memory_tokens}, holds "
+                         f"{max(sizes) * memory_tokens} tokens (memory bound L <= group size x "
+                         f"memory_tokens); raise parallel.max_sp or memory, or split the sequence")
     return table
 
 
@@ -125,7 +130,7 @@ def _mix_for_target(table, sizes, num_devices, target):
         return None
     scaled = groups * num_devices / demand
     counts = np.floor(scaled).astype(int)
-    need = int(sizes_arr[np.isfinite(table).argmax(axis=1)].max())  # largest minimal group
+    need = int(sizes_arr[choice].max())  # the group the longest-running choice needs
     if not counts[sizes_arr >= need].any():
         counts[sizes.index(need)] = 1
     spare = num_devices - int((counts * sizes_arr).sum())
@@ -151,13 +156,33 @@ def _fractional_makespan(table, sizes, counts):
     return max(max(load), float(sub.min(axis=1).max()))
 
 
-def _greedy(table, sizes, num_devices, keep=3):
+def _ladders(table, sizes, num_devices):
+    """Heterogeneous mixes for long-tailed steps: one group of a size that holds the longest
+    sequence, then ``k`` groups of each smaller power-of-two size below it, the rest singles
+    (one pack per device: the data-parallel part of a hybrid DP x SP step)."""
+    need = min(j for j in range(len(sizes)) if np.isfinite(table[:, j]).all())
+    out = []
+    for top in range(need, len(sizes)):
+        for k in (1, 2, 4):
+            counts, left = {sizes[top]: 1}, num_devices - sizes[top]
+            for j in range(top - 1, 0, -1):
+                c = min(k, left // sizes[j])
+                if c:
+                    counts[sizes[j]] = counts.get(sizes[j], 0) + c
+                    left -= c * sizes[j]
+            if left >= 0 and sizes[0] == 1:
+                counts[1] = counts.get(1, 0) + left
+                out.append({s: c for s, c in counts.items() if c})
+    return out
+
+
+def _greedy(table, sizes, num_devices, keep=4):
     statics = [{s: num_devices // s} for s in sizes if np.isfinite(table[:, sizes.index(s)]).all()]
     device_time = (table * np.asarray(sizes)).min(axis=1)  # cheapest device-seconds per sequence
     lo = max(table.min(axis=1).max(), device_time.sum() / num_devices)
     hi = max(lo, min(_fractional_makespan(table, sizes, c) for c in statics)) if statics else lo * 8
     mixes = [m for m in (_mix_for_target(table, sizes, num_devices, t) for t in np.geomspace(lo, hi, 10)) if m]
-    unique = {tuple(sorted(m.items())): m for m in mixes + statics}.values()
+    unique = {tuple(sorted(m.items())): m for m in mixes + statics + _ladders(table, sizes, num_devices)}.values()
     ranked = sorted(unique, key=lambda m: _fractional_makespan(table, sizes, m))
     plans = [p for p in (_evaluate(table, sizes, m, "greedy") for m in ranked[:keep]) if p]
     best = min((p.predicted_time_s for p in plans), default=np.inf)
@@ -188,8 +213,6 @@ def _buckets(lengths, max_buckets=10):
 def _class_milp(btime, counts, sizes, num_devices, target, time_left):
     """Is there a mix meeting ``target``? Integer groups per size n_s and sequences of bucket b
     per size x_bs with every class's work <= target * n_s, every item <= target, devices <= N."""
-    from scipy.optimize import Bounds, LinearConstraint, milp
-
     nb, ns = btime.shape
     ok = np.isfinite(btime) & (btime <= target)
     nvar = ns + nb * ns  # n_s, then x[b, s]
@@ -220,22 +243,27 @@ def _class_milp(btime, counts, sizes, num_devices, target, time_left):
     return {s: int(c) for s, c in zip(sizes, n) if c}
 
 
-def _milp(table, sizes, num_devices, lengths, time_limit_s, upper):
+def _milp(table, sizes, num_devices, lengths, deadline, upper):
     """Bisection on the makespan; at each target a MILP over length buckets picks the group mix;
-    each mix is assigned exactly. Returns (best plan or None, status, gap to the bound)."""
-    deadline = time.perf_counter() + time_limit_s
+    each mix is assigned exactly. Returns (best plan or None, status, gap to the bound).
+
+    ``deadline`` (a ``time.perf_counter()`` value) bounds the whole search: HiGHS gets the time
+    left, and no new MILP starts when less time is left than the slowest one so far took (HiGHS
+    overshoots small limits by its fixed setup cost)."""
     bucket, nb = _buckets(lengths)
     counts = np.bincount(bucket, minlength=nb)
     btime = np.array([[table[bucket == b, j].max() for j in range(len(sizes))] for b in range(nb)])
     device_time = (table * np.asarray(sizes)).min(axis=1)
     lo = max(table.min(axis=1).max(), device_time.sum() / num_devices)
-    hi, best, status = upper, None, "optimal"
+    hi, best, status, slowest = upper, None, "optimal", 0.0
     while hi - lo > 0.01 * lo:
-        if time.perf_counter() > deadline:
+        now = time.perf_counter()
+        if deadline - now <= slowest:
             status = "time limit"
             break
         target = (lo + hi) / 2
-        mix = _class_milp(btime, counts, sizes, num_devices, target, deadline - time.perf_counter())
+        mix = _class_milp(btime, counts, sizes, num_devices, target, deadline - now)
+        slowest = max(slowest, time.perf_counter() - now)
         plan = _evaluate(table, sizes, mix, "milp") if mix else None
         if plan is None:
             lo = target
@@ -249,22 +277,37 @@ def _milp(table, sizes, num_devices, lengths, time_limit_s, upper):
 
 def plan_step(lengths, num_devices: int, *, max_sp: int, memory_tokens: int, cost_model,
               solver: str = "greedy", time_limit_s: float = 0.05, allowed_sizes=None) -> StepPlan:
-    """Groups and sequence assignment for one step (see module docstring)."""
+    """Groups and sequence assignment for one step (see module docstring).
+
+    With ``solver="milp"``, ``time_limit_s`` bounds the whole call (table, greedy seed and MILP):
+    when the MILP cannot finish, the best plan so far is returned with ``status="time limit"``
+    and its ``gap`` to the lower bound."""
     start = time.perf_counter()
+    deadline = start + time_limit_s
     lengths = np.asarray(lengths, dtype=np.int64)
     sizes = list(allowed_sizes or allowed_group_sizes(num_devices, max_sp, getattr(cost_model, "n_heads", None)))
     table = _time_table(lengths, sizes, memory_tokens, cost_model)
     plan = _greedy(table, sizes, num_devices)
     if solver == "milp":
-        milp_plan, status, gap = _milp(table, sizes, num_devices, lengths, time_limit_s, plan.predicted_time_s)
+        milp_plan, status, gap = _milp(table, sizes, num_devices, lengths, deadline, plan.predicted_time_s)
         if milp_plan is not None and milp_plan.predicted_time_s < plan.predicted_time_s:
             plan = milp_plan
         plan.solver = "milp" if plan is milp_plan else "milp (greedy kept)"
         plan.status, plan.gap = status, gap if gap is not None else plan.gap
     elif solver != "greedy":
         raise ValueError(f"solver {solver!r} is not greedy or milp")
+    _set_methods(plan, lengths, cost_model)
     plan.solve_time_s = time.perf_counter() - start
     return plan
+
+
+def _set_methods(plan, lengths, cost_model):
+    """Each group's method: the cost model's fastest for the longest sequence it was given."""
+    longest = [0] * len(plan.groups)
+    for length, g in zip(lengths.tolist(), plan.assignment):
+        longest[g] = max(longest[g], length)
+    plan.methods = [cost_model.method_for(max(n, 1), size) if size > 1 else "local"
+                    for n, (_, size) in zip(longest, plan.groups)]
 
 
 def static_plan(lengths, num_devices: int, sp: int, *, memory_tokens: int, cost_model) -> StepPlan:
@@ -273,6 +316,7 @@ def static_plan(lengths, num_devices: int, sp: int, *, memory_tokens: int, cost_
     table = _time_table(lengths, [sp], memory_tokens, cost_model)
     plan = _evaluate(table, [sp], {sp: num_devices // sp}, "static")
     assert plan is not None
+    _set_methods(plan, lengths, cost_model)
     return plan
 
 
@@ -287,3 +331,14 @@ def best_static_plan(lengths, num_devices: int, *, max_sp: int, memory_tokens: i
     if not plans:
         raise ValueError(f"no static degree up to {max_sp} fits the longest sequence ({int(np.max(lengths))} tokens)")
     return min(plans, key=lambda p: p.predicted_time_s)
+
+
+def lower_bound(lengths, num_devices: int, *, max_sp: int, memory_tokens: int, cost_model) -> float:
+    """A lower bound on the makespan of any plan (the fractional bound): no plan finishes before
+    its longest item on its fastest feasible group, nor before the cheapest device-seconds of all
+    sequences spread evenly over the devices."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    sizes = allowed_group_sizes(num_devices, max_sp)
+    table = _time_table(lengths, sizes, memory_tokens, cost_model)
+    device_time = (table * np.asarray(sizes)).min(axis=1)
+    return float(max(table.min(axis=1).max(), device_time.sum() / num_devices))

@@ -4,7 +4,10 @@ Each rank holds ``T/P`` tokens of every head. One fused all-to-all (q, k and v p
 buffer) gives each rank all ``T`` tokens of ``H/P`` heads; attention runs locally over whole
 documents (varlen, per the ShardPlan's padded segments); a second all-to-all returns the output
 to the sequence split. GQA: with fewer kv heads than ranks, kv heads are replicated just enough
-for each rank to hold the kv head its query heads read.
+for each rank to hold the kv head its query heads read. When the head count does not divide the
+group size, heads are split unevenly (rank j takes ``H // P`` or one more) with an uneven
+all-to-all (``all_to_all_single`` with split sizes); kv heads are then expanded to one per query
+head first.
 """
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ import torch.distributed as dist
 
 from seqshard.kernels import attention
 
-from .comm import all_to_all, keep_in_graph
+from .comm import all_to_all, all_to_all_uneven, keep_in_graph
 
 
 def kv_head_map(n_heads: int, n_kv_heads: int, world: int) -> list[int] | None:
@@ -35,6 +38,42 @@ def _orders(plan):
     rank_major = plan.padded_index.reshape(-1)
     to_padded = np.argsort(rank_major, kind="stable")
     return torch.from_numpy(to_padded), torch.from_numpy(rank_major)
+
+
+def head_counts(n_heads: int, world: int) -> list[int]:
+    """Query heads per rank: ``H // P``, the first ``H % P`` ranks one more."""
+    return [n_heads // world + (j < n_heads % world) for j in range(world)]
+
+
+def _scatter_heads_uneven(q, k, v, group):
+    """Uneven head split: ``[T/P, H, D]`` -> ``[P * T/P, h_me, D]`` for q, k and v (kv expanded
+    to H heads), in one uneven all-to-all."""
+    world, me = dist.get_world_size(group), dist.get_rank(group)
+    local, n_heads, head_dim = q.shape
+    rep = n_heads // k.shape[1]
+    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # [T/P, H, D]
+    counts = head_counts(n_heads, world)
+    starts = [sum(counts[:j]) for j in range(world)]
+    # per destination j: [T/P, 3 * h_j, D] (q, k, v heads of rank j side by side), flattened
+    send = torch.cat([torch.cat([x[:, a:a + n] for x in (q, k, v)], dim=1).reshape(-1)
+                      for a, n in zip(starts, counts)])
+    mine = counts[me]
+    received = all_to_all_uneven(send, [local * 3 * n * head_dim for n in counts],
+                                 [local * 3 * mine * head_dim] * world, group, "ulysses.qkv")
+    full = received.reshape(world * local, 3 * mine, head_dim)  # [P(src) * T/P, 3 h_me, D]
+    return full.split([mine, mine, mine], dim=1)
+
+
+def _gather_heads_uneven(out, group, n_heads: int):
+    """``[P * T/P, h_me, D]`` (rank-major tokens) -> ``[T/P, H, D]`` with an uneven all-to-all."""
+    world = dist.get_world_size(group)
+    total, mine, head_dim = out.shape
+    local = total // world
+    counts = head_counts(n_heads, world)
+    back = all_to_all_uneven(out.reshape(-1), [local * mine * head_dim] * world,
+                             [local * n * head_dim for n in counts], group, "ulysses.out")
+    pieces = back.split([local * n * head_dim for n in counts])  # from rank j: [T/P, h_j, D]
+    return torch.cat([p.reshape(local, n, head_dim) for p, n in zip(pieces, counts)], dim=1)
 
 
 def scatter_heads(q, k, v, group):
@@ -66,7 +105,12 @@ def gather_heads(out, group):
 
 def ulysses_attention(q, k, v, plan, group, causal=True, softmax_scale=None):
     """q ``[T/P, H, D]``, k/v ``[T/P, H_kv, D]`` local shards -> output ``[T/P, H, D]``."""
-    qf, kf, vf = scatter_heads(q, k, v, group)
+    world = dist.get_world_size(group)
+    if world > q.shape[1]:
+        raise ValueError(f"Ulysses over {world} ranks needs at least {world} query heads, got {q.shape[1]}; "
+                         "use sp_method ring or usp to go past the head count")
+    uneven = q.shape[1] % world != 0
+    qf, kf, vf = _scatter_heads_uneven(q, k, v, group) if uneven else scatter_heads(q, k, v, group)
     to_padded, to_rank_major = _orders(plan)
     to_padded, to_rank_major = to_padded.to(q.device), to_rank_major.to(q.device)
     qf, kf, vf = qf[to_padded], kf[to_padded], vf[to_padded]  # padded global order
@@ -74,4 +118,6 @@ def ulysses_attention(q, k, v, plan, group, causal=True, softmax_scale=None):
     max_len = int((cu[1:] - cu[:-1]).max()) if len(cu) > 1 else 0
     out = attention(qf, kf, vf, cu, cu, max_len, max_len, causal=causal, softmax_scale=softmax_scale)
     out = keep_in_graph(out, qf)  # backward reaches the first all-to-all on every rank
+    if uneven:
+        return _gather_heads_uneven(out[to_rank_major], group, q.shape[1])
     return gather_heads(out[to_rank_major], group)

@@ -1,4 +1,6 @@
 """The per-step planner: valid plans, MILP <= greedy <= best static, deterministic, clear errors."""
+import time
+
 import numpy as np
 import pytest
 
@@ -70,9 +72,52 @@ def test_infeasible_sequence_names_its_length():
         plan_step([1000, 100_000], 8, max_sp=4, memory_tokens=8192, cost_model=CM)
 
 
-def test_allowed_sizes_divide_devices_and_heads():
-    assert allowed_group_sizes(8, 8, n_heads=4) == [1, 2, 4]
+def test_allowed_sizes_divide_devices_not_capped_by_heads():
+    assert allowed_group_sizes(8, 8, n_heads=4) == [1, 2, 4, 8]  # 8 > heads: ring or usp inside
     assert allowed_group_sizes(12, 8) == [1, 2, 4]
+
+
+def test_million_token_sequence_planned_on_ring_or_usp_group():
+    """1M tokens with 16K memory tokens per device needs all 64 devices: past the 32 heads."""
+    lengths = np.array([1 << 20] + [4000] * 100)
+    plan = plan_step(lengths, 64, max_sp=64, memory_tokens=16384, cost_model=CM)
+    g = plan.assignment[0]
+    assert plan.groups[g] == (0, 64)
+    assert plan.methods[g] in ("ring", "usp")
+    assert len(plan.methods) == len(plan.groups)
+
+
+def test_unplaceable_sequence_names_sequence_length_and_bound():
+    with pytest.raises(ValueError, match=r"sequence 1 of length 2000000 does not fit.*ring/USP over 64 devices "
+                                         r"x memory_tokens 16384.*1048576 tokens"):
+        plan_step([10, 2_000_000], 64, max_sp=64, memory_tokens=16384, cost_model=CM)
+
+
+def test_cost_model_methods_per_group_size():
+    assert CM.methods(1) == ["local"]
+    assert CM.methods(8) == ["ulysses", "ring"]
+    assert CM.methods(64) == ["usp", "ring"]  # 32 heads: Ulysses over 32, ring of 2
+    # ring overlaps its P2P with attention: never slower than compute + full P2P
+    L = 200_000
+    assert CM.method_time(L, 64, "ring") <= CM.compute_time(L, 64) + CM.ring_p2p_time(L, 64, 64) + 1e-12
+    assert CM.time(L, 16) == min(CM.method_time(L, 16, m) for m in CM.methods(16))
+
+
+def test_milp_time_limit_bounds_the_whole_call():
+    """The limit covers table, greedy seed and MILP: a hard 512-sequence step returns in time,
+    with the best plan so far and its gap."""
+    rng = np.random.default_rng(7)
+    lengths = np.minimum((rng.pareto(1.05, 512) + 1) * 2000, 500_000).astype(int)
+    plan_step(lengths, 64, max_sp=32, memory_tokens=16384, cost_model=CM, solver="milp", time_limit_s=0.01)  # warm
+    for limit in (0.0, 0.03):
+        start = time.perf_counter()
+        plan = plan_step(lengths, 64, max_sp=32, memory_tokens=16384, cost_model=CM, solver="milp", time_limit_s=limit)
+        elapsed = time.perf_counter() - start
+        assert_valid(plan, lengths, 64, 16384)
+        assert elapsed < limit + 0.1, elapsed  # slack for a loaded 2-core machine; was 0.35-0.5 s at 0.05
+        assert plan.gap is not None and plan.gap >= -1e-9
+    zero = plan_step(lengths, 64, max_sp=32, memory_tokens=16384, cost_model=CM, solver="milp", time_limit_s=0.0)
+    assert zero.status == "time limit" and zero.solver == "milp (greedy kept)"
 
 
 def test_static_plan_uses_one_degree():
@@ -86,3 +131,18 @@ def test_cost_model_sanity():
     assert CM.comm_time(10_000, 1) == 0
     # attention grows quadratically: doubling L more than doubles the FLOPs
     assert CM.flops(200_000) > 2.2 * CM.flops(100_000)
+
+
+def test_hybrid_dp_sp_in_one_plan():
+    """Short sequences packed several per single device (data parallel), long ones in SP groups,
+    decided in the same plan: the balance objective counts the packs' summed times."""
+    rng = np.random.default_rng(11)
+    lengths = np.concatenate([[150_000, 120_000], rng.integers(500, 4000, 600)])
+    plan = plan_step(lengths, 64, max_sp=64, memory_tokens=16384, cost_model=CM)
+    assert_valid(plan, lengths, 64, 16384)
+    per_group = np.bincount(plan.assignment, minlength=len(plan.groups))
+    singles = [g for g, (_, s) in enumerate(plan.groups) if s == 1]
+    assert singles and max(per_group[singles]) > 1  # packs of several short sequences
+    assert plan.groups[plan.assignment[0]][1] >= 16  # the long ones in SP groups
+    static = best_static_plan(lengths, 64, max_sp=64, memory_tokens=16384, cost_model=CM)
+    assert plan.predicted_time_s < static.predicted_time_s

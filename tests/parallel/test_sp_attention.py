@@ -25,3 +25,10 @@ def test_usp_2x2():
     from tests.parallel.sp_checks import check_usp
 
     assert all(run_ranks(4, check_usp, 2, CASES_4, "zigzag"))
+
+
+def test_ulysses_uneven_heads_three_ranks():
+    """3 ranks, 4 query heads: heads split unevenly (2/1/1) by an uneven all-to-all; GQA kv heads
+    expanded per query head."""
+    cases = [([5, 2, 31, 1], 4, 2, True), ([17], 4, 4, False), ([9, 12], 4, 1, True)]
+    assert all(run_ranks(3, check_method, "ulysses", cases, "stream"))

@@ -43,3 +43,17 @@ def test_adaptive_reproduces_single_process_loss(reference, tmp_path):
     sizes = {s for r in rows for s in r["plan_group_sizes"]}
     assert max(sizes) > 1, sizes  # some documents needed a sequence-parallel group
     assert all(sum(r["plan_group_sizes"]) == 4 and r["plan_predicted_s"] > 0 for r in rows)
+
+
+def test_adaptive_ring_group_past_the_head_count(tmp_path):
+    """One query head: a group of 2 cannot run Ulysses, so the planner gives it ring; losses
+    match the single-process run of the same model."""
+    model = ["model.n_heads=1", "model.n_kv_heads=1", "train.steps=3"]
+    reference = run_ranks(1, train_rank, str(tmp_path / "ref"), model)[0]
+    overrides = model + ["parallel.sp_method=adaptive", "parallel.max_sp=2", "parallel.planner.memory_tokens=128"]
+    losses = run_ranks(2, train_rank, str(tmp_path / "adaptive"), overrides)
+    assert losses[0] == losses[1]
+    assert_losses_close(losses[0], reference)
+    rows = read_metrics(tmp_path / "adaptive")
+    methods = {m for r in rows for m in r["plan_methods"]}
+    assert "ring" in methods, methods
