@@ -78,9 +78,12 @@ class TrainSpec:
     log_every: int = 1
     checkpoint_every: int = 50
     collective_timeout_s: float = 300.0
-    engine: str = "torch"  # torch | deepspeed
+    engine: str = "torch"  # torch | fsdp2 | deepspeed
     zero_stage: int = 0
     ds_config: str = ""
+    reshard_after_forward: bool = True  # fsdp2: free gathered block parameters after forward
+    offload_params: bool = False  # fsdp2: parameters, gradients and optimizer states on CPU
+    async_checkpoint: bool = False  # dcp.async_save; committed only after every rank finished
 
 
 @dataclass(frozen=True)

@@ -141,7 +141,7 @@ def setup(spec: Spec) -> Run:
     dist.barrier()
     if denv.rank != 0:
         corpus = load_corpus(d.source, d.text_field, d.cache_dir or None, d.max_documents or None)
-    return Run(spec, denv, device, mesh, build_engine(model, spec, denv.local_rank),
+    return Run(spec, denv, device, mesh, build_engine(model, spec, denv.local_rank, mesh=mesh),
                build_batch_builder(spec, corpus), scatter)
 
 
@@ -157,11 +157,17 @@ def train_step(run: Run, step: int) -> dict:
     engine.set_lr(lr)
     loss_sum = torch.zeros((), dtype=torch.float64)
     local = list(run.scatter(batch))
+    real = [True] * len(local)
+    if getattr(engine, "equal_micro_batches", False):  # fsdp2: every rank in every all-gather
+        from .fsdp import equalize_micro_batches
+
+        real = equalize_micro_batches(local)
     for i, (tokens, labels, positions, ctx) in enumerate(local):
         with autocast:
             loss = engine.forward(tokens.to(run.device), positions.to(run.device), ctx, labels.to(run.device))
-        engine.backward(loss / n_loss, last=i == len(local) - 1)
-        loss_sum += loss.detach().double().cpu()
+        engine.backward((loss if real[i] else loss * 0) / n_loss, last=i == len(local) - 1)
+        if real[i]:
+            loss_sum += loss.detach().double().cpu()
     grad_norm = engine.step()
     dist.all_reduce(loss_sum)
     elapsed = time.perf_counter() - start
@@ -226,6 +232,8 @@ def train(spec: Spec, resume: bool = False, stop_after: int | None = None) -> li
             if (every and step % every == 0) or step == last:
                 path = run.engine.save(spec.train.output_dir, step, _trainer_state(run, step))
                 log.info("checkpoint %s", path)
+    if hasattr(run.engine, "finish_checkpoint"):
+        run.engine.finish_checkpoint()  # an async save commits before the run ends
     writer.close()
     dist.barrier()
     return history
