@@ -44,7 +44,7 @@ class BucketedGradReducer:
     ``finish()`` launches what is left (a parameter without gradient counts as zeros), waits,
     and copies the sums back: the same exact full-batch gradient as ``all_reduce_gradients``.
     Earlier micro-batches only accumulate locally, so replicas may run different micro-batch
-    counts: each runs exactly one armed backward per step.
+    counts: each runs at most one armed backward per step (none: ``finish`` reduces zeros).
     """
 
     def __init__(self, params, group=None, bucket_mb: float = 25.0):
@@ -83,7 +83,8 @@ class BucketedGradReducer:
         self.next = b + 1
 
     def finish(self) -> None:
-        assert self.armed, "arm() before the last micro-batch's backward"
+        if not self.armed:  # a rank with no micro-batch this step still joins every reduction
+            self.arm()
         start = time.perf_counter()
         while self.next < len(self.buckets):
             self._launch(self.next)

@@ -34,7 +34,7 @@ def apply_fsdp(model, mesh, spec):
               "mp_policy": MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32),
               "reshard_after_forward": t.reshard_after_forward}
     if t.offload_params:
-        kwargs["offload_policy"] = CPUOffloadPolicy()
+        kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=torch.cuda.is_available())
     for block in model.layers:
         fully_shard(block, **kwargs)
     fully_shard(model, **kwargs)
