@@ -22,8 +22,8 @@ sys.path.insert(0, str(ROOT))
 
 from tests.helpers.ranks import run_ranks  # noqa: E402
 
-STEPS, WARMUP, TOKENS, BUCKET_MB = 8, 2, 1024, 2.0
-MODEL = dict(dim=256, n_layers=6, n_heads=8, n_kv_heads=4, ffn_dim=768, vocab_size=259)
+STEPS, WARMUP, TOKENS, BUCKET_MB = 4, 1, 512, 1.0
+MODEL = dict(dim=256, n_layers=4, n_heads=8, n_kv_heads=4, ffn_dim=768, vocab_size=259)
 
 
 def overlap_rank(rank, world):
@@ -61,7 +61,7 @@ def overlap_rank(rank, world):
 
 
 def main():
-    per_rank = run_ranks(2, overlap_rank)
+    per_rank = run_ranks(2, overlap_rank, timeout=900)
     r = {k: statistics.median(v) if isinstance(v, list) else v for k, v in per_rank[0].items()}
     r["overlap_fraction"] = 1 - r["bucketed"] / r["flat"]
     print(f"model {MODEL}, {TOKENS} tokens/rank, bucket {BUCKET_MB} MB ({r['buckets']} buckets), 2 gloo ranks")

@@ -89,9 +89,9 @@ def test_resume_into_a_changed_model_names_the_difference_and_exits_2(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "seqshard", "train", str(ROOT / "examples/tiny.yaml")]
     cmd += [f"--set={o}" for o in SMALL + [f"train.output_dir={tmp_path}", "train.steps=1"]]
-    first = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    first = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stderr[-2000:]
     resumed = subprocess.run(cmd + ["--set=model.ffn_dim=96", "--resume"], env=env, capture_output=True,
-                             text=True, timeout=120)
+                             text=True, timeout=300)
     assert resumed.returncode == 2, resumed.stderr[-2000:]
     assert "layers.0.mlp.w1.weight is [128, 64] there, [96, 64] here" in resumed.stderr, resumed.stderr[-2000:]
