@@ -53,10 +53,15 @@ def commit_checkpoint(output_dir, step: int, write, trainer_state: dict) -> Path
     named_barrier("checkpoint.start")
     write(partial)
     torch.save(torch.get_rng_state(), partial / f"rng_{rank}.pt")
+    return _commit(partial, final, step, trainer_state)
+
+
+def _commit(partial: Path, final: Path, step: int, trainer_state: dict) -> Path:
+    """Once every rank has written its shards: marker, then the atomic rename (rank 0)."""
     if os.environ.get(_CRASH_ENV) == str(step):
         os._exit(17)
     named_barrier("checkpoint.written")
-    if rank == 0:
+    if dist.get_rank() == 0:
         (partial / "trainer.json").write_text(json.dumps(trainer_state, indent=1))
         (partial / MARKER).write_text(f"step {step}\n")
         if final.exists():
@@ -86,7 +91,58 @@ def save_checkpoint(output_dir, step: int, model, optimizer, trainer_state: dict
 def load_checkpoint(path: Path, model, optimizer) -> dict:
     """Restore model, optimizer and this rank's RNG in place; return the trainer state."""
     model_sd, optim_sd = get_state_dict(model, optimizer)
+    check_reshardable(path, model_sd)
     state = {"model": model_sd, "optim": optim_sd}
     dcp.load(state, checkpoint_id=str(path))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     return read_trainer_state(path)
+
+
+_ASYNC_GROUP = {}  # one gloo group for DCP's background collectives, per default group
+
+
+def save_checkpoint_async(output_dir, step: int, model, optimizer, trainer_state: dict):
+    """``dcp.async_save`` into ``.partial_step_<N>/``; returns ``finish() -> Path``, a collective
+    that waits for this rank's write and then commits like ``commit_checkpoint``: the rename
+    happens only after the save finished on every rank, so a partial save is never picked up.
+    The background write uses its own gloo group, so training collectives cannot interleave."""
+    root = checkpoint_root(output_dir)
+    final, partial = root / f"step_{step}", root / f".partial_step_{step}"
+    if dist.get_rank() == 0:
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+    dist.barrier()
+    key = id(dist.group.WORLD)
+    if key not in _ASYNC_GROUP:
+        _ASYNC_GROUP[key] = dist.new_group(backend="gloo")
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    future = dcp.async_save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(partial),
+                            process_group=_ASYNC_GROUP[key])
+    torch.save(torch.get_rng_state(), partial / f"rng_{dist.get_rank()}.pt")
+
+    def finish() -> Path:
+        future.result()
+        return _commit(partial, final, step, trainer_state)
+
+    return finish
+
+
+class CheckpointMismatch(ValueError):
+    """A checkpoint whose tensors do not fit the model being resumed (the CLI exits 2)."""
+
+
+def check_reshardable(path: Path, model_sd: dict) -> None:
+    """DCP reshards any layout of the same tensors; a changed model shape cannot be. Compare
+    the saved global shapes with the model's and name every difference, before loading."""
+    meta = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    saved = {k[len("model."):]: tuple(v.size) for k, v in meta.items()
+             if k.startswith("model.") and hasattr(v, "size")}
+    here = {k: tuple(v.shape) for k, v in model_sd.items() if isinstance(v, torch.Tensor)}
+    diffs = [f"{k} is {list(saved[k])} there, {list(here[k])} here"
+             for k in sorted(saved.keys() & here.keys()) if saved[k] != here[k]]
+    diffs += [f"{k} is missing from it" for k in sorted(here.keys() - saved.keys())]
+    diffs += [f"{k} is not in this model" for k in sorted(saved.keys() - here.keys())]
+    if diffs:
+        more = f" (and {len(diffs) - 3} more)" if len(diffs) > 3 else ""
+        raise CheckpointMismatch(f"checkpoint {path} cannot be resharded into this model: "
+                                 f"{'; '.join(diffs[:3])}{more}; resume with the model.* keys it was saved with")

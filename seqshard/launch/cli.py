@@ -87,9 +87,14 @@ def cmd_validate(args) -> int:
 
 def cmd_train(args) -> int:
     spec = load_spec(args.spec, args.overrides, _world_size_from_env())
+    from seqshard.dist.checkpoint import CheckpointMismatch
     from seqshard.train.trainer import train
 
-    train(spec, resume=args.resume, stop_after=args.stop_after)
+    try:
+        train(spec, resume=args.resume, stop_after=args.stop_after)
+    except CheckpointMismatch as err:  # found before the first step
+        print(f"seqshard: error: {err}", file=sys.stderr)
+        return 2
     return 0
 
 

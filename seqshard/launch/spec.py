@@ -86,7 +86,7 @@ class TrainSpec:
     log_every: int = 1
     checkpoint_every: int = 50
     collective_timeout_s: float = 300.0
-    engine: str = "torch"  # torch | deepspeed
+    engine: str = "torch"  # torch | fsdp2 | deepspeed
     zero_stage: int = 0
     ds_config: str = ""
     lr_schedule: str = "cosine"  # cosine | linear | constant | wsd (train/schedule.py)
@@ -94,6 +94,9 @@ class TrainSpec:
     eval_every: int = 0  # steps between evaluations on data.eval (0 = only with data.eval, at the end)
     eval_tokens: int = 0  # held-out tokens per evaluation; 0 = data.tokens_per_step
     loggers: list = field(default_factory=lambda: ["jsonl"])  # jsonl | tensorboard | wandb
+    reshard_after_forward: bool = True  # fsdp2: free gathered block parameters after forward
+    offload_params: bool = False  # fsdp2: parameters, gradients and optimizer states on CPU
+    async_checkpoint: bool = False  # dcp.async_save; committed only after every rank finished
 
 
 @dataclass(frozen=True)

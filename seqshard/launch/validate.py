@@ -144,7 +144,7 @@ def _check_train(t):
     _positive("train.checkpoint_every", t.checkpoint_every, 0)
     if t.collective_timeout_s <= 0:
         raise SpecError("train.collective_timeout_s", f"must be > 0, got {t.collective_timeout_s}")
-    _one_of("train.engine", t.engine, ("torch", "deepspeed"))
+    _one_of("train.engine", t.engine, ("torch", "fsdp2", "deepspeed"))
     if t.zero_stage not in (0, 1, 2, 3):
         raise SpecError("train.zero_stage", f"{t.zero_stage} is not a ZeRO stage (0, 1, 2, 3)")
     if t.zero_stage and t.engine != "deepspeed":
@@ -166,6 +166,13 @@ def _check_launch(launch):
 
 
 def _check_engine(spec):
+    if spec.train.offload_params and spec.train.engine != "fsdp2":
+        raise SpecError("train.offload_params", "parameter offload needs train.engine: fsdp2")
+    if spec.train.async_checkpoint and spec.train.engine == "deepspeed":
+        raise SpecError("train.async_checkpoint", "DeepSpeed saves its own checkpoints; use train.engine: torch or fsdp2")
+    if spec.train.engine == "fsdp2" and spec.parallel.sp_method == "adaptive":
+        raise SpecError("train.engine", "fsdp2 shards over all ranks, but adaptive scattering runs different "
+                        "groups per micro-batch; use train.engine: torch with sp_method: adaptive")
     if spec.train.engine != "deepspeed":
         return
     if spec.data.batching != "window":

@@ -14,8 +14,9 @@ import os
 import torch
 import torch.distributed as dist
 
-from seqshard.dist.checkpoint import commit_checkpoint, load_checkpoint, read_trainer_state, save_checkpoint
-from seqshard.dist.grad_sync import all_reduce_gradients
+from seqshard.dist.checkpoint import (commit_checkpoint, load_checkpoint, read_trainer_state, save_checkpoint,
+                                      save_checkpoint_async)
+from seqshard.dist.grad_sync import BucketedGradReducer
 
 
 def build_optimizer(model, spec):
@@ -31,6 +32,9 @@ class TorchEngine:
     def __init__(self, model, spec):
         self.model, self.spec = model, spec
         self.optimizer = build_optimizer(model, spec)
+        # gradients all-reduced in buckets launched during the last backward (dist/grad_sync.py)
+        self.reducer = BucketedGradReducer(model.parameters()) if dist.get_world_size() > 1 else None
+        self.pending_checkpoint = None
 
     def set_lr(self, lr):
         for group in self.optimizer.param_groups:
@@ -40,10 +44,13 @@ class TorchEngine:
         return self.model(*args)
 
     def backward(self, loss, last: bool):
+        if last and self.reducer is not None:
+            self.reducer.arm()
         loss.backward()
 
     def step(self) -> float:
-        all_reduce_gradients(self.model.parameters())
+        if self.reducer is not None:
+            self.reducer.finish()
         clip = self.spec.train.grad_clip if self.spec.train.grad_clip > 0 else float("inf")
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
         self.optimizer.step()
@@ -51,7 +58,19 @@ class TorchEngine:
         return float(norm)
 
     def save(self, output_dir, step, trainer_state):
-        return save_checkpoint(output_dir, step, self.model, self.optimizer, trainer_state)
+        if not self.spec.train.async_checkpoint:
+            return save_checkpoint(output_dir, step, self.model, self.optimizer, trainer_state)
+        self.finish_checkpoint()  # the previous async save commits before the next one starts
+        self.pending_checkpoint = save_checkpoint_async(output_dir, step, self.model, self.optimizer,
+                                                        trainer_state)
+        return f"step {step} (async, committed when written on every rank)"
+
+    def finish_checkpoint(self):
+        """Wait for a pending async save and commit it (collective; the trainer calls it last)."""
+        if self.pending_checkpoint is not None:
+            self.pending_checkpoint, finish = None, self.pending_checkpoint
+            return finish()
+        return None
 
     def load(self, path):
         return load_checkpoint(path, self.model, self.optimizer)
@@ -124,7 +143,11 @@ class DeepSpeedEngine:
         return read_trainer_state(path)
 
 
-def build_engine(model, spec, local_rank: int = 0):
+def build_engine(model, spec, local_rank: int = 0, mesh=None):
+    if spec.train.engine == "fsdp2":
+        from .fsdp import FSDP2Engine
+
+        return FSDP2Engine(model, spec, mesh)
     if spec.train.engine == "deepspeed":
         return DeepSpeedEngine(model, spec, local_rank)
     return TorchEngine(model, spec)

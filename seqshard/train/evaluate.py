@@ -20,6 +20,7 @@ from seqshard.data.corpus import DataError, load_corpus
 from seqshard.data.window import WindowBuilder
 from seqshard.dist.guard import shared_failure
 
+from .fsdp import equal_micro_batches
 from .logs import get_logger
 
 _EVAL_STREAM = 0x5EED_E7A1  # a fixed rng stream id for the held-out split
@@ -101,11 +102,14 @@ def evaluate(run, held) -> dict:
         for _ in range(max(1, spec.train.eval_tokens // d.tokens_per_step)):
             batch = builder.next_batch()
             n_tokens += batch.num_loss_tokens
-            for tokens, labels, positions, ctx in run.scatter(batch):
+            local = list(run.scatter(batch))
+            real = equal_micro_batches(run.engine, local)  # fsdp2: every rank in every all-gather
+            for (tokens, labels, positions, ctx), counts in zip(local, real):
                 with autocast:
                     loss = run.engine.forward(tokens.to(run.device), positions.to(run.device), ctx,
                                               labels.to(run.device))
-                loss_sum += loss.double().cpu()
+                if counts:
+                    loss_sum += loss.double().cpu()
     dist.all_reduce(loss_sum)
     model.train(was_training)
     mean = loss_sum.item() / n_tokens

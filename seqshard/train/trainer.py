@@ -27,6 +27,7 @@ from seqshard.models import VarlenContext, build_model
 
 from .engines import build_engine
 from .evaluate import eval_due, evaluate, load_data
+from .fsdp import equal_micro_batches
 from .loggers import RunLoggers
 from .logs import Progress, get_logger, peak_memory_mb
 from .runinfo import describe_engine, engine_settings, run_config
@@ -137,7 +138,7 @@ def setup(spec: Spec) -> Run:
     corpus, held_out = load_data(spec, denv.rank)  # rank 0 builds the datasets cache first
     with shared_failure("loading data"):
         builder = build_batch_builder(spec, corpus)
-    return Run(spec, denv, device, mesh, build_engine(model, spec, denv.local_rank), builder, scatter,
+    return Run(spec, denv, device, mesh, build_engine(model, spec, denv.local_rank, mesh=mesh), builder, scatter,
                Schedule(spec.train), held_out)
 
 
@@ -155,11 +156,13 @@ def train_step(run: Run, step: int) -> dict:
     loss_sum = torch.zeros((), dtype=torch.float64)
     with shared_failure("step plan"):
         local = list(run.scatter(batch))
+    real = equal_micro_batches(engine, local)
     for i, (tokens, labels, positions, ctx) in enumerate(local):
         with autocast:
             loss = engine.forward(tokens.to(run.device), positions.to(run.device), ctx, labels.to(run.device))
-        engine.backward(loss / n_loss, last=i == len(local) - 1)
-        loss_sum += loss.detach().double().cpu()
+        engine.backward((loss if real[i] else loss * 0) / n_loss, last=i == len(local) - 1)
+        if real[i]:
+            loss_sum += loss.detach().double().cpu()
     grad_norm = engine.step()
     with record("all_reduce.loss", 8):
         dist.all_reduce(loss_sum)
@@ -234,6 +237,8 @@ def train(spec: Spec, resume: bool = False, stop_after: int | None = None) -> li
             if (every and step % every == 0) or step == last:
                 path = run.engine.save(spec.train.output_dir, step, _trainer_state(run, step))
                 log.info("checkpoint %s", path)
+    if hasattr(run.engine, "finish_checkpoint"):
+        run.engine.finish_checkpoint()  # an async save commits before the run ends
     writer.close()
     named_barrier("train.end")
     return history
