@@ -1,5 +1,9 @@
-"""Varlen attention with ``flash_attn_varlen_func`` semantics: public entry points and dispatch
-(Triton on CUDA tensors, torch reference elsewhere; ``SEQSHARD_KERNELS`` forces one).
+"""Varlen attention with ``flash_attn_varlen_func`` semantics: public entry points and dispatch.
+
+- Triton (``triton_fa.py``) on CUDA tensors, or anywhere with ``SEQSHARD_KERNELS=triton``;
+- PyTorch's CPU flash kernel per document (``flash_cpu.py``, O(T * H * D) memory) on CPU tensors;
+- the dense torch reference (``reference.py``, ``[H, L, L]`` scores per document) only with
+  ``SEQSHARD_KERNELS=reference`` or on a non-CPU device without Triton: it is the test oracle.
 
 - ``attention(...)``: differentiable; ``return_lse=True`` also returns the fp32 lse ``[H, total_q]``.
 - ``attention_forward`` / ``attention_backward``: the no-autograd block pair ring attention
@@ -9,26 +13,42 @@ from __future__ import annotations
 
 import torch
 
-from ..dispatch import HAS_TRITON, use_triton
+from ..dispatch import HAS_TRITON, use_reference, use_triton
+from .flash_cpu import flash_cpu_attention, flash_cpu_attention_backward, flash_cpu_attention_forward
 from .reference import attention_backward_reference, attention_forward_reference, attention_reference
+
+
+def _impl(q) -> str:
+    if use_triton(q):
+        return "triton"
+    if use_reference() or q.device.type != "cpu":
+        return "reference"
+    return "flash_cpu"
 
 
 def attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seqlen_k=None,
                       causal=False, softmax_scale=None):
-    if use_triton(q):
+    impl = _impl(q)
+    if impl == "triton":
         from .triton_fa import triton_attention_forward
 
         return triton_attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, softmax_scale)
+    if impl == "flash_cpu":
+        return flash_cpu_attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, softmax_scale)
     return attention_forward_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                        causal, softmax_scale)
 
 
 def attention_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None,
                        max_seqlen_k=None, causal=False, softmax_scale=None):
-    if use_triton(q):
+    impl = _impl(q)
+    if impl == "triton":
         from .triton_fa import triton_attention_backward
 
         return triton_attention_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, causal, softmax_scale)
+    if impl == "flash_cpu":
+        return flash_cpu_attention_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, causal,
+                                            softmax_scale)
     return attention_backward_reference(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                         max_seqlen_k, causal, softmax_scale)
 
@@ -54,9 +74,13 @@ class _FlashAttention(torch.autograd.Function):
 def attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seqlen_k=None,
               causal=False, softmax_scale=None, return_lse=False):
     """``flash_attn_varlen_func``-compatible varlen attention (see ``reference.py``)."""
-    if use_triton(q):
+    impl = _impl(q)
+    if impl == "triton":
         out, lse = _FlashAttention.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, softmax_scale)
         return (out, lse) if return_lse else out
+    if impl == "flash_cpu":
+        return flash_cpu_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=causal,
+                                   softmax_scale=softmax_scale, return_lse=return_lse)
     return attention_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                causal=causal, softmax_scale=softmax_scale, return_lse=return_lse)
 
