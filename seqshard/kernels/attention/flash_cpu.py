@@ -97,27 +97,3 @@ def flash_cpu_attention_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqle
             dk[cols] += gk[0].transpose(0, 1)
             dv[cols] += gv[0].transpose(0, 1)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
-
-
-class _FlashCPUAttention(torch.autograd.Function):
-    """Saves q, k, v, out and lse (O(T * H * D)); backward recomputes scores tile by tile."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, cu_q, cu_k, causal, scale):
-        out, lse = flash_cpu_attention_forward(q, k, v, cu_q, cu_k, causal, scale)
-        ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
-        ctx.causal, ctx.scale = causal, scale
-        ctx.mark_non_differentiable(lse)
-        return out, lse
-
-    @staticmethod
-    def backward(ctx, dout, _dlse):
-        q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
-        dq, dk, dv = flash_cpu_attention_backward(dout, q, k, v, out, lse, cu_q, cu_k, ctx.causal, ctx.scale)
-        return dq, dk, dv, None, None, None, None
-
-
-def flash_cpu_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=False, softmax_scale=None, return_lse=False):
-    """Differentiable varlen attention with ``flash_attn_varlen_func`` semantics, CPU tensors."""
-    out, lse = _FlashCPUAttention.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, softmax_scale)
-    return (out, lse) if return_lse else out
