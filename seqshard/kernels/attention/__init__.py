@@ -19,7 +19,7 @@ import torch
 
 from ..dispatch import HAS_TRITON, use_reference, use_triton
 from .blockwise import blockwise_attention_backward, blockwise_attention_forward
-from .flash_cpu import flash_cpu_attention_backward, flash_cpu_attention_forward
+from .flash_cpu import HAS_CPU_FLASH, flash_cpu_attention_backward, flash_cpu_attention_forward
 from .reference import attention_backward_reference, attention_forward_reference, attention_reference
 
 
@@ -30,7 +30,7 @@ def _impl(q) -> str:
         return "reference"
     if os.environ.get("SEQSHARD_KERNELS") == "blockwise":
         return "blockwise"
-    return "flash_cpu" if q.device.type == "cpu" else "blockwise"
+    return "flash_cpu" if q.device.type == "cpu" and HAS_CPU_FLASH else "blockwise"
 
 
 def attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seqlen_k=None,

@@ -21,8 +21,12 @@ from __future__ import annotations
 
 import torch
 
-_FWD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-_BWD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+try:  # private aten ops (torch >= 2.2); without them dispatch falls back to blockwise.py
+    _FWD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    _BWD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+    HAS_CPU_FLASH = True
+except (AttributeError, RuntimeError):
+    HAS_CPU_FLASH = False
 
 
 def _pieces(lq, lk, causal):
