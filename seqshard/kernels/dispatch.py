@@ -1,7 +1,9 @@
-"""Kernel dispatch: Triton on CUDA tensors, the torch reference elsewhere.
+"""Kernel dispatch: Triton on CUDA tensors, the torch reference (or, for attention, the
+memory-efficient torch path) elsewhere.
 
 ``SEQSHARD_KERNELS=triton`` forces the Triton kernels (on CPU tensors they need
-``TRITON_INTERPRET=1``: that is how the tests run them here), ``reference`` forces torch.
+``TRITON_INTERPRET=1``: that is how the tests run them here), ``reference`` forces the plain
+torch references (attention's dense one included: a test oracle only).
 """
 from __future__ import annotations
 
@@ -20,3 +22,8 @@ def use_triton(tensor) -> bool:
     if mode == "reference" or not HAS_TRITON:
         return False
     return mode == "triton" or tensor.is_cuda
+
+
+def use_reference() -> bool:
+    """``SEQSHARD_KERNELS=reference``: the naive twins, even where a memory-efficient path exists."""
+    return os.environ.get("SEQSHARD_KERNELS", "auto") == "reference"

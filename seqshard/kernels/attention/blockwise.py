@@ -1,0 +1,106 @@
+"""Blockwise varlen attention in plain torch, for any device: the fallback where neither Triton
+nor PyTorch's CPU flash kernel applies (a non-CPU device without Triton).
+
+Per document, the queries are taken in blocks of ``rows`` (sized so one block's scores stay under
+``SCORE_BUDGET_BYTES``); a block's scores against the keys it can see (``[H, rows, Lk]`` in fp32)
+are built, reduced to out and lse, and dropped. The backward recomputes them block by block from
+``(q, k, v, out, lse)`` (FlashAttention-2's ``dS = P * (dP - rowsum(dO * O))``), so memory is
+O(T * H * D + SCORE_BUDGET_BYTES), never ``[L, L]``. GQA without expanding k/v: the ``group``
+query heads of a kv head are stacked as rows (``[H_kv, group * rows, D]`` against ``[H_kv, Lk, D]``).
+Causal aligned bottom-right (query j of a length-Lq document sees keys ``<= j + Lk - Lq``); rows
+that see no key return 0 with lse ``-inf`` and get no gradient.
+"""
+from __future__ import annotations
+
+import torch
+
+SCORE_BUDGET_BYTES = 64 << 20
+
+
+def _blocks(lq, lk, n_heads, causal):
+    """``(r0, r1, kend)``: query rows ``[r0, r1)`` of a document and the keys ``[0, kend)`` they see."""
+    rows = max(16, SCORE_BUDGET_BYTES // max(1, 4 * n_heads * lk))
+    for r0 in range(0, lq, rows):
+        r1 = min(lq, r0 + rows)
+        kend = min(lk, max(0, r1 + lk - lq)) if causal else lk
+        yield r0, r1, kend
+
+
+def _scores(qb, kh, r0, lq, lk, causal, scale):
+    """qb ``[rows, H, D]``, kh ``[H_kv, kend, D]`` -> fp32 scores ``[H_kv, group * rows, kend]``."""
+    rows, n_heads, dim = qb.shape
+    n_kv, kend = kh.shape[0], kh.shape[1]
+    # [rows, H, D] -> [H_kv, group * rows, D]: row (g, i) is query i of head hk * group + g
+    qh = qb.float().view(rows, n_kv, n_heads // n_kv, dim).permute(1, 2, 0, 3).reshape(n_kv, -1, dim)
+    s = torch.bmm(qh, kh.transpose(1, 2)) * scale
+    if causal:
+        qi = torch.arange(r0, r0 + rows, device=qb.device).repeat(n_heads // n_kv).unsqueeze(1)
+        s = s.masked_fill(torch.arange(kend, device=qb.device).unsqueeze(0) > qi + (lk - lq), float("-inf"))
+    return s
+
+
+def _to_rows(x, rows, n_heads):
+    """``[H_kv, group * rows, ...]`` -> ``[rows, H, ...]`` (the inverse of the stacking above)."""
+    n_kv = x.shape[0]
+    return x.view(n_kv, n_heads // n_kv, rows, *x.shape[2:]).permute(2, 0, 1, *range(3, x.dim() + 1)) \
+        .reshape(rows, n_heads, *x.shape[2:])
+
+
+def _docs(cu_seqlens_q, cu_seqlens_k, total_q, total_k):
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    assert len(cq) == len(ck), f"cu_seqlens_q has {len(cq)} entries, cu_seqlens_k {len(ck)}"
+    assert cq[-1] <= total_q and ck[-1] <= total_k, f"cu_seqlens end {cq[-1]}/{ck[-1]} past the tokens"
+    return [(a, b, c, d) for a, b, c, d in zip(cq[:-1], cq[1:], ck[:-1], ck[1:]) if b > a and d > c]
+
+
+@torch.no_grad()
+def blockwise_attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=False, softmax_scale=None):
+    """q ``[Tq, H, D]``, k/v ``[Tk, H_kv, D]`` -> ``(out [Tq, H, D] in q's dtype, lse [H, Tq] fp32)``."""
+    n_heads, n_kv, head_dim = q.shape[1], k.shape[1], q.shape[2]
+    assert n_heads % n_kv == 0, f"query heads {n_heads} not a multiple of kv heads {n_kv}"
+    scale = head_dim ** -0.5 if softmax_scale is None else softmax_scale
+    out = q.new_zeros(q.shape[0], n_heads, v.shape[-1])
+    lse = torch.full((n_heads, q.shape[0]), float("-inf"), dtype=torch.float32, device=q.device)
+    for a, b, c, d in _docs(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0]):
+        kh, vh = k[c:d].float().transpose(0, 1), v[c:d].float().transpose(0, 1)  # [H_kv, Lk, D]
+        for r0, r1, kend in _blocks(b - a, d - c, n_heads, causal):
+            if kend == 0:
+                continue
+            s = _scores(q[a + r0:a + r1], kh[:, :kend], r0, b - a, d - c, causal, scale)
+            m = torch.logsumexp(s, -1, keepdim=True)  # [H_kv, group * rows, 1]
+            p = torch.exp(s - m.nan_to_num(neginf=0.0))
+            out[a + r0:a + r1] = _to_rows(torch.bmm(p, vh[:, :kend]), r1 - r0, n_heads).to(out.dtype)
+            lse[:, a + r0:a + r1] = _to_rows(m, r1 - r0, n_heads)[..., 0].t()
+    return out, lse
+
+
+@torch.no_grad()
+def blockwise_attention_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, causal=False,
+                                 softmax_scale=None):
+    """Gradients of one attention block given the *final* ``out`` and ``lse`` of its rows (ring
+    attention passes the merged ones). Returns dq, dk, dv in the input dtypes, dk/dv per kv head."""
+    n_heads, head_dim = q.shape[1], q.shape[2]
+    scale = head_dim ** -0.5 if softmax_scale is None else softmax_scale
+    dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    dk = torch.zeros(k.shape, dtype=torch.float32, device=q.device)
+    dv = torch.zeros(v.shape, dtype=torch.float32, device=q.device)
+    delta = (dout.float() * out.float()).sum(-1)  # [Tq, H]
+    for a, b, c, d in _docs(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0]):
+        kh, vh = k[c:d].float().transpose(0, 1), v[c:d].float().transpose(0, 1)  # [H_kv, Lk, D]
+        dkh, dvh = torch.zeros_like(kh), torch.zeros_like(vh)
+        for r0, r1, kend in _blocks(b - a, d - c, n_heads, causal):
+            if kend == 0:
+                continue
+            rows, n_kv = r1 - r0, kh.shape[0]
+            stack = lambda x: x.float().view(rows, n_kv, -1, x.shape[-1]).permute(1, 2, 0, 3) \
+                .reshape(n_kv, -1, x.shape[-1])  # noqa: E731  [rows, H, D] -> [H_kv, group * rows, D]
+            s = _scores(q[a + r0:a + r1], kh[:, :kend], r0, b - a, d - c, causal, scale)
+            row_lse = stack(lse[:, a + r0:a + r1].t().unsqueeze(-1))  # [H_kv, group * rows, 1]
+            p = torch.exp(s - row_lse.nan_to_num(neginf=0.0)).masked_fill(row_lse == float("-inf"), 0.0)
+            do = stack(dout[a + r0:a + r1])
+            dvh[:, :kend] += torch.bmm(p.transpose(1, 2), do)
+            ds = p * (torch.bmm(do, vh[:, :kend].transpose(1, 2)) - stack(delta[a + r0:a + r1].unsqueeze(-1)))
+            dq[a + r0:a + r1] = _to_rows(torch.bmm(ds, kh[:, :kend]), rows, n_heads) * scale
+            dkh[:, :kend] += torch.bmm(ds.transpose(1, 2), stack(q[a + r0:a + r1])) * scale
+        dk[c:d], dv[c:d] = dkh.transpose(0, 1), dvh.transpose(0, 1)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
