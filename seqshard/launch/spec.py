@@ -203,7 +203,9 @@ def load_raw(path) -> dict:
 
 
 def from_dict(raw: dict, world_size: int | None = None) -> Spec:
-    spec = _build(Spec, raw, "")
+    from .hf_spec import resolve_hf_model
+
+    spec = _build(Spec, resolve_hf_model(raw), "")
     from .validate import validate
 
     validate(spec, spec.world_size if world_size is None else world_size)

@@ -29,13 +29,13 @@ def _check_model(m):
     _one_of("model.arch", m.arch, ARCHS)
     for key in ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size"):
         _positive(f"model.{key}", getattr(m, key))
-    if m.dim % m.n_heads:
+    if m.dim % m.n_heads and not m.attn_head_dim:
         raise SpecError("model.dim", f"{m.dim} is not divisible by model.n_heads {m.n_heads}")
     if m.head_dim % 2:
         raise SpecError("model.dim", f"head dim {m.head_dim} (dim / n_heads) must be even for RoPE")
     if m.n_heads % m.n_kv_heads:
         raise SpecError("model.n_kv_heads", f"{m.n_kv_heads} does not divide model.n_heads {m.n_heads}")
-    if m.vocab_size < 259:
+    if m.vocab_size < 259 and not m.hf:  # an HF model is checked against its tokenizer
         raise SpecError("model.vocab_size", f"{m.vocab_size} is smaller than the byte tokenizer's 259")
     if m.rope_theta <= 0:
         raise SpecError("model.rope_theta", f"must be > 0, got {m.rope_theta}")
