@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .tokenizer import encode
+from .hf_tokenizer import load_tokenizer
 
 _BUILDER_BY_SUFFIX = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
@@ -52,7 +52,8 @@ def default_cache_dir() -> str:
     return os.environ.get("SEQSHARD_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "seqshard"))
 
 
-def _tokenize_batch(batch, text_field):
+def _tokenize_batch(batch, text_field, tokenizer="byte"):
+    encode = load_tokenizer(tokenizer).encode
     ids = []
     for i, text in enumerate(batch[text_field]):
         if not isinstance(text, str):
@@ -79,7 +80,8 @@ class Corpus:
         return np.random.default_rng([seed, epoch]).permutation(len(self.lengths))
 
 
-def load_corpus(source="stdlib", text_field="text", cache_dir=None, max_documents=None) -> Corpus:
+def load_corpus(source="stdlib", text_field="text", cache_dir=None, max_documents=None,
+                tokenizer="byte") -> Corpus:
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     import datasets
 
@@ -94,7 +96,7 @@ def load_corpus(source="stdlib", text_field="text", cache_dir=None, max_document
         raise DataError(f"data.text_field: '{text_field}' not in the columns of {source} ({ds.column_names})")
     if max_documents is not None:
         ds = ds.select(range(min(max_documents, len(ds))))
-    ds = ds.map(_tokenize_batch, batched=True, fn_kwargs={"text_field": text_field},
+    ds = ds.map(_tokenize_batch, batched=True, fn_kwargs={"text_field": text_field, "tokenizer": tokenizer},
                 remove_columns=ds.column_names, desc="tokenizing")
     if len(ds) == 0:
         raise DataError(f"data.source: {source} holds no documents")

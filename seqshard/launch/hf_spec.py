@@ -33,6 +33,9 @@ def resolve_hf_model(raw: dict) -> dict:
     path, impl = model["hf"], model.get("impl", "native")
     if impl not in IMPLS:
         raise SpecError("model.impl", f"{impl!r} is not one of {', '.join(IMPLS)}")
+    if impl == "transformers":
+        raise SpecError("model.impl", "transformers (the generic wrap) is not built yet; "
+                        "use impl: native (Llama, Mistral, Qwen2, Qwen3)")
     try:
         derived = model_config_fields(path) if impl == "native" else _transformers_fields(path)
     except HFError as err:

@@ -42,6 +42,8 @@ class DataSpec:
     curriculum: CurriculumSpec = field(default_factory=CurriculumSpec)
     max_documents: int = 0  # 0 = all; a cap for quick experiments
     cache_dir: str = ""
+    tokenizer: str = "byte"  # byte | PATH (a local Hugging Face tokenizer folder)
+    split: str = "train"  # the split of a datasets save_to_disk folder
 
 
 @dataclass(frozen=True)

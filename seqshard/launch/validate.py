@@ -179,6 +179,22 @@ def _check_engine(spec):
         raise SpecError("train.engine", "adaptive scattering regroups ranks every step; use train.engine: torch")
 
 
+def _check_tokenizer_vocab(spec):
+    """``data.tokenizer: PATH``: the folder is readable and its vocabulary fits the model's."""
+    d, m = spec.data, spec.model
+    if d.tokenizer == "byte":
+        return
+    from seqshard.data.hf_tokenizer import TokenizerError, load_tokenizer
+
+    try:
+        tok = load_tokenizer(d.tokenizer)
+    except (TokenizerError, ValueError, OSError) as err:
+        raise SpecError("data.tokenizer", str(err)) from None
+    if tok.vocab_size > m.vocab_size:
+        raise SpecError("data.tokenizer", f"{d.tokenizer} has {tok.vocab_size} tokens, more than "
+                        f"model.vocab_size {m.vocab_size}; use a matching tokenizer or a larger model")
+
+
 def validate(spec, world_size: int):
     if spec.seed < 0:
         raise SpecError("seed", f"must be >= 0, got {spec.seed}")
@@ -188,3 +204,4 @@ def validate(spec, world_size: int):
     _check_train(spec.train)
     _check_data(spec.data, spec.dp(world_size))
     _check_engine(spec)
+    _check_tokenizer_vocab(spec)

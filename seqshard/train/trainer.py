@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from seqshard.data.batches import Row
-from seqshard.data.tokenizer import PAD_ID
+from seqshard.data.hf_tokenizer import load_tokenizer
 from seqshard.dist.bootstrap import DistEnv, init_distributed
 from seqshard.dist.checkpoint import latest_checkpoint
 from seqshard.dist.comm_stats import COMM_LOG
@@ -100,6 +100,7 @@ class StaticScatter:
 def build_scatter(spec: Spec, model, mesh, denv: DistEnv):
     """Install the spec's SP attention into ``model`` and return how each step is scattered."""
     p = spec.parallel
+    PAD_ID = load_tokenizer(spec.data.tokenizer).pad_id  # noqa: N806 - padding of SP shards
     budget = spec.data.micro_batch_tokens or spec.data.max_seq_len
     if p.sp_method == "none":
         return StaticScatter(mesh, budget)
@@ -137,10 +138,12 @@ def setup(spec: Spec) -> Run:
 
     d = spec.data
     if denv.rank == 0:  # build the datasets cache once, then everyone reads it
-        corpus = load_corpus(d.source, d.text_field, d.cache_dir or None, d.max_documents or None)
+        corpus = load_corpus(d.source, d.text_field, d.cache_dir or None, d.max_documents or None,
+                             d.tokenizer)
     dist.barrier()
     if denv.rank != 0:
-        corpus = load_corpus(d.source, d.text_field, d.cache_dir or None, d.max_documents or None)
+        corpus = load_corpus(d.source, d.text_field, d.cache_dir or None, d.max_documents or None,
+                             d.tokenizer)
     return Run(spec, denv, device, mesh, build_engine(model, spec, denv.local_rank),
                build_batch_builder(spec, corpus), scatter)
 

@@ -41,3 +41,27 @@ def save_hf_model(family: str, folder, seed: int = 0, **overrides):
     model = make_hf_model(family, seed, **overrides)
     model.save_pretrained(folder)
     return model
+
+
+def save_tokenizer(folder, vocab_size: int = 300, files: int = 20):
+    """A byte-level BPE tokenizer trained locally on a few stdlib files; BOS/EOS named in
+    tokenizer_config.json the way transformers writes them."""
+    import json
+    from pathlib import Path
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from seqshard.data.corpus import stdlib_files
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<s>", "</s>", "<pad>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train(stdlib_files()[:files], trainer)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}))
+    return tok
