@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .tokenizer import encode
+from .hf_tokenizer import load_tokenizer
 
 _BUILDER_BY_SUFFIX = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
@@ -60,7 +60,8 @@ class _BadRow(Exception):
         self.index, self.reason = index, reason
 
 
-def _tokenize_batch(batch, indices, text_field):
+def _tokenize_batch(batch, indices, text_field, tokenizer="byte"):
+    encode = load_tokenizer(tokenizer).encode
     ids = []
     for index, text in zip(indices, batch[text_field]):
         if not isinstance(text, str):
@@ -152,9 +153,11 @@ class Corpus:
         return np.random.default_rng([seed, epoch]).permutation(len(self.lengths))
 
 
-def load_corpus(source="stdlib", text_field="text", cache_dir=None, max_documents=None, warn=None) -> Corpus:
+def load_corpus(source="stdlib", text_field="text", cache_dir=None, max_documents=None, warn=None,
+                tokenizer="byte") -> Corpus:
     """The tokenized corpus; a row without text raises DataError naming its file and line or row.
-    ``warn(line)`` (rank 0's logger) receives one line per file whose invalid UTF-8 was replaced."""
+    ``warn(line)`` (rank 0's logger) receives one line per file whose invalid UTF-8 was replaced.
+    ``tokenizer``: ``byte`` or a local Hugging Face tokenizer folder."""
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     import datasets
 
@@ -175,7 +178,8 @@ def load_corpus(source="stdlib", text_field="text", cache_dir=None, max_document
     if max_documents is not None:
         ds = ds.select(range(min(max_documents, len(ds))))
     try:
-        ds = ds.map(_tokenize_batch, batched=True, with_indices=True, fn_kwargs={"text_field": text_field},
+        ds = ds.map(_tokenize_batch, batched=True, with_indices=True,
+                    fn_kwargs={"text_field": text_field, "tokenizer": tokenizer},
                     remove_columns=ds.column_names, desc="tokenizing")
     except _BadRow as bad:
         (file, where), = locate_rows(builder, files, [bad.index])

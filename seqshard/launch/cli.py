@@ -67,7 +67,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", help="a train.output_dir holding metrics.jsonl")
     from seqshard.report.cli import register
 
-    ap.set_defaults(_reports=register(sub))  # sweep, report, simulate
+    from .export import register as register_export
+
+    ap.set_defaults(_reports={**register(sub), **register_export(sub)})  # sweep, report, simulate; export
     return ap
 
 

@@ -50,6 +50,8 @@ class DataSpec:
     max_documents: int = 0  # 0 = all; a cap for quick experiments
     cache_dir: str = ""
     eval: EvalSpec = field(default_factory=EvalSpec)
+    tokenizer: str = "byte"  # byte | PATH (a local Hugging Face tokenizer folder)
+    split: str = "train"  # the split of a datasets save_to_disk folder
 
 
 @dataclass(frozen=True)
@@ -219,7 +221,9 @@ def load_raw(path) -> dict:
 
 
 def from_dict(raw: dict, world_size: int | None = None) -> Spec:
-    spec = _build(Spec, raw, "")
+    from .hf_spec import resolve_hf_model
+
+    spec = _build(Spec, resolve_hf_model(raw), "")
     from .validate import validate
 
     validate(spec, spec.world_size if world_size is None else world_size)

@@ -29,13 +29,13 @@ def _check_model(m):
     _one_of("model.arch", m.arch, ARCHS)
     for key in ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size"):
         _positive(f"model.{key}", getattr(m, key))
-    if m.dim % m.n_heads:
+    if m.dim % m.n_heads and not m.attn_head_dim:
         raise SpecError("model.dim", f"{m.dim} is not divisible by model.n_heads {m.n_heads}")
     if m.head_dim % 2:
         raise SpecError("model.dim", f"head dim {m.head_dim} (dim / n_heads) must be even for RoPE")
     if m.n_heads % m.n_kv_heads:
         raise SpecError("model.n_kv_heads", f"{m.n_kv_heads} does not divide model.n_heads {m.n_heads}")
-    if m.vocab_size < 259:
+    if m.vocab_size < 259 and not m.hf:  # an HF model is checked against its tokenizer
         raise SpecError("model.vocab_size", f"{m.vocab_size} is smaller than the byte tokenizer's 259")
     if m.rope_theta <= 0:
         raise SpecError("model.rope_theta", f"must be > 0, got {m.rope_theta}")
@@ -182,6 +182,22 @@ def _check_engine(spec):
         raise SpecError("train.engine", "adaptive scattering regroups ranks every step; use train.engine: torch")
 
 
+def _check_tokenizer_vocab(spec):
+    """``data.tokenizer: PATH``: the folder is readable and its vocabulary fits the model's."""
+    d, m = spec.data, spec.model
+    if d.tokenizer == "byte":
+        return
+    from seqshard.data.hf_tokenizer import TokenizerError, load_tokenizer
+
+    try:
+        tok = load_tokenizer(d.tokenizer)
+    except (TokenizerError, ValueError, OSError) as err:
+        raise SpecError("data.tokenizer", str(err)) from None
+    if tok.vocab_size > m.vocab_size:
+        raise SpecError("data.tokenizer", f"{d.tokenizer} has {tok.vocab_size} tokens, more than "
+                        f"model.vocab_size {m.vocab_size}; use a matching tokenizer or a larger model")
+
+
 def validate(spec, world_size: int):
     if spec.seed < 0:
         raise SpecError("seed", f"must be >= 0, got {spec.seed}")
@@ -196,3 +212,4 @@ def validate(spec, world_size: int):
 
     check_extras(spec)
     check_data(spec)
+    _check_tokenizer_vocab(spec)

@@ -1,6 +1,7 @@
 """Plain single-device model definitions with pluggable attention (no torch.distributed)."""
 from .config import LinearAttnConfig, ModelConfig
 from .context import VarlenContext, causal_varlen_attention
+from .hf import from_hf
 from .llama import Attention, Decoder, build_llama
 
 _BUILDERS = {"llama": build_llama}
@@ -14,8 +15,14 @@ def build_model(cfg: ModelConfig):
     if cfg.arch not in _BUILDERS:
         # linear_llama / hybrid register themselves on import
         from . import linear_llama  # noqa: F401
-    return _BUILDERS[cfg.arch](cfg)
+    model = _BUILDERS[cfg.arch](cfg)
+    if cfg.hf:  # model: {hf: PATH}: the architecture came from config.json, the weights follow
+        from .hf import load_hf_weights
+
+        load_hf_weights(model, cfg.hf)
+    return model
 
 
 __all__ = ["ModelConfig", "LinearAttnConfig", "VarlenContext", "causal_varlen_attention",
-           "Attention", "Decoder", "build_llama", "build_model", "register_arch"]
+           "Attention", "Decoder", "build_llama", "build_model", "register_arch",
+           "from_hf"]

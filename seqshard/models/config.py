@@ -10,6 +10,17 @@ class LinearAttnConfig:
 
 
 @dataclass(frozen=True)
+class RopeScalingConfig:
+    """RoPE frequency scaling of Hugging Face checkpoints: ``none``, ``linear`` (positions / factor)
+    or ``llama3`` (low frequencies / factor, a smooth ramp between; Llama 3.1)."""
+    type: str = "none"  # none | linear | llama3
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     arch: str = "llama"  # llama | linear_llama | hybrid
     dim: int = 128
@@ -23,7 +34,14 @@ class ModelConfig:
     tie_embeddings: bool = False
     layer_pattern: str = ""  # hybrid only: one letter per layer, L linear, A softmax
     linear_attn: LinearAttnConfig = field(default_factory=LinearAttnConfig)
+    qkv_bias: bool = False  # Qwen2: biases on the q/k/v projections
+    qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on q and k, before RoPE
+    rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)
+    attn_head_dim: int = 0  # 0 = dim // n_heads
+    hf: str = ""  # a local Hugging Face model folder: weights and the keys above come from it
+    impl: str = "native"  # native (seqshard's model code) | transformers (generic wrap)
+    hf_arch: str = ""  # the checkpoint's architecture (e.g. LlamaForCausalLM), for export
 
     @property
     def head_dim(self) -> int:
-        return self.dim // self.n_heads
+        return self.attn_head_dim or self.dim // self.n_heads

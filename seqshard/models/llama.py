@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from seqshard.kernels import apply_rope, linear_cross_entropy, rms_norm
+from seqshard.kernels.rope import scaled_inv_freq
 
 from .config import ModelConfig
 from .context import causal_varlen_attention
@@ -34,11 +35,18 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.rope_theta = cfg.rope_theta
-        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
-        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
-        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
         self.attention_fn = causal_varlen_attention
+        if cfg.qk_norm:  # Qwen3: per-head RMSNorm of q and k
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
+        rs = cfg.rope_scaling
+        self.register_buffer("inv_freq", None if rs.type == "none" else scaled_inv_freq(
+            cfg.head_dim, cfg.rope_theta, rs.type, rs.factor, rs.low_freq_factor,
+            rs.high_freq_factor, rs.original_max_position_embeddings), persistent=False)
 
     def forward(self, x, positions, ctx):
         t = x.shape[0]
@@ -46,8 +54,10 @@ class Attention(nn.Module):
         q = self.wq(x).view(t, self.n_heads, self.head_dim)
         k = self.wk(x).view(t, self.n_kv_heads, self.head_dim)
         v = self.wv(x).view(t, self.n_kv_heads, self.head_dim)
-        q = apply_rope(q, positions, self.rope_theta)
-        k = apply_rope(k, positions, self.rope_theta)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = apply_rope(q, positions, self.rope_theta, self.inv_freq)
+        k = apply_rope(k, positions, self.rope_theta, self.inv_freq)
         o = self.attention_fn(q, k, v, ctx)  # [T, heads, head_dim]
         return self.wo(o.reshape(t, self.n_heads * self.head_dim))
 

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from seqshard.data.batches import Row
-from seqshard.data.tokenizer import PAD_ID
+from seqshard.data.hf_tokenizer import load_tokenizer
 from seqshard.dist.bootstrap import DistEnv, init_distributed
 from seqshard.dist.comm_stats import COMM_LOG, record
 from seqshard.dist.guard import named_barrier, shared_failure
@@ -100,6 +100,7 @@ class StaticScatter:
 def build_scatter(spec: Spec, model, mesh, denv: DistEnv):
     """Install the spec's SP attention into ``model`` and return how each step is scattered."""
     p = spec.parallel
+    PAD_ID = load_tokenizer(spec.data.tokenizer).pad_id  # noqa: N806 - padding of SP shards
     budget = spec.data.micro_batch_tokens or spec.data.max_seq_len
     if p.sp_method == "none":
         return StaticScatter(mesh, budget)

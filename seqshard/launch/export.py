@@ -1,0 +1,138 @@
+"""``seqshard export RUN_DIR [--step N] --format hf|torch --out DIR``: a DCP checkpoint -> files others load.
+
+``hf``: ``config.json`` + ``model.safetensors`` (shards and ``model.safetensors.index.json`` above
+``--max-shard-mb``) + the tokenizer files of ``data.tokenizer``, loadable by
+``transformers.AutoModelForCausalLM.from_pretrained(DIR)``. A run started from ``model: {hf: PATH}``
+keeps its family (its config.json is the template); seqshard's own llama becomes
+LlamaForCausalLM. ``torch``: one consolidated ``model.pt`` state dict (seqshard names), through
+``dcp_to_torch_save``. Checkpoints of the torch engine (DCP) only.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+import yaml
+
+from .spec import ModelConfig, SpecError, _build
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def _checkpoint(run_dir: Path, step):
+    from seqshard.dist.checkpoint import checkpoint_root, latest_checkpoint
+
+    if step is None:
+        path = latest_checkpoint(run_dir)
+        if path is None:
+            raise SpecError("RUN_DIR", f"{run_dir}: no complete checkpoint under {checkpoint_root(run_dir)}")
+        return path
+    path = checkpoint_root(run_dir) / f"step_{step}"
+    if not path.is_dir():
+        raise SpecError("--step", f"{path} does not exist")
+    return path
+
+
+def model_state(ckpt: Path) -> dict[str, torch.Tensor]:
+    """The model's full (unsharded) state dict, seqshard names, from a DCP checkpoint folder."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    with tempfile.TemporaryDirectory() as tmp:
+        dcp_to_torch_save(str(ckpt), f"{tmp}/full.pt")
+        state = torch.load(f"{tmp}/full.pt", weights_only=False)
+    return state["model"]
+
+
+def hf_config(cfg: ModelConfig) -> dict:
+    """config.json: the source checkpoint's when the run came from one, else a LlamaConfig's."""
+    if cfg.hf:
+        return json.loads((Path(cfg.hf) / "config.json").read_text())
+    out = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": cfg.dim,
+           "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
+           "num_key_value_heads": cfg.n_kv_heads, "intermediate_size": cfg.ffn_dim,
+           "vocab_size": cfg.vocab_size, "rms_norm_eps": cfg.norm_eps, "hidden_act": "silu",
+           "head_dim": cfg.head_dim, "tie_word_embeddings": cfg.tie_embeddings,
+           "max_position_embeddings": 4096, "attention_bias": False, "mlp_bias": False,
+           "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta}}
+    rs = cfg.rope_scaling
+    if rs.type != "none":
+        out["rope_parameters"] = {**rs.__dict__, "rope_type": rs.type, "rope_theta": cfg.rope_theta}
+        del out["rope_parameters"]["type"]
+    return out
+
+
+def write_safetensors(tensors: dict, out: Path, max_shard_bytes: int):
+    from safetensors.torch import save_file
+
+    shards, current, size = [], {}, 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if current and size + nbytes > max_shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[name], size = t.contiguous(), size + nbytes
+    shards.append(current)
+    if len(shards) == 1:
+        save_file(shards[0], str(out / "model.safetensors"), metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(out / fname), metadata={"format": "pt"})
+        weight_map.update({name: fname for name in shard})
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    (out / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+
+
+def export_hf(state: dict, cfg: ModelConfig, tokenizer: str, out: Path, max_shard_bytes: int):
+    from seqshard.models.hf import hf_name
+
+    if cfg.arch != "llama":
+        raise SpecError("model.arch", f"{cfg.arch} has no Hugging Face counterpart; use --format torch")
+    tensors = {hf_name(k): v for k, v in state.items()
+               if not (cfg.tie_embeddings and k == "lm_head.weight")}
+    out.mkdir(parents=True, exist_ok=True)
+    write_safetensors(tensors, out, max_shard_bytes)
+    (out / "config.json").write_text(json.dumps(hf_config(cfg), indent=1))
+    if tokenizer != "byte":
+        for name in TOKENIZER_FILES:
+            if (Path(tokenizer) / name).is_file():
+                shutil.copy(Path(tokenizer) / name, out / name)
+
+
+def export(run_dir, out, fmt="hf", step=None, max_shard_mb=2048.0) -> Path:
+    run_dir, out = Path(run_dir), Path(out)
+    spec_file = run_dir / "spec.yaml"
+    if not spec_file.is_file():
+        raise SpecError("RUN_DIR", f"{run_dir}: no spec.yaml (not a seqshard train.output_dir)")
+    raw = yaml.safe_load(spec_file.read_text())
+    cfg = _build(ModelConfig, raw["model"], "model")
+    state = model_state(_checkpoint(run_dir, step))
+    if fmt == "torch":
+        out.mkdir(parents=True, exist_ok=True)
+        torch.save(state, out / "model.pt")
+    else:
+        export_hf(state, cfg, raw.get("data", {}).get("tokenizer", "byte"), out,
+                  int(max_shard_mb * 2**20))
+    return out
+
+
+def cmd_export(args) -> int:
+    path = export(args.run_dir, args.out, args.format, args.step, args.max_shard_mb)
+    print(f"exported {args.run_dir} ({args.format}) to {path}")
+    return 0
+
+
+def register(sub) -> dict:
+    p = sub.add_parser("export", help="turn a run's checkpoint into a Hugging Face folder or one torch file",
+                       description="Export a DCP checkpoint of RUN_DIR (newest complete, or --step N).")
+    p.add_argument("run_dir", help="a train.output_dir with spec.yaml and checkpoints/")
+    p.add_argument("--step", type=int, default=None)
+    p.add_argument("--format", choices=("hf", "torch"), default="hf")
+    p.add_argument("--out", required=True)
+    p.add_argument("--max-shard-mb", type=float, default=2048.0, help="hf: safetensors shard size limit")
+    return {"export": cmd_export}

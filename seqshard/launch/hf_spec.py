@@ -1,0 +1,58 @@
+"""``model: {hf: PATH}`` in a job spec: the model keys come from the folder's config.json.
+
+An explicit key that agrees with the checkpoint is fine, one that conflicts is a SpecError naming
+it (a checkpoint's shape cannot be changed by the spec). Runs before typing and validation.
+"""
+from __future__ import annotations
+
+from .spec import SpecError
+
+IMPLS = ("native", "transformers")
+OWN_KEYS = ("hf", "impl", "hf_arch")  # keys of model: that are not the checkpoint's to decide
+
+
+def _transformers_fields(path) -> dict:
+    """Generic wrap: only the sizes the rest of seqshard reads (vocabulary, heads for SP)."""
+    from seqshard.models.hf import read_config
+
+    hf = read_config(path)
+    n_heads = int(hf.get("num_attention_heads", 1))
+    return dict(dim=int(hf.get("hidden_size", 128)), n_layers=int(hf.get("num_hidden_layers", 1)),
+                n_heads=n_heads, n_kv_heads=int(hf.get("num_key_value_heads") or n_heads),
+                vocab_size=int(hf["vocab_size"]), hf=str(path),
+                hf_arch=(hf.get("architectures") or [""])[0])
+
+
+def resolve_hf_model(raw: dict) -> dict:
+    """Fill ``raw['model']`` from ``model.hf``'s config.json (in place); a no-op without ``hf``."""
+    model = raw.get("model")
+    if not isinstance(model, dict) or not model.get("hf"):
+        return raw
+    from seqshard.models.hf import HFError, model_config_fields
+
+    path, impl = model["hf"], model.get("impl", "native")
+    if impl not in IMPLS:
+        raise SpecError("model.impl", f"{impl!r} is not one of {', '.join(IMPLS)}")
+    if impl == "transformers":
+        raise SpecError("model.impl", "transformers (the generic wrap) is not built yet; "
+                        "use impl: native (Llama, Mistral, Qwen2, Qwen3)")
+    try:
+        derived = model_config_fields(path) if impl == "native" else _transformers_fields(path)
+    except HFError as err:
+        raise SpecError("model.hf", str(err)) from None
+    except (KeyError, ValueError, TypeError) as err:
+        raise SpecError("model.hf", f"{path}/config.json: cannot read {err}") from None
+    for key, value in model.items():
+        if key in OWN_KEYS or key not in derived:
+            continue
+        want = derived[key]
+        want = want.__dict__ if hasattr(want, "__dataclass_fields__") else want
+        if value != want:
+            raise SpecError(f"model.{key}", f"{value!r} conflicts with {path}/config.json ({want!r}); "
+                            "drop the key, the checkpoint decides it")
+    scaling = derived.pop("rope_scaling", None)
+    merged = {**derived, **{k: v for k, v in model.items() if k not in derived}, "impl": impl}
+    if scaling is not None:
+        merged["rope_scaling"] = dict(scaling.__dict__)
+    raw["model"] = merged
+    return raw

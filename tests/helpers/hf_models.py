@@ -1,0 +1,67 @@
+"""Tiny random Hugging Face causal LMs built locally with transformers' own classes (no download)."""
+from __future__ import annotations
+
+import torch
+
+COMMON = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, vocab_size=300, rms_norm_eps=1e-6, max_position_embeddings=256)
+
+FAMILIES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", dict(rope_theta=10000.0)),
+    "llama3_scaled": ("LlamaConfig", "LlamaForCausalLM", dict(rope_scaling={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 16, "rope_theta": 500000.0})),
+    "llama_linear_tied": ("LlamaConfig", "LlamaForCausalLM", dict(
+        rope_scaling={"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0},
+        tie_word_embeddings=True)),
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=None)),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(tie_word_embeddings=True)),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=24, tie_word_embeddings=False)),
+}
+
+
+def make_hf_model(family: str, seed: int = 0, **overrides):
+    """A transformers model of ``family`` with random weights (biases and norms randomised too,
+    so a mapping that drops or swaps one shows)."""
+    import transformers
+
+    cfg_cls, model_cls, extra = FAMILIES[family]
+    cfg = getattr(transformers, cfg_cls)(**{**COMMON, **extra, **overrides})
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_cls)(cfg).float().eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:  # norms (1 + noise) and biases (noise)
+                p.copy_((1.0 if "norm" in name else 0.0) + 0.1 * torch.randn_like(p))
+    return model
+
+
+def save_hf_model(family: str, folder, seed: int = 0, **overrides):
+    model = make_hf_model(family, seed, **overrides)
+    model.save_pretrained(folder)
+    return model
+
+
+def save_tokenizer(folder, vocab_size: int = 300, files: int = 20):
+    """A byte-level BPE tokenizer trained locally on a few stdlib files; BOS/EOS named in
+    tokenizer_config.json the way transformers writes them."""
+    import json
+    from pathlib import Path
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from seqshard.data.corpus import stdlib_files
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<s>", "</s>", "<pad>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train(stdlib_files()[:files], trainer)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}))
+    return tok

@@ -1,0 +1,32 @@
+"""Scaled RoPE (``inv_freq``): Triton == reference forward and backward; linear scaling equals
+dividing positions by the factor; llama3 scaling keeps high and divides low frequencies."""
+import torch
+
+from seqshard.kernels import apply_rope
+from seqshard.kernels.rope import apply_rope_reference, scaled_inv_freq
+
+
+def test_scaled_rope_triton_matches_reference(force_triton):
+    gen = torch.Generator().manual_seed(3)
+    positions = torch.cat([torch.arange(11), torch.arange(4)])
+    inv = scaled_inv_freq(32, 5e5, "llama3", 8.0, 1.0, 4.0, 16)
+    x = torch.randn(15, 2, 32, generator=gen, requires_grad=True)
+    dout = torch.randn(15, 2, 32, generator=gen)
+    ref = apply_rope_reference(x, positions, inv_freq=inv)
+    (gref,) = torch.autograd.grad(ref, x, dout)
+    out = apply_rope(x, positions, inv_freq=inv)
+    (g,) = torch.autograd.grad(out, x, dout)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(g, gref, rtol=1e-5, atol=1e-5)
+
+
+def test_linear_and_llama3_frequencies(force_reference):
+    base = scaled_inv_freq(16, 1e4)
+    torch.testing.assert_close(scaled_inv_freq(16, 1e4, "linear", 4.0), base / 4)
+    x, positions = torch.randn(8, 1, 16), torch.arange(8) * 4
+    torch.testing.assert_close(apply_rope(x, positions, inv_freq=base / 4), apply_rope(x, positions // 4))
+    inv = scaled_inv_freq(64, 5e5, "llama3", 8.0, 1.0, 4.0, 64)
+    base = scaled_inv_freq(64, 5e5)
+    wavelen = 2 * torch.pi / base
+    assert torch.equal(inv[wavelen < 16], base[wavelen < 16])  # short wavelengths kept
+    torch.testing.assert_close(inv[wavelen > 64], base[wavelen > 64] / 8)  # long ones / factor
