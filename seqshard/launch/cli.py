@@ -58,7 +58,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", help="a train.output_dir holding metrics.jsonl")
     from seqshard.report.cli import register
 
-    ap.set_defaults(_reports=register(sub))  # sweep, report, simulate
+    from .plan import add_parser as add_plan, cmd_plan
+
+    add_plan(sub, _add_spec_args)
+    ap.set_defaults(_reports={**register(sub), "plan": cmd_plan})  # sweep, report, simulate
     return ap
 
 

@@ -81,6 +81,10 @@ class TrainSpec:
     engine: str = "torch"  # torch | deepspeed
     zero_stage: int = 0
     ds_config: str = ""
+    activation_checkpointing: str = "none"  # none | full | selective (per block; train/memory.py)
+    offload_activations: bool = False  # checkpointed block inputs to host memory (CUDA; CPU: no-op)
+    mlp_tiles: int = 1  # SwiGLU over sequence tiles; 1 = untiled, 0 = auto (ceil(tokens / dim))
+    device_memory_gb: float = 0.0  # per-rank memory for the fit check (parallel/memory_model.py); 0 = skip
 
 
 @dataclass(frozen=True)

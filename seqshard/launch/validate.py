@@ -188,3 +188,7 @@ def validate(spec, world_size: int):
     _check_train(spec.train)
     _check_data(spec.data, spec.dp(world_size))
     _check_engine(spec)
+    from .memory_checks import check_fits, check_memory_keys
+
+    check_memory_keys(spec.train)
+    check_fits(spec, world_size)

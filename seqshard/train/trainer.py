@@ -133,6 +133,9 @@ def setup(spec: Spec) -> Run:
     torch.manual_seed(spec.seed)  # identical initial weights on every rank, for every layout
     model = build_model(spec.model).to(device)
     scatter = build_scatter(spec, model, mesh, denv)
+    from .memory import apply_memory_options
+
+    apply_memory_options(model, spec.train)  # after the SP attention is installed
     from seqshard.data.corpus import load_corpus
 
     d = spec.data
@@ -218,7 +221,12 @@ def train(spec: Spec, resume: bool = False, stop_after: int | None = None) -> li
     history = []
     with Progress(start_step, last, run.denv.rank) as bar:
         for step in range(start_step + 1, last + 1):
-            metrics = train_step(run, step)
+            try:
+                metrics = train_step(run, step)
+            except (torch.OutOfMemoryError, MemoryError) as err:
+                from .oom import exit_on_oom
+
+                exit_on_oom(err, step, spec.data.max_seq_len, run.denv.rank)
             history.append(metrics)
             writer.write(metrics)
             bar.update(metrics, log if step % spec.train.log_every == 0 else None)
