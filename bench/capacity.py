@@ -127,17 +127,19 @@ def main():
     sp4_lens = [16 * k, 32 * k] if args.quick else [32 * k, 64 * k, 128 * k]
     work = Path(tempfile.mkdtemp(prefix="capacity-"))
     data_dir = make_corpus(work / "data")
-    rows = [run_case(L, 1, "none", data_dir, work, args.case_timeout) for L in sp1_lens]
-    sp1 = {r["seq_len"]: r["measured_mb"] for r in rows if "measured_mb" in r}
-    for L in sp4_lens:
-        for method in ("ulysses", "ring"):
-            rows.append(run_case(L, 4, method, data_dir, work, args.case_timeout))
-    exponent = growth_exponent([r for r in rows if r["sp"] == 1])
-    result = {"rows": rows, "sp1_growth_exponent": exponent, "quick": args.quick,
-              "model": "examples/tiny.yaml shape, fp32, CPU, gloo, 2 steps, selective checkpointing",
-              "runtime_bytes_assumed": mm.RUNTIME_BYTES["cpu"]}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    # shorter cases first, so a late timeout still leaves the sp=1 / sp=4 pairs measured
+    cases = sorted([(L, 1, "none") for L in sp1_lens] + [(L, 4, m) for L in sp4_lens for m in ("ulysses", "ring")],
+                   key=lambda c: (c[0], c[1]))
+    rows = []
+    for L, sp, method in cases:
+        rows.append(run_case(L, sp, method, data_dir, work, args.case_timeout))
+        sp1 = {r["seq_len"]: r["measured_mb"] for r in rows if r["sp"] == 1 and "measured_mb" in r}
+        exponent = growth_exponent([r for r in rows if r["sp"] == 1])
+        result = {"rows": rows, "sp1_growth_exponent": exponent, "quick": args.quick,
+                  "model": "examples/tiny.yaml shape, fp32, CPU, gloo, 2 steps, selective checkpointing",
+                  "runtime_bytes_assumed": mm.RUNTIME_BYTES["cpu"]}
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")  # after every case
     print(table(rows, sp1))
     print(f"sp=1 growth exponent of peak memory in L: {exponent}")
 

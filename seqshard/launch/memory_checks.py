@@ -1,6 +1,8 @@
 """Checks of the memory keys of ``train:`` and the fit check by the memory model (one line each)."""
 from __future__ import annotations
 
+import dataclasses
+
 from seqshard.parallel import memory_model as mm
 
 from .spec import SpecError
@@ -21,33 +23,26 @@ def check_memory_keys(t):
         raise SpecError("train.device_memory_gb", f"must be >= 0 (0 skips the fit check), got {t.device_memory_gb}")
 
 
-def _hints(spec, world_size, cap) -> str:
-    """Which single knob changes would make the longest sequence fit."""
-    import dataclasses
+def _hints(spec, c, cap) -> str:
+    """The knobs (checkpointing and MLP tiles at this sp; the smallest sp) that would make it fit."""
+    L = spec.data.max_seq_len
 
-    t, p = spec.train, spec.parallel
-    tries = []
-    if p.sp_method not in ("none", "adaptive") or world_size > 1:
-        for sp in (2 * max(1, p.sp), 4 * max(1, p.sp)):
-            if sp <= world_size * 4:
-                tries.append((f"parallel.sp={sp}", {"sp": sp, "sp_method": p.sp_method if p.sp_method != "none" else "ring"}))
-    base = mm.config_from_spec(spec, world_size)
+    def fits(**change):
+        return mm.predict_peak(spec.model, L, dataclasses.replace(c, **change))["total"] <= cap
+
     options = []
-    for label, change in tries:
-        c = dataclasses.replace(base, **change)
-        if mm.predict_peak(spec.model, spec.data.max_seq_len, c)["total"] <= cap:
-            options.append(label)
+    for ac, tiles in (("selective", c.mlp_tiles), ("full", c.mlp_tiles), ("selective", 0), ("full", 0)):
+        if fits(checkpointing=ac, mlp_tiles=tiles):
+            options.append(f"train.activation_checkpointing={ac}" + (" + train.mlp_tiles=0" if tiles == 0 else ""))
             break
-    for label, change in (("train.activation_checkpointing=selective", {"checkpointing": "selective"}),
-                          ("train.activation_checkpointing=full", {"checkpointing": "full"}),
-                          ("train.mlp_tiles=0", {"mlp_tiles": 0}),
-                          ("train.activation_checkpointing=full + train.mlp_tiles=0",
-                           {"checkpointing": "full", "mlp_tiles": 0})):
-        c = dataclasses.replace(base, **change)
-        if mm.predict_peak(spec.model, spec.data.max_seq_len, c)["total"] <= cap:
-            options.append(label)
+    method = c.sp_method if c.sp_method not in ("none", "adaptive") else "ring"
+    for label, change in (("", {}), (" + train.activation_checkpointing=full + train.mlp_tiles=0",
+                                     {"checkpointing": "full", "mlp_tiles": 0})):
+        sp = next((s for s in (2 ** i for i in range(1, 21)) if s > c.sp and fits(sp=s, sp_method=method, **change)), 0)
+        if sp:
+            options.append(f"parallel.sp={sp}{label}")
             break
-    options.append("train.offload_activations=true (frees device memory on CUDA only)")
+    options.append("train.offload_activations=true with checkpointing (frees device memory on CUDA only)")
     return "; ".join(options)
 
 
@@ -62,4 +57,4 @@ def check_fits(spec, world_size: int):
     if need > cap:
         raise SpecError("data.max_seq_len", f"{spec.data.max_seq_len} tokens need {need / 2**30:.2f} GiB per rank "
                         f"by the memory model (train.device_memory_gb={gb:g}); would fit with: "
-                        f"{_hints(spec, world_size, cap)}")
+                        f"{_hints(spec, c, cap)}")
