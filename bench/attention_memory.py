@@ -6,11 +6,15 @@ exist, from ``getrusage``):
   scores kept for backward), only where one score matrix is <= 1.1 GB (it needs ~5x that);
 - ``flash_cpu``: seqshard's default CPU path, ``seqshard.kernels.attention`` on packed ``[L, H, D]``
   (PyTorch's CPU flash kernel per document);
+- ``blockwise``: the plain-torch fallback for non-CPU devices without Triton
+  (``SEQSHARD_KERNELS=blockwise``), run here on CPU to compare with ``flash_cpu``, L <= 8K by
+  default (``--blockwise-max-l``: it is ~10x slower than flash_cpu on CPU);
 - ``sdpa``: the peer, ``F.scaled_dot_product_attention(q, k, v, is_causal=True)`` on ``[1, H, L, D]``.
 Shapes: 4 heads x 32 (the tiny model) and 8 heads x 64, fp32, L in 4K..32K.
 
     PYTHONPATH=. python bench/attention_memory.py            # table + bench/results/attention_memory.json
     PYTHONPATH=. python bench/attention_memory.py --lengths 4096 8192   # a subset
+    PYTHONPATH=. python bench/attention_memory.py --blockwise-max-l 16384   # the committed JSON
 """
 from __future__ import annotations
 
@@ -57,7 +61,7 @@ def child(variant: str, length: int, heads: int, dim: int) -> dict:
 
 
 def measure(variant: str, length: int, heads: int, dim: int) -> dict:
-    env = {**os.environ, "SEQSHARD_KERNELS": "reference" if variant == "reference" else "auto",
+    env = {**os.environ, "SEQSHARD_KERNELS": variant if variant in ("reference", "blockwise") else "auto",
            "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     run = subprocess.run([sys.executable, __file__, "--child", variant, str(length), str(heads), str(dim)],
                          env=env, capture_output=True, text=True, timeout=900)
@@ -69,6 +73,7 @@ def measure(variant: str, length: int, heads: int, dim: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--lengths", type=int, nargs="+", default=LENGTHS)
+    parser.add_argument("--blockwise-max-l", type=int, default=8192)
     parser.add_argument("--child", nargs=4)
     args = parser.parse_args()
     if args.child:
@@ -79,7 +84,9 @@ def main() -> None:
     print(f"{'H x D':>7} {'L':>6} {'variant':>10} {'fwd s':>7} {'bwd s':>7} {'fwd+bwd s':>9} {'peak +MB':>9}")
     for heads, dim in SHAPES:
         for length in args.lengths:
-            for variant in ("reference", "flash_cpu", "sdpa"):
+            for variant in ("reference", "flash_cpu", "blockwise", "sdpa"):
+                if variant == "blockwise" and length > args.blockwise_max_l:
+                    continue
                 if variant == "reference" and heads * length * length * 4 > REFERENCE_MAX_SCORE_BYTES:
                     row = {"variant": variant, "L": length, "heads": heads, "head_dim": dim,
                            "skipped": f"one [H, L, L] fp32 score matrix is {heads * length ** 2 * 4 / 1e9:.1f} GB"}
@@ -93,11 +100,15 @@ def main() -> None:
                               f"{row['bwd_s']:>7.2f} {row['fwd_bwd_s']:>9.2f} {row['peak_rss_increase_mb']:>9.0f}",
                               flush=True)
                 rows.append(row)
+                save(rows)  # after every row: a run stopped half-way keeps what it measured
+    print(f"wrote {OUT}")
+
+
+def save(rows: list) -> None:
     OUT.parent.mkdir(exist_ok=True)
     meta = {"cpu_threads": os.cpu_count(), "note": "2-core machine shared with other jobs: timings under contention",
             "dtype": "float32", "causal": True}
     OUT.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    print(f"wrote {OUT}")
 
 
 if __name__ == "__main__":
