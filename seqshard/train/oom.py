@@ -16,6 +16,15 @@ import sys
 OOM_EXIT_CODE = 3
 
 
+def is_oom(err: BaseException) -> bool:
+    """CUDA's ``torch.OutOfMemoryError``, Python's ``MemoryError``, or the CPU allocator's failure
+    (a plain ``RuntimeError`` "DefaultCPUAllocator: can't allocate memory")."""
+    import torch
+
+    return isinstance(err, (torch.OutOfMemoryError, MemoryError)) or (
+        isinstance(err, RuntimeError) and ("can't allocate memory" in str(err) or "out of memory" in str(err)))
+
+
 def exit_on_oom(err: BaseException, step: int, seq_len: int, rank: int):
     first = str(err).splitlines()[0] if str(err) else type(err).__name__
     print(f"seqshard: error: rank {rank}: out of memory at step {step} (data.max_seq_len {seq_len} tokens): "

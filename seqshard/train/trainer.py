@@ -223,9 +223,11 @@ def train(spec: Spec, resume: bool = False, stop_after: int | None = None) -> li
         for step in range(start_step + 1, last + 1):
             try:
                 metrics = train_step(run, step)
-            except (torch.OutOfMemoryError, MemoryError) as err:
-                from .oom import exit_on_oom
+            except (MemoryError, RuntimeError) as err:  # torch.OutOfMemoryError is a RuntimeError
+                from .oom import exit_on_oom, is_oom
 
+                if not is_oom(err):
+                    raise
                 exit_on_oom(err, step, spec.data.max_seq_len, run.denv.rank)
             history.append(metrics)
             writer.write(metrics)

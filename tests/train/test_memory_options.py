@@ -46,8 +46,7 @@ def _check(results, modes):
 def test_modes_reproduce_plain_losses_ulysses_ring(tmp_path):
     """Default suite: 2 ranks, ulysses and ring zigzag; every mode; comm bytes under full exceed
     selective's, which equal the plain run's (backward repeats no collective)."""
-    modes = ["full", "selective", "all"]
-    for method in ("ulysses", "ring"):
+    for method, modes in (("ulysses", ["full", "selective", "all"]), ("ring", ["full", "selective"])):
         results = run_ranks(2, train_modes, str(tmp_path), method, modes, 3)[0]
         plain_bytes = _check(results, modes)
         assert results["selective"][1] == plain_bytes, (method, results["selective"][1], plain_bytes)
