@@ -17,11 +17,10 @@ METHODS = {"ulysses": ["parallel.sp=2", "parallel.sp_method=ulysses"],
            "ring": ["parallel.sp=2", "parallel.sp_method=ring", "parallel.layout=zigzag"],
            "usp": ["parallel.sp=4", "parallel.sp_method=usp", "parallel.ulysses=2"],
            "lasp2": ["parallel.sp=2", "parallel.sp_method=lasp2", "model.arch=linear_llama"],
-           "hybrid": ["parallel.sp=2", "parallel.sp_method=lasp2", "model.arch=hybrid", "model.layer_pattern=LA",
-                      "parallel.softmax_method=ring"],
+           "hybrid": ["parallel.sp=2", "parallel.sp_method=lasp2", "model.arch=hybrid", "model.layer_pattern=LA"],
            "deepspeed": ["parallel.sp=2", "parallel.sp_method=ulysses", "train.engine=deepspeed",
                          "train.zero_stage=2"],
-           "adaptive": ["parallel.sp_method=adaptive", "parallel.max_sp=2", "parallel.planner.memory_tokens=96"]}
+           "adaptive": ["parallel.sp_method=adaptive", "parallel.max_sp=2", "parallel.planner.memory_tokens=128"]}
 
 
 def train_modes(rank, world, out_dir, method, modes, steps):
