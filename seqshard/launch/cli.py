@@ -68,8 +68,11 @@ def parser() -> argparse.ArgumentParser:
     from seqshard.report.cli import register
 
     from .export import register as register_export
+    from .plan import add_parser as add_plan, cmd_plan
 
-    ap.set_defaults(_reports={**register(sub), **register_export(sub)})  # sweep, report, simulate; export
+    add_plan(sub, _add_spec_args)
+    # sweep, report, simulate; export; plan
+    ap.set_defaults(_reports={**register(sub), **register_export(sub), "plan": cmd_plan})
     return ap
 
 

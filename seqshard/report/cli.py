@@ -91,6 +91,8 @@ def register(sub) -> dict:
                    "batch is devices x T tokens, at least one sequence (default 8K)")
     p.add_argument("--methods", default="ulysses,ring,usp,allgather,lasp2,adaptive", metavar="M,M,...")
     p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--memory", action="store_true", help="instead: the longest sequence that fits each "
+                   "--devices count by the memory model (one sequence over all devices), beside published figures")
     p.add_argument("--calibrate-from", nargs="+", metavar="RUN", help="measured run folders: put the "
                    "prediction for each beside its measurement (cpu_gloo profile unless --profile)")
     _add_peak(p)

@@ -303,6 +303,10 @@ def run_cli(args) -> int:
     prof = load_profile(args.profile or "h100_nvlink_ib400")
     if args.peak_tflops:
         prof = prof.with_(peak_flops=args.peak_tflops * 1e12)
+    if getattr(args, "memory", False):
+        from .capacity_sim import memory_cli
+
+        return memory_cli(args, spec, prof.memory_bytes, parse_list(args.devices, "--devices"))
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:

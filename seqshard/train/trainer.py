@@ -30,6 +30,8 @@ from .evaluate import eval_due, evaluate, load_data
 from .fsdp import equal_micro_batches
 from .loggers import RunLoggers
 from .logs import Progress, get_logger, peak_memory_mb
+from .memory import apply_memory_options
+from .oom import exit_on_oom, is_oom
 from .runinfo import describe_engine, engine_settings, run_config
 from .schedule import Schedule, lr_at as schedule_lr_at
 
@@ -136,6 +138,7 @@ def setup(spec: Spec) -> Run:
     torch.manual_seed(spec.seed)  # identical initial weights on every rank, for every layout
     model = build_model(spec.model).to(device)
     scatter = build_scatter(spec, model, mesh, denv)
+    apply_memory_options(model, spec.train)  # after the SP attention is installed
     corpus, held_out = load_data(spec, denv.rank)  # rank 0 builds the datasets cache first
     with shared_failure("loading data"):
         builder = build_batch_builder(spec, corpus)
@@ -228,7 +231,12 @@ def train(spec: Spec, resume: bool = False, stop_after: int | None = None) -> li
     history = []
     with Progress(start_step, last, run.denv.rank) as bar:
         for step in range(start_step + 1, last + 1):
-            metrics = train_step(run, step)
+            try:
+                metrics = train_step(run, step)
+            except (MemoryError, RuntimeError) as err:  # torch.OutOfMemoryError is a RuntimeError
+                if not is_oom(err):
+                    raise
+                exit_on_oom(err, step, spec.data.max_seq_len, run.denv.rank)
             if eval_due(spec, step, last):
                 metrics.update(evaluate(run, run.held_out))
             history.append(metrics)

@@ -84,3 +84,25 @@ def test_train_refuses_bad_spec_before_any_process_group(tmp_path):
     assert out.returncode == 2
     assert out.stderr.strip() == "seqshard: error: parallel.sp: 2 does not divide world size 1"
     assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_memory_keys_and_fit_check_fail_with_one_line(tmp_path):
+    from seqshard.launch.spec import SpecError, apply_overrides, from_dict, load_raw
+
+    def spec(*over):
+        return from_dict(apply_overrides(load_raw("examples/tiny.yaml"), list(over)), 2)
+
+    with pytest.raises(SpecError, match="train.activation_checkpointing: 'some' is not one of none, full, selective"):
+        spec("train.activation_checkpointing=some")
+    with pytest.raises(SpecError, match="train.offload_activations: .*full or selective"):
+        spec("train.offload_activations=true")
+    with pytest.raises(SpecError, match="train.mlp_tiles"):
+        spec("train.mlp_tiles=-1")
+    long = ["data.max_seq_len=1048576", "data.tokens_per_step=2097152", "train.device_memory_gb=2"]
+    with pytest.raises(SpecError) as err:
+        spec(*long)
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith("data.max_seq_len: 1048576 tokens need ") and "GiB per rank" in msg
+    assert "parallel.sp=" in msg and "train.offload_activations" in msg
+    spec(*long[:2])  # device_memory_gb 0: no fit check
+    spec("data.max_seq_len=4096", "data.tokens_per_step=8192", "train.device_memory_gb=2")

@@ -1,0 +1,157 @@
+"""Activation memory options applied to an unchanged model from outside (like torchtitan's apply_ac).
+
+- ``activation_checkpointing``: per transformer block, non-reentrant ``torch.utils.checkpoint``.
+  ``full`` recomputes the whole block in backward, the token mixer (SP attention / LASP) and its
+  collectives included, so ``COMM_LOG`` counts those bytes twice. ``selective`` recomputes the
+  block too but keeps the mixer's own saved tensors (q, k, v, output, lse or LASP states): the
+  mixer call runs under identity ``saved_tensors_hooks`` (the innermost hooks win over the
+  checkpoint's), its output is stashed, and the recomputation takes the stashed output instead of
+  calling the mixer again. Backward therefore repeats no attention collective.
+- ``offload_activations``: the checkpointed block inputs (saved by the checkpoint outside its own
+  hooks) go through :func:`offload_hooks`: on CUDA a copy into a pinned host buffer on a side
+  stream and back before use; on the CPU a no-op (the tensor already lives in host memory, it is
+  kept as it is: no copy).
+- ``mlp_tiles``: each SwiGLU MLP runs over sequence tiles, each tile checkpointed, so at most one
+  tile's ``[tile, ffn_dim]`` intermediates exist, forward and backward. ``0`` = automatic:
+  ``ceil(tokens / dim)`` tiles (ALST's rule: tiles of about ``dim`` tokens, so a tile's
+  ``[tile, ffn_dim]`` intermediates are the size of one ``[dim, ffn_dim]`` weight), ``1`` = untiled.
+
+Forwards are patched per instance (``module.forward = ...``) so parameter names, state dicts and
+checkpoints are unchanged.
+"""
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager, nullcontext
+
+import torch
+from torch.autograd.graph import saved_tensors_hooks
+from torch.utils.checkpoint import checkpoint
+
+MIXER_FNS = ("attention_fn", "linear_attention_fn")
+
+
+def mlp_tile_count(tokens: int, dim: int, mlp_tiles: int) -> int:
+    """Tiles for ``tokens`` local tokens: ``mlp_tiles``, or with 0 ``ceil(tokens / dim)``."""
+    n = mlp_tiles if mlp_tiles > 0 else math.ceil(tokens / max(1, dim))
+    return max(1, min(n, tokens))
+
+
+def tiled_mlp_forward(mlp, x, mlp_tiles: int):
+    """``mlp(x)`` over sequence tiles of ``x`` ``[T, dim]``, each tile checkpointed."""
+    n = mlp_tile_count(x.shape[0], x.shape[-1], mlp_tiles)
+    if n <= 1 or not torch.is_grad_enabled():
+        if n <= 1:
+            return mlp(x)
+        return torch.cat([mlp(t) for t in x.tensor_split(n, dim=0)])
+    return torch.cat([checkpoint(mlp, t, use_reentrant=False) for t in x.tensor_split(n, dim=0)])
+
+
+def _identity(t):
+    return t
+
+
+class _MixerStash:
+    """Keeps a block's token-mixer outputs between its checkpointed forward and the recompute."""
+
+    def __init__(self):
+        self.outputs, self.mode = [], None
+
+    @contextmanager
+    def recording(self):
+        self.outputs, self.mode = [], "record"
+        try:
+            yield
+        finally:
+            self.mode = None
+
+    @contextmanager
+    def replaying(self):
+        self.mode = "replay"
+        try:
+            yield
+        finally:
+            self.mode = None
+
+    def wrap(self, fn):
+        def mixer(*args):
+            if self.mode == "replay":  # same value; a leaf so the recompute saves what forward did
+                out = self.outputs.pop(0)
+                return out.detach().requires_grad_(out.requires_grad)
+            if self.mode == "record":
+                with saved_tensors_hooks(_identity, _identity):  # keep the mixer's saved tensors
+                    out = fn(*args)
+                self.outputs.append(out)
+                return out
+            return fn(*args)
+
+        mixer.seqshard_inner = fn
+        return mixer
+
+
+def offload_hooks(device: torch.device):
+    """``saved_tensors_hooks`` moving saved tensors to host memory (CUDA) or a no-op (CPU)."""
+    if device.type != "cuda":
+        return nullcontext()
+    stream = torch.cuda.Stream(device)
+
+    def pack(t):
+        if t.device.type != "cuda":
+            return t
+        buf = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        stream.wait_stream(torch.cuda.current_stream(t.device))
+        with torch.cuda.stream(stream):
+            buf.copy_(t, non_blocking=True)
+            t.record_stream(stream)
+            done = torch.cuda.Event()
+            done.record(stream)
+        return t.device, buf, done
+
+    def unpack(packed):
+        if isinstance(packed, torch.Tensor):
+            return packed
+        dev, buf, done = packed
+        done.synchronize()
+        return buf.to(dev, non_blocking=True)
+
+    return saved_tensors_hooks(pack, unpack)
+
+
+def _checkpointed_forward(block, mode: str, offload: bool):
+    inner = block.forward
+    stash = _MixerStash() if mode == "selective" else None
+    if stash is not None:
+        mixer = block.attn
+        for name in MIXER_FNS:
+            if hasattr(mixer, name) and not hasattr(getattr(mixer, name), "seqshard_inner"):
+                setattr(mixer, name, stash.wrap(getattr(mixer, name)))
+
+    def contexts():
+        return (stash.recording(), stash.replaying()) if stash else (nullcontext(), nullcontext())
+
+    def forward(x, positions, ctx):
+        if not torch.is_grad_enabled():
+            return inner(x, positions, ctx)
+        device = x.device
+        with offload_hooks(device) if offload else nullcontext():
+            return checkpoint(inner, x, positions, ctx, use_reentrant=False, context_fn=contexts)
+
+    return forward
+
+
+def apply_memory_options(model, train_spec):
+    """Install tiled MLP and per-block checkpointing/offload per ``train_spec``; returns ``model``.
+
+    Blocks are the entries of ``model.layers``; each has ``.attn`` (the token mixer, holding its
+    attention callable) and ``.mlp``.
+    """
+    ac = train_spec.activation_checkpointing
+    tiles = train_spec.mlp_tiles
+    for block in model.layers:
+        if tiles != 1:
+            mlp = block.mlp
+            plain = type(mlp).forward.__get__(mlp)
+            mlp.forward = lambda x, _plain=plain: tiled_mlp_forward(_plain, x, tiles)
+        if ac != "none":
+            block.forward = _checkpointed_forward(block, ac, train_spec.offload_activations)
+    return model
