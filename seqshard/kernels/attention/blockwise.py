@@ -46,7 +46,9 @@ def _to_rows(x, rows, n_heads):
         .reshape(rows, n_heads, *x.shape[2:])
 
 
-def _docs(cu_seqlens_q, cu_seqlens_k, total_q, total_k):
+def document_bounds(cu_seqlens_q, cu_seqlens_k, total_q, total_k):
+    """``[(q_start, q_end, k_start, k_end)]`` of the documents with queries and keys (the others
+    produce nothing: out 0, lse -inf, no gradient)."""
     cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
     assert len(cq) == len(ck), f"cu_seqlens_q has {len(cq)} entries, cu_seqlens_k {len(ck)}"
     assert cq[-1] <= total_q and ck[-1] <= total_k, f"cu_seqlens end {cq[-1]}/{ck[-1]} past the tokens"
@@ -61,7 +63,7 @@ def blockwise_attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=Fals
     scale = head_dim ** -0.5 if softmax_scale is None else softmax_scale
     out = q.new_zeros(q.shape[0], n_heads, v.shape[-1])
     lse = torch.full((n_heads, q.shape[0]), float("-inf"), dtype=torch.float32, device=q.device)
-    for a, b, c, d in _docs(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0]):
+    for a, b, c, d in document_bounds(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0]):
         kh, vh = k[c:d].float().transpose(0, 1), v[c:d].float().transpose(0, 1)  # [H_kv, Lk, D]
         for r0, r1, kend in _blocks(b - a, d - c, n_heads, causal):
             if kend == 0:
@@ -85,7 +87,7 @@ def blockwise_attention_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqle
     dk = torch.zeros(k.shape, dtype=torch.float32, device=q.device)
     dv = torch.zeros(v.shape, dtype=torch.float32, device=q.device)
     delta = (dout.float() * out.float()).sum(-1)  # [Tq, H]
-    for a, b, c, d in _docs(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0]):
+    for a, b, c, d in document_bounds(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0]):
         kh, vh = k[c:d].float().transpose(0, 1), v[c:d].float().transpose(0, 1)  # [H_kv, Lk, D]
         dkh, dvh = torch.zeros_like(kh), torch.zeros_like(vh)
         for r0, r1, kend in _blocks(b - a, d - c, n_heads, causal):

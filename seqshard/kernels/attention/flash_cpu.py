@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import torch
 
+from .blockwise import document_bounds
+
 try:  # private aten ops (torch >= 2.2); without them dispatch falls back to blockwise.py
     _FWD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
     _BWD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
@@ -46,13 +48,6 @@ def _heads_first(x):
     return x.transpose(0, 1).unsqueeze(0)
 
 
-def _bounds(cu_seqlens_q, cu_seqlens_k, total_q, total_k):
-    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
-    assert len(cq) == len(ck), f"cu_seqlens_q has {len(cq)} entries, cu_seqlens_k {len(ck)}"
-    assert cq[-1] <= total_q and ck[-1] <= total_k, f"cu_seqlens end {cq[-1]}/{ck[-1]} past the tokens"
-    return list(zip(cq[:-1], cq[1:], ck[:-1], ck[1:]))
-
-
 @torch.no_grad()
 def flash_cpu_attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=False, softmax_scale=None):
     """q ``[Tq, H, D]``, k/v ``[Tk, H_kv, D]`` -> ``(out [Tq, H, D] in q's dtype, lse [H, Tq] fp32)``."""
@@ -61,7 +56,7 @@ def flash_cpu_attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=Fals
     scale = head_dim ** -0.5 if softmax_scale is None else softmax_scale
     out = q.new_zeros(q.shape[0], n_heads, v.shape[-1])
     lse = torch.full((n_heads, q.shape[0]), float("-inf"), dtype=torch.float32, device=q.device)
-    for a, b, c, d in _bounds(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0]):
+    for a, b, c, d in document_bounds(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0]):
         for i, (q0, q1, k0, k1, piece_causal) in enumerate(_pieces(b - a, d - c, causal)):
             o, blse = _FWD(_heads_first(q[a + q0:a + q1]), _heads_first(k[c + k0:c + k1]),
                            _heads_first(v[c + k0:c + k1]), 0.0, piece_causal, scale=scale)
@@ -91,7 +86,7 @@ def flash_cpu_attention_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqle
     dv = torch.zeros(v.shape, dtype=torch.float32, device=q.device)
     out = out.to(q.dtype)  # the kernel wants out in q's dtype (ring merges in fp32)
     dout = dout.to(q.dtype)
-    for a, b, c, d in _bounds(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0]):
+    for a, b, c, d in document_bounds(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0]):
         for q0, q1, k0, k1, piece_causal in _pieces(b - a, d - c, causal):
             rows, cols = slice(a + q0, a + q1), slice(c + k0, c + k1)
             gq, gk, gv = _BWD(_heads_first(dout[rows]), _heads_first(q[rows]), _heads_first(k[cols]),
