@@ -40,9 +40,10 @@ def _describe(err: BaseException) -> str:
 def raise_on_all_ranks(what: str, error: BaseException | None, group=None) -> None:
     """Collective: if ``error`` is set on any rank, every rank raises one RankFailure naming the
     first failed rank and its cause (and how many others failed). A no-op when all succeeded."""
-    if not dist.is_initialized():
+    if not dist.is_initialized() or dist.get_world_size(group) == 1:  # nobody to tell
         if error is not None:
-            raise RankFailure(f"rank 0: {what}: {_describe(error)}", [0]) from error
+            rank = dist.get_rank() if dist.is_initialized() else 0
+            raise RankFailure(f"rank {rank}: {what}: {_describe(error)}", [rank]) from error
         return
     flag = torch.tensor([0 if error is None else 1], dtype=torch.int64)
     with record(f"guard.{what}", flag.numel() * 8):
@@ -76,6 +77,8 @@ def shared_failure(what: str, group=None):
 def named_barrier(op: str, timeout_s: float | None = None, group=None) -> None:
     """A barrier under the collective timeout whose failure names this rank and ``op``.
     On gloo, ``monitored_barrier`` also names the ranks that never arrived."""
+    if dist.get_world_size(group) == 1:
+        return
     with record(op, 0):
         if dist.get_backend(group) == dist.Backend.GLOO:
             kwargs = {"timeout": timedelta(seconds=timeout_s)} if timeout_s else {}

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from .checkpoint import MARKER, _STEP_DIR, checkpoint_root
+from .checkpoint import MARKER, _STEP_DIR, CheckpointMismatch, checkpoint_root
 from .comm_stats import record
 
 
@@ -88,6 +88,8 @@ def resume_from_newest_loadable(output_dir, load, log=None):
         if _agree(reason is None):
             try:
                 state = load(path)
+            except CheckpointMismatch:
+                raise  # not damage: the model changed, and every older checkpoint has the same shapes
             except Exception as err:  # noqa: BLE001 - reported, then the previous checkpoint is tried
                 reason = f"load failed: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
             if _agree(reason is None):

@@ -5,8 +5,6 @@ DeepSpeed or FSDP2 run says so (ZeRO stage, precision, reshard policy) wherever 
 """
 from __future__ import annotations
 
-import dataclasses
-
 from .loggers import launch_command
 
 
@@ -18,8 +16,8 @@ def engine_settings(spec, engine) -> dict:
         inner = getattr(engine, "engine", None)
         stage = inner.zero_optimization_stage() if hasattr(inner, "zero_optimization_stage") else t.zero_stage
         info.update(zero_stage=int(stage), ds_config=t.ds_config or "(built from the spec)")
-    # fsdp2's reshard policy and other engine keys, whatever the engine's spec fields are named
-    info.update({k: v for k, v in dataclasses.asdict(t).items() if k.startswith(("fsdp", "reshard"))})
+    if t.engine == "fsdp2":
+        info.update(reshard_after_forward=t.reshard_after_forward, offload_params=t.offload_params)
     return info
 
 

@@ -172,7 +172,9 @@ def _close(name, got, want):
     if want.numel() == 0:
         assert got.numel() == 0, f"{name}: expected no rows, got {tuple(got.shape)}"
         return
-    err = ((got - want).abs().max() / want.abs().max().clamp_min(1e-6)).item()
+    # floor 1e-2: inputs are unit-scale, so a gradient that is exactly zero in theory (a row with
+    # a single key has dq = 0) is compared at 1e-7 absolute, about one fp32 ulp of O(1) values
+    err = ((got - want).abs().max() / want.abs().max().clamp_min(1e-2)).item()
     assert err <= TOL, f"{name}: max rel error {err:.2e} > {TOL:.0e}"
 
 
