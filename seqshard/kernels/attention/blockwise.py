@@ -55,14 +55,21 @@ def document_bounds(cu_seqlens_q, cu_seqlens_k, total_q, total_k):
     return [(a, b, c, d) for a, b, c, d in zip(cq[:-1], cq[1:], ck[:-1], ck[1:]) if b > a and d > c]
 
 
-@torch.no_grad()
-def blockwise_attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=False, softmax_scale=None):
-    """q ``[Tq, H, D]``, k/v ``[Tk, H_kv, D]`` -> ``(out [Tq, H, D] in q's dtype, lse [H, Tq] fp32)``."""
+def forward_outputs(q, k, v, softmax_scale):
+    """``(n_heads, n_kv, scale, out, lse)`` of a forward before any document is computed: rows
+    that see no key keep out 0 and lse -inf."""
     n_heads, n_kv, head_dim = q.shape[1], k.shape[1], q.shape[2]
     assert n_heads % n_kv == 0, f"query heads {n_heads} not a multiple of kv heads {n_kv}"
     scale = head_dim ** -0.5 if softmax_scale is None else softmax_scale
     out = q.new_zeros(q.shape[0], n_heads, v.shape[-1])
     lse = torch.full((n_heads, q.shape[0]), float("-inf"), dtype=torch.float32, device=q.device)
+    return n_heads, n_kv, scale, out, lse
+
+
+@torch.no_grad()
+def blockwise_attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=False, softmax_scale=None):
+    """q ``[Tq, H, D]``, k/v ``[Tk, H_kv, D]`` -> ``(out [Tq, H, D] in q's dtype, lse [H, Tq] fp32)``."""
+    n_heads, n_kv, scale, out, lse = forward_outputs(q, k, v, softmax_scale)
     for a, b, c, d in document_bounds(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0]):
         kh, vh = k[c:d].float().transpose(0, 1), v[c:d].float().transpose(0, 1)  # [H_kv, Lk, D]
         for r0, r1, kend in _blocks(b - a, d - c, n_heads, causal):

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from .blockwise import document_bounds
+from .blockwise import document_bounds, forward_outputs
 
 try:  # private aten ops (torch >= 2.2); without them dispatch falls back to blockwise.py
     _FWD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
@@ -51,11 +51,7 @@ def _heads_first(x):
 @torch.no_grad()
 def flash_cpu_attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=False, softmax_scale=None):
     """q ``[Tq, H, D]``, k/v ``[Tk, H_kv, D]`` -> ``(out [Tq, H, D] in q's dtype, lse [H, Tq] fp32)``."""
-    n_heads, n_kv, head_dim = q.shape[1], k.shape[1], q.shape[2]
-    assert n_heads % n_kv == 0, f"query heads {n_heads} not a multiple of kv heads {n_kv}"
-    scale = head_dim ** -0.5 if softmax_scale is None else softmax_scale
-    out = q.new_zeros(q.shape[0], n_heads, v.shape[-1])
-    lse = torch.full((n_heads, q.shape[0]), float("-inf"), dtype=torch.float32, device=q.device)
+    n_heads, _, scale, out, lse = forward_outputs(q, k, v, softmax_scale)
     for a, b, c, d in document_bounds(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0]):
         for i, (q0, q1, k0, k1, piece_causal) in enumerate(_pieces(b - a, d - c, causal)):
             o, blse = _FWD(_heads_first(q[a + q0:a + q1]), _heads_first(k[c + k0:c + k1]),
