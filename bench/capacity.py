@@ -19,6 +19,7 @@ import argparse
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -76,11 +77,16 @@ def run_case(L, sp, method, data_dir, work, timeout, ac="selective"):
            str(ROOT / "examples/tiny.yaml")] + [a for o in ov for a in ("--set", o)]
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     start = time.perf_counter()
+    # a session of its own, so a timeout kills torchrun's workers too (not only torchrun)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
     try:
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+        _, err = proc.communicate(timeout=timeout)
         ok = proc.returncode == 0
-        why = "" if ok else proc.stderr.strip().splitlines()[-1][:200] if proc.stderr.strip() else f"rc {proc.returncode}"
+        why = "" if ok else err.strip().splitlines()[-1][:200] if err.strip() else f"rc {proc.returncode}"
     except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
         ok, why = False, f"did not finish within {timeout}s (prediction only)"
     row["wall_s"] = time.perf_counter() - start
     if ok:
@@ -121,6 +127,8 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--case-timeout", type=float, default=900)
     ap.add_argument("--out", default=str(ROOT / "bench/results/capacity.json"))
+    ap.add_argument("--cases", nargs="+", metavar="L:SP:METHOD",
+                    help="run only these cases, e.g. 131072:4:ulysses 2048:1:none (L in tokens)")
     args = ap.parse_args()
     k = 1024
     sp1_lens = [4 * k, 8 * k, 16 * k] if args.quick else [8 * k, 16 * k, 32 * k, 64 * k]
@@ -130,6 +138,8 @@ def main():
     # shorter cases first, so a late timeout still leaves the sp=1 / sp=4 pairs measured
     cases = sorted([(L, 1, "none") for L in sp1_lens] + [(L, 4, m) for L in sp4_lens for m in ("ulysses", "ring")],
                    key=lambda c: (c[0], c[1]))
+    if args.cases:
+        cases = [(int(L), int(sp), m) for L, sp, m in (c.split(":") for c in args.cases)]
     rows = []
     for L, sp, method in cases:
         rows.append(run_case(L, sp, method, data_dir, work, args.case_timeout))

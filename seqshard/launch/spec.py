@@ -59,7 +59,7 @@ class PlannerSpec:
     solver: str = "greedy"  # greedy | milp
     time_limit_s: float = 0.05
     profile: str = "cpu_gloo"
-    memory_tokens: int = 0  # tokens of activations one device holds; 0 = data.max_seq_len
+    memory_tokens: int = 0  # tokens one device holds; 0 = by the memory model (train.device_memory_gb) or data.max_seq_len
 
 
 @dataclass(frozen=True)

@@ -124,6 +124,23 @@ def pack_in_order(doc_ids, lengths, budget):
     return batches + ([current] if current else [])
 
 
+def planner_memory_tokens(spec, world_size: int) -> int:
+    """Tokens of one sequence a device holds: ``parallel.planner.memory_tokens`` when set, else the
+    memory model's longest fitting sequence at sp 1 when ``train.device_memory_gb`` is set, else
+    ``data.max_seq_len``."""
+    if spec.parallel.planner.memory_tokens:
+        return spec.parallel.planner.memory_tokens
+    if spec.train.device_memory_gb:
+        from dataclasses import replace
+
+        from . import memory_model as mm
+
+        c = replace(mm.config_from_spec(spec, world_size, "cuda" if torch.cuda.is_available() else "cpu"),
+                    sp=1, sp_method="none")
+        return max(1, mm.longest_fitting(spec.model, c, spec.train.device_memory_gb * 2**30))
+    return spec.data.max_seq_len
+
+
 class AdaptiveScatter:
     """Each step: plan groups for the step's documents, then yield this rank's micro-batches."""
 
@@ -134,7 +151,7 @@ class AdaptiveScatter:
         p = spec.parallel
         self.world, self.rank, self.pad_id = world_size, rank, pad_id
         self.max_sp, self.solver, self.time_limit = p.max_sp, p.planner.solver, p.planner.time_limit_s
-        self.memory_tokens = p.planner.memory_tokens or spec.data.max_seq_len
+        self.memory_tokens = planner_memory_tokens(spec, world_size)
         self.sizes = allowed_group_sizes(world_size, p.max_sp, spec.model.n_heads)
         self.groups = create_groups(world_size, self.sizes)
         bytes_per_element = 2 if spec.train.dtype == "bfloat16" else 4

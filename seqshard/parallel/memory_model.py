@@ -1,36 +1,47 @@
 """Predicted peak memory per rank of a training step (pure functions of sizes; no torch).
 
 Terms, for ``n`` local tokens (``L / sp``), ``b`` bytes per activation element, ``d`` = dim,
-``d_kv`` = kv heads x head_dim, ``f`` = ffn_dim, ``l`` layers:
+``d_kv`` = kv heads x head_dim, ``f`` = ffn_dim, ``l`` layers, ``V`` = vocabulary:
 
 - model states: parameters, gradients and AdamW state (fp32 master + two moments) per
-  parameter, divided over the ``dp`` replicas by the ZeRO stage (stage 1 shards the optimizer
-  state, 2 also the gradients, 3 also the parameters), as in Rajbhandari et al. 2020;
-- saved activations per layer and token (elements):
+  parameter, divided over the ranks that shard them by the ZeRO stage (stage 1 shards the
+  optimizer state, 2 also the gradients, 3 also the parameters; Rajbhandari et al. 2020).
+  DeepSpeed and fsdp2 shard over every rank (dp x sp). With the states offloaded to the host
+  (fsdp2 ``offload_params``) the device holds two blocks' unsharded parameters and gradients
+  (the one in use and the one prefetched) and the embedding matrix;
+- saved activations per layer and token (elements), alive for the whole step:
   ``none``: ``6 d + 2 d_kv + 4 f`` (block input, both norm outputs, q/k/v, attention output,
-  the SwiGLU's w1, silu, w3 and product) — with a tiled MLP the ``4 f`` becomes 0 (each tile is
+  the SwiGLU's w1, silu, w3 and product); with a tiled MLP the ``4 f`` becomes 0 (each tile is
   recomputed); ``selective``: block input + q, k, v, output = ``3 d + 2 d_kv``;
   ``full``: the block input ``d``; offload (CUDA only) moves the block input to the host;
-- the backward's working set: one block recomputed and differentiated at a time:
-  ``WORK_FACTOR x`` that block's full activations (``none``'s per-layer count, ``f`` terms for
-  one MLP tile when tiled) + the residual stream's gradient;
-- attention workspace: out/lse merge buffers and the per-document flash kernel's blocks,
-  ``ATTN_WORKSPACE x (d + 2 d_kv)`` per token; SP comm buffers: send + receive of q/k/v/o
-  (Ulysses), two K/V blocks in flight + fp32 accumulators (ring), the gathered K/V (allgather);
-- loss: linear_cross_entropy's chunk of ``LOSS_CHUNK`` rows x vocab in fp32 (never ``[L, vocab]``);
+- two phases that never overlap, so the peak holds the larger of them:
+  - the backward of one block (recomputed under checkpointing): ``WORK_FACTOR x`` that block's
+    activations (``6 d + 2 d_kv`` + ``4 f`` for one MLP tile) + the residual stream and its
+    gradient (``2 d``), the attention workspace ``ATTN_WORKSPACE x (d + 2 d_kv)`` and the SP
+    communication buffers (send + receive of q/k/v/o for Ulysses and USP, two K/V blocks in
+    flight + fp32 accumulators for ring, the gathered K/V for all-gather);
+  - the loss (``kernels/cross_entropy.py``): the final hidden states, their fp32 gradient
+    ``n d``, the weight's fp32 gradient and fp32 copy ``V d``, and one ``[chunk, vocab]`` logits
+    block of ``LOSS_CHUNK_BYTES`` (never ``[L, vocab]``);
 - a fixed runtime: the process's libraries and heap. On CPU the measured peak is the process's
-  RSS, so a CPU profile carries it (``RUNTIME_BYTES['cpu']``, measured: see bench/capacity.py);
-  on CUDA ``max_memory_allocated`` excludes it.
+  RSS, so a CPU profile carries it (``RUNTIME_BYTES['cpu']``), and gloo's own staging of the
+  exchanged tensors (``CPU_COMM_STAGING`` x the comm buffers: RSS the torch allocator does not
+  see); on CUDA ``max_memory_allocated`` excludes both.
+
+The constants are measured on this machine (bench/capacity.py; ``WORK_FACTOR`` from the torch
+profiler's memory timeline of a tiny selective step: the tensors alive at the backward's peak
+are 1.2 x one block's activations, not the 2 x an upper bound would give).
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 
-WORK_FACTOR = 2.0  # a block's activations alive at once in its backward (inputs + their grads)
+WORK_FACTOR = 1.2  # a block's activations alive at once in its backward (measured, module doc)
 ATTN_WORKSPACE = 2.0  # per-token elements x (d + 2 d_kv) of attention scratch
-LOSS_CHUNK = 4096  # rows of linear_cross_entropy's logits chunk
-RUNTIME_BYTES = {"cpu": 540 * 2**20, "cuda": 0}  # cpu: rank RSS of a 2K-token tiny step (bench/capacity.py)
+LOSS_CHUNK_BYTES = 64 * 2**20  # linear_cross_entropy's logits block (kernels/cross_entropy.py budget)
+RUNTIME_BYTES = {"cpu": 540 * 2**20, "cuda": 0}  # cpu: rank RSS without activations (bench/capacity.py)
+CPU_SP_EXTRA = 0.8  # cpu, sp > 1: RSS beyond the allocator's tensors, in blocks of activations (measured)
 
 
 @dataclass(frozen=True)
@@ -38,7 +49,7 @@ class MemoryConfig:
     """What the prediction needs besides the model shape (plain numbers, filled from a spec)."""
     sp: int = 1
     sp_method: str = "none"
-    dp: int = 1
+    dp: int = 1  # ranks the model states are sharded over (ZeRO stage > 0, fsdp2)
     zero_stage: int = 0
     act_bytes: int = 4  # 4 fp32, 2 bf16 activations
     param_bytes: int = 4  # weights as stored on the device
@@ -46,6 +57,7 @@ class MemoryConfig:
     offload: bool = False
     mlp_tiles: int = 1  # 1 untiled, 0 auto (ceil(n / dim)), N tiles
     device: str = "cpu"  # cpu | cuda: whether offload frees device memory, runtime constant
+    offload_states: bool = False  # parameters, gradients and optimizer states on the host (fsdp2)
 
 
 def n_params(m) -> int:
@@ -59,8 +71,16 @@ def n_params(m) -> int:
     return m.vocab_size * m.dim + blocks + m.dim + head
 
 
+def block_params(m) -> int:
+    """Parameters of the largest transformer block (what a sharded engine gathers at once)."""
+    kv = m.n_kv_heads * m.head_dim
+    return 2 * m.dim * m.dim + 2 * m.dim * kv + 3 * m.dim * m.ffn_dim + 2 * m.dim
+
+
 def state_bytes(m, c: MemoryConfig) -> float:
     """Parameters, gradients and AdamW state (3 fp32 words when weights are bf16, else 2)."""
+    if c.offload_states:  # on device: two gathered blocks (weights + gradients) and the embedding
+        return (2 * block_params(m) * 2 + m.vocab_size * m.dim) * c.param_bytes
     p = n_params(m)
     params, grads = p * c.param_bytes, p * c.param_bytes
     optim = p * (12 if c.param_bytes == 2 else 8)
@@ -81,8 +101,8 @@ def _tile_tokens(n: float, m, tiles: int) -> float:
 
 
 def activation_bytes(m, n: float, c: MemoryConfig) -> dict:
-    """Saved activations, backward working set, attention workspace, comm buffers, loss chunk."""
-    b, d, f = c.act_bytes, m.dim, m.ffn_dim
+    """Saved activations, then the two phases: a block's backward and the loss (module doc)."""
+    b, d, f, V = c.act_bytes, m.dim, m.ffn_dim, m.vocab_size
     dkv = m.n_kv_heads * m.head_dim
     tiled = c.mlp_tiles != 1
     mlp_saved = 0 if tiled else 4 * f
@@ -98,18 +118,25 @@ def activation_bytes(m, n: float, c: MemoryConfig) -> dict:
     comm = {"ulysses": 2 * (2 * d + 2 * dkv) * n * b, "usp": 2 * (2 * d + 2 * dkv) * n * b,
             "ring": 4 * dkv * n * b + 4 * d * n, "allgather": c.sp * 2 * dkv * n * b,
             "lasp2": c.sp * d * m.head_dim * b}.get(c.sp_method, 0.0) if c.sp > 1 else 0.0
-    loss = min(n, LOSS_CHUNK) * m.vocab_size * 4 * 2 + n * (d + 2) * b
-    embed = n * d * b
+    if c.device == "cpu" and c.sp > 1:
+        comm += CPU_SP_EXTRA * block * b
+    weight_copy = V * d * 4 * (1 if c.param_bytes == 4 else 2)  # fp32 gradient (+ fp32 copy of bf16 weights)
+    loss = n * d * (b + 4) + weight_copy + min(LOSS_CHUNK_BYTES, n * V * 4)
     return {"saved_activations": saved, "backward_working_set": work, "attention_workspace": attn,
-            "comm_buffers": comm, "loss": loss, "embedding": embed}
+            "comm_buffers": comm, "loss_phase": loss}
 
 
 def predict_peak(m, seq_len: int, c: MemoryConfig) -> dict:
-    """Per-rank bytes by term and ``total`` for one sequence of ``seq_len`` tokens over ``c.sp``."""
+    """Per-rank bytes by term and ``total`` for one sequence of ``seq_len`` tokens over ``c.sp``.
+
+    ``total`` = model states + runtime + saved activations + the larger of the backward phase
+    (working set + attention workspace + comm buffers) and the loss phase."""
     n = math.ceil(seq_len / c.sp)
-    terms = {"model_states": state_bytes(m, c), **activation_bytes(m, n, c),
-             "runtime": RUNTIME_BYTES.get(c.device, 0)}
-    terms["total"] = sum(terms.values())
+    act = activation_bytes(m, n, c)
+    terms = {"model_states": state_bytes(m, c), **act, "runtime": RUNTIME_BYTES.get(c.device, 0)}
+    backward = act["backward_working_set"] + act["attention_workspace"] + act["comm_buffers"]
+    terms["total"] = (terms["model_states"] + terms["runtime"] + act["saved_activations"]
+                      + max(backward, act["loss_phase"]))
     return terms
 
 
@@ -132,11 +159,17 @@ def config_from_spec(spec, world_size: int, device: str = "cpu") -> MemoryConfig
     """The :class:`MemoryConfig` of a typed job spec (duck-typed: parallel/ never imports launch/)."""
     p, t = spec.parallel, spec.train
     sp = 1 if p.sp_method == "adaptive" else p.sp
-    return MemoryConfig(sp=sp, sp_method=p.sp_method, dp=max(1, world_size // sp), zero_stage=t.zero_stage,
+    # the torch engine replicates the states; DeepSpeed's ZeRO and fsdp2 shard over every rank (dp x sp)
+    stage, shards = {"torch": (0, 1), "fsdp2": (3, world_size)}.get(t.engine, (t.zero_stage, world_size))
+    return MemoryConfig(sp=sp, sp_method=p.sp_method, dp=max(1, shards), zero_stage=stage,
                         act_bytes=2 if t.dtype == "bfloat16" else 4, param_bytes=4,
                         checkpointing=t.activation_checkpointing, offload=t.offload_activations,
-                        mlp_tiles=t.mlp_tiles, device=device)
+                        mlp_tiles=t.mlp_tiles, device=device,
+                        offload_states=t.engine == "fsdp2" and t.offload_params)
 
 
 def format_breakdown(terms: dict) -> str:
-    return "\n".join(f"  {k:<22} {v / 2**20:12.1f} MiB" for k, v in terms.items())
+    phase = {"backward_working_set": " (backward phase)", "attention_workspace": " (backward phase)",
+             "comm_buffers": " (backward phase)", "loss_phase": " (loss phase)",
+             "total": " = states + runtime + saved + the larger phase"}
+    return "\n".join(f"  {k:<22} {v / 2**20:12.1f} MiB{phase.get(k, '')}" for k, v in terms.items())

@@ -29,10 +29,10 @@ head_dim``, ``l`` layers):
   backward (2/3 of compute) with ``engine: deepspeed`` (its overlapped reduction);
 - links: a group inside a node uses the intra-node bandwidth, traffic leaving the node the
   per-device network bandwidth; each message also pays the profile's collective latency;
-- memory = model states (16 bytes/param, ZeRO stage of the spec dividing them over P) +
-  activations ``17 b d n l`` bytes (Korthikanti et al. 2022: 34 per dim in bf16, without
-  recomputation; flash attention: no L^2 term) +
-  the method's buffers + fp32 logits ``4 n vocab``.
+- memory = :func:`seqshard.parallel.memory_model.predict_peak` on ``cuda`` (the model that
+  ``seqshard plan``, validation and ``--memory`` use): model states under the ZeRO stage over P,
+  activations under the spec's checkpointing, offload and MLP tiles, attention workspace, the
+  method's buffers and the chunked loss.
 """
 from __future__ import annotations
 
@@ -41,6 +41,7 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from seqshard.parallel import memory_model as mm
 from seqshard.parallel.cost_model import CostModel
 from seqshard.parallel.hardware import HardwareProfile, get_profile
 from seqshard.parallel.planner import plan_step
@@ -132,19 +133,17 @@ def _sp_comm(m, lay: Layout, prof: HardwareProfile, n: float, attn_layer_s: floa
     return a2a + layers * max(0.0, ring_layer - attn_layer_s)
 
 
-def _memory_mb(m, lay: Layout, n: float, zero_stage: int, n_params: float) -> float:
-    p = lay.devices
-    states = {0: 16 * n_params, 1: 4 * n_params + 12 * n_params / p, 2: 2 * n_params + 14 * n_params / p,
-              3: 16 * n_params / p}[zero_stage]
-    b, dkv = lay.bytes_per_el, m.n_kv_heads * m.head_dim
-    buffers = {"ring": 2 * 2 * n * dkv * b, "usp": 2 * 2 * n * dkv * b,
-               "allgather": lay.sp * 2 * n * dkv * b, "lasp2": lay.sp * m.dim * m.head_dim * b}
-    acts = 17 * b * m.dim * n * m.n_layers + buffers.get(lay.method, 0.0) + 4 * n * m.vocab_size
-    return (states + acts) / 2**20
+def _memory_mb(m, lay: Layout, n: float, zero_stage: int, memory: mm.MemoryConfig | None = None) -> float:
+    """Peak MiB per device by the memory model; ``memory`` carries the spec's activation knobs."""
+    b = lay.bytes_per_el
+    c = replace(memory or mm.MemoryConfig(), sp=lay.sp, sp_method=lay.method if lay.sp > 1 else "none",
+                dp=lay.devices, zero_stage=zero_stage, act_bytes=b, param_bytes=b, device="cuda",
+                offload_states=False)
+    return mm.predict_peak(m, max(1, round(n * lay.sp)), c)["total"] / 2**20
 
 
 def predict(model, lay: Layout, prof: HardwareProfile, zero_stage: int = 0,
-            overlap_grads: bool = False) -> dict:
+            overlap_grads: bool = False, memory: mm.MemoryConfig | None = None) -> dict:
     """Predicted seconds, MFU and memory of one step (module doc); ``model`` is a ModelConfig."""
     if lay.method == "lasp2" and model.arch == "llama":
         model = replace(model, arch="linear_llama")
@@ -159,15 +158,14 @@ def predict(model, lay: Layout, prof: HardwareProfile, zero_stage: int = 0,
     grads = _send_s(2 * (p - 1) / p * n_params * lay.bytes_per_el, p, prof, 2 * (p - 1)) if p > 1 else 0.0
     exposed = sp_comm + (max(0.0, grads - 2 / 3 * compute) if overlap_grads else grads)
     step = compute + exposed
-    n_all = n_params + model.vocab_size * model.dim  # + the embedding table
     return {"step_time_s": step, "compute_s": compute, "comm_s": exposed, "comm_fraction": exposed / step,
             "tokens_per_s": lay.tokens / step, "tokens_per_s_per_device": lay.tokens / step / p,
             "tflops_per_device": flops / step / p / 1e12, "mfu": flops / step / p / prof.peak_flops,
-            "peak_mem_mb": _memory_mb(model, lay, n, zero_stage, n_all)}
+            "peak_mem_mb": _memory_mb(model, lay, n, zero_stage, memory)}
 
 
 def layout(method: str, model, devices: int, seq_len: int, tokens_per_device: int, prof: HardwareProfile,
-           bytes_per_el: int = 2, zero_stage: int = 0) -> Layout | str:
+           bytes_per_el: int = 2, zero_stage: int = 0, memory: mm.MemoryConfig | None = None) -> Layout | str:
     """The method's layout at this point (module doc), or the one-line reason it cannot run there."""
     n_seq = max(1, devices * tokens_per_device // seq_len)
     sp = max(1, devices // n_seq)
@@ -180,20 +178,20 @@ def layout(method: str, model, devices: int, seq_len: int, tokens_per_device: in
     if method == "usp":
         return replace(base, ulysses=math.gcd(sp, heads, prof.devices_per_node))
     if method == "adaptive":
-        return _planned(model, base, n_seq, seq_len, prof, zero_stage)
+        return _planned(model, base, n_seq, seq_len, prof, zero_stage, memory)
     return base
 
 
-def _planned(model, base: Layout, n_seq: int, seq_len: int, prof: HardwareProfile, zero_stage: int):
+def _planned(model, base: Layout, n_seq: int, seq_len: int, prof: HardwareProfile, zero_stage: int,
+             memory: mm.MemoryConfig | None = None):
     """adaptive: Ulysses inside the groups that :func:`~seqshard.parallel.planner.plan_step` picks
-    (its cost model, memory_tokens from the profile's memory after the model states), or why not."""
-    n_all = report.matmul_params(model) + model.vocab_size * model.dim
-    free = prof.memory_bytes - _memory_mb(model, replace(base, method="ulysses"), 0, zero_stage, n_all) * 2**20
-    per_token = 17 * base.bytes_per_el * model.dim * model.n_layers + 4 * model.vocab_size
+    (its cost model; memory_tokens: the longest sequence one device holds by the memory model), or why not."""
+    c = replace(memory or mm.MemoryConfig(), sp=1, sp_method="none", dp=base.devices, zero_stage=zero_stage,
+                act_bytes=base.bytes_per_el, param_bytes=base.bytes_per_el, device="cuda", offload_states=False)
     cost = CostModel.from_model_config(model, prof, base.bytes_per_el)
     try:
         plan = plan_step([seq_len] * n_seq, base.devices, max_sp=min(base.devices, model.n_heads),
-                         memory_tokens=max(1, int(free // per_token)), cost_model=cost)
+                         memory_tokens=max(1, mm.longest_fitting(model, c, prof.memory_bytes)), cost_model=cost)
     except ValueError as err:
         return f"adaptive: {str(err).split(';')[0]}"
     return replace(base, method="ulysses", sp=max(size for _, size in plan.groups))
@@ -205,7 +203,9 @@ def wire_bytes(spec) -> int:
 
 def _engine(spec) -> dict:
     """predict()'s keyword arguments that come from the spec's train: section."""
-    return {"zero_stage": spec.train.zero_stage, "overlap_grads": spec.train.engine == "deepspeed"}
+    zero = 3 if spec.train.engine == "fsdp2" else spec.train.zero_stage
+    return {"zero_stage": zero, "overlap_grads": spec.train.engine == "deepspeed",
+            "memory": mm.config_from_spec(spec, 1, "cuda")}
 
 
 def grid_rows(spec, prof: HardwareProfile, methods, devices, seq_lens, tokens_per_device) -> tuple[list, list]:
@@ -215,7 +215,7 @@ def grid_rows(spec, prof: HardwareProfile, methods, devices, seq_lens, tokens_pe
         for seq in seq_lens:
             for p in devices:
                 lay = layout(method, spec.model, p, seq, tokens_per_device, prof, wire_bytes(spec),
-                             spec.train.zero_stage)
+                             spec.train.zero_stage, _engine(spec)["memory"])
                 if isinstance(lay, str):
                     skipped.append((method, f"{lay} (P={p}, L={_size(seq)})"))
                     continue

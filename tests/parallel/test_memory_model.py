@@ -51,3 +51,18 @@ def test_longest_fitting_is_the_boundary():
     assert n % 4 == 0 and n > 0
     assert mm.predict_peak(TINY, n, c)["total"] <= cap < mm.predict_peak(TINY, n + 4, c)["total"]
     assert mm.longest_fitting(TINY, c, 1.0) == 0
+
+
+def test_adaptive_planner_memory_tokens_come_from_the_memory_model(tmp_path):
+    from seqshard.parallel.adaptive import planner_memory_tokens
+    from tests.helpers.training import small_spec
+
+    spec = small_spec(tmp_path, 2, ["parallel.sp_method=adaptive", "parallel.max_sp=2", "train.device_memory_gb=1"])
+    c = dataclasses.replace(mm.config_from_spec(spec, 2, "cpu"), sp=1, sp_method="none")
+    expected = mm.longest_fitting(spec.model, c, 2**30)
+    assert expected > spec.data.max_seq_len  # the model's figure, not the default
+    assert planner_memory_tokens(spec, 2) == expected
+    assert planner_memory_tokens(small_spec(tmp_path, 2, ["parallel.sp_method=adaptive", "parallel.max_sp=2"]), 2) == 256
+    pinned = small_spec(tmp_path, 2, ["parallel.sp_method=adaptive", "parallel.max_sp=2", "train.device_memory_gb=1",
+                                      "parallel.planner.memory_tokens=999"])
+    assert planner_memory_tokens(pinned, 2) == 999

@@ -8,6 +8,7 @@ import yaml
 
 from seqshard.report import report, simulate
 from seqshard.report.cli import register
+from seqshard.parallel import memory_model as mm
 from seqshard.report.simulate import Layout, predict
 from seqshard.launch.spec import from_dict, load_spec
 from seqshard.parallel.cost_model import CostModel
@@ -80,9 +81,11 @@ def test_compute_memory_and_mfu(model):
     flops = report.model_flops(model, 8 * 8192, 8 * 8192.0 ** 2)
     assert pred["compute_s"] == pytest.approx(flops / 8 / 100e12, rel=REL)
     assert pred["mfu"] == pytest.approx(flops / pred["step_time_s"] / 8 / 100e12, rel=REL)
-    n_all = report.matmul_params(model) + model.vocab_size * model.dim
-    acts = 34 * model.dim * 8192 * model.n_layers + 4 * 8192 * model.vocab_size
-    assert pred["peak_mem_mb"] == pytest.approx((16 * n_all / 8 + acts) / 2 ** 20, rel=REL)
+    c = mm.MemoryConfig(sp=8, sp_method="ulysses", dp=8, zero_stage=3, act_bytes=2, param_bytes=2, device="cuda")
+    assert pred["peak_mem_mb"] == pytest.approx(mm.predict_peak(model, 8 * 8192, c)["total"] / 2 ** 20, rel=REL)
+    # the spec's knobs reach the memory model: full checkpointing holds less than none
+    full = predict(model, lay, FLAT, zero_stage=3, memory=mm.MemoryConfig(checkpointing="full"))
+    assert full["peak_mem_mb"] < pred["peak_mem_mb"]
     dp = Layout("ulysses", 8, 8 * 8192, 8 * 8192.0 ** 2, 1)  # pure data parallel: only gradients move
     grads = 2 * 7 / 8 * report.matmul_params(model) * 2 / 100e9
     serial, overlapped = predict(model, dp, FLAT), predict(model, dp, FLAT, overlap_grads=True)
@@ -90,7 +93,7 @@ def test_compute_memory_and_mfu(model):
     hidden = max(0.0, grads - 2 / 3 * serial["compute_s"])
     assert overlapped["step_time_s"] == pytest.approx(serial["compute_s"] + hidden, rel=REL)
     zero0 = predict(model, lay, FLAT, zero_stage=0)["peak_mem_mb"]
-    assert zero0 - pred["peak_mem_mb"] == pytest.approx(16 * n_all * (1 - 1 / 8) / 2 ** 20, rel=REL)
+    assert zero0 - pred["peak_mem_mb"] == pytest.approx(16 * mm.n_params(model) * (1 - 1 / 8) / 2 ** 20, rel=REL)
 
 
 def test_layouts_follow_the_load(model):
