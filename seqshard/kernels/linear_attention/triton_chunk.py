@@ -217,7 +217,8 @@ def _bwd_dkv(Q, K, V, G, DO, DSF, DK_, DV_, DS0, DG_, SC, CO, CU, scale, H, DK, 
         dov = _dot(do, tl.trans(v), PREC, F32)  # [C(t), C(s)]
         ds = dstate.to(dt)
         vds = _dot(v, tl.trans(ds), PREC, F32)  # [C, BK]
-        dv = scale * _dot(tl.trans((qk * dmat).to(dt)), do, PREC, F32) + _dot((k * to_end[:, None]).to(dt), ds, PREC, F32)
+        dv = scale * _dot(tl.trans((qk * dmat).to(dt)), do, PREC, F32) \
+            + _dot((k * to_end[:, None]).to(dt), ds, PREC, F32)
         dk = scale * _dot(tl.trans((dov * dmat).to(dt)), q, PREC, F32) + to_end[:, None] * vds
         tl.store(DV_ + ((bos + rows)[:, None] * H + h) * DV + offs_v[None, :], dv,
                  mask=r_ok[:, None] & v_ok[None, :])
