@@ -4,7 +4,8 @@ Every collective seqshard issues in the forward or backward pass runs inside
 ``record(op, nbytes)``. Benchmarks read ``snapshot()`` to compare measured bytes with each
 method's analytic minimum; the trainer writes the per-step totals into ``metrics.jsonl``.
 The record also turns a collective that fails or times out (a dead peer, a hung rank) into an
-error naming this rank and the operation.
+error naming this rank and the operation, and the first failure a dead peer published
+(``cause.py``), if any.
 """
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from collections import defaultdict
 from contextlib import contextmanager
 
 import torch.distributed as dist
+
+from .cause import first_failure
 
 
 class CollectiveError(RuntimeError):
@@ -53,8 +56,10 @@ def record(op: str, nbytes: int):
         yield
     except RuntimeError as err:
         rank = dist.get_rank() if dist.is_initialized() else 0
+        first = first_failure()  # a peer that died may have named its cause (read only on this error path)
+        cause = f" [first failure: {first}]" if first and not first.startswith(f"rank {rank}:") else ""
         raise CollectiveError(
             f"rank {rank}: collective '{op}' ({nbytes} bytes) failed or timed out "
-            f"after {time.perf_counter() - start:.1f}s: {str(err).splitlines()[0] if str(err) else err!r}"
+            f"after {time.perf_counter() - start:.1f}s{cause}: {str(err).splitlines()[0] if str(err) else err!r}"
         ) from err
     COMM_LOG.add(op, nbytes, time.perf_counter() - start)

@@ -21,6 +21,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from .cause import describe
 from .comm_stats import record
 
 
@@ -32,18 +33,13 @@ class RankFailure(RuntimeError):
         self.ranks = ranks
 
 
-def _describe(err: BaseException) -> str:
-    text = str(err).splitlines()[0] if str(err) else ""
-    return f"{type(err).__name__}: {text}" if text else type(err).__name__
-
-
 def raise_on_all_ranks(what: str, error: BaseException | None, group=None) -> None:
     """Collective: if ``error`` is set on any rank, every rank raises one RankFailure naming the
     first failed rank and its cause (and how many others failed). A no-op when all succeeded."""
     if not dist.is_initialized() or dist.get_world_size(group) == 1:  # nobody to tell
         if error is not None:
             rank = dist.get_rank() if dist.is_initialized() else 0
-            raise RankFailure(f"rank {rank}: {what}: {_describe(error)}", [rank]) from error
+            raise RankFailure(f"rank {rank}: {what}: {describe(error)}", [rank]) from error
         return
     flag = torch.tensor([0 if error is None else 1], dtype=torch.int64)
     with record(f"guard.{what}", flag.numel() * 8):
@@ -52,7 +48,7 @@ def raise_on_all_ranks(what: str, error: BaseException | None, group=None) -> No
         return
     messages = [None] * dist.get_world_size(group)
     with record(f"guard.{what}.gather", 0):
-        dist.all_gather_object(messages, None if error is None else _describe(error), group=group)
+        dist.all_gather_object(messages, None if error is None else describe(error), group=group)
     failed = [r for r, m in enumerate(messages) if m is not None]
     rank = dist.get_global_rank(group, failed[0]) if group is not None else failed[0]
     more = f" (and {len(failed) - 1} other rank(s))" if len(failed) > 1 else ""

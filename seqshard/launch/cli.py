@@ -7,6 +7,8 @@ import shlex
 import subprocess
 import sys
 
+from seqshard.dist.cause import publish
+from seqshard.dist.comm_stats import CollectiveError
 from seqshard.dist.guard import RankFailure
 
 from .spec import SpecError, load_spec
@@ -194,6 +196,12 @@ def main(argv=None) -> int:
         if _rank() == 0:
             print(f"seqshard: error: {err}", file=sys.stderr)
         return 1
+    except CollectiveError as err:  # a peer died or hung: one line per stranded rank (names the cause if known)
+        print(f"seqshard: error: {err}", file=sys.stderr)
+        return 1
+    except Exception as err:  # unexpected (a bug): name it for the ranks it strands, keep the traceback
+        publish(args.command, err)
+        raise
 
 
 if __name__ == "__main__":

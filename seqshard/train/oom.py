@@ -2,8 +2,9 @@
 
 The other ranks of the step are blocked in a collective this rank will never join; waiting for
 them would hang, and a clean ``destroy_process_group`` needs them too. So the rank writes one
-line to stderr and ends its process at once with exit code 3 (``os._exit``: no atexit handlers,
-no collective). Its peers then fail their collective on the broken connection (gloo) or at
+line to stderr, leaves that line in the rendezvous store (``dist/cause.py``) and ends its process
+at once with exit code 3 (``os._exit``: no atexit handlers, no collective). Its peers then fail
+their collective on the broken connection (gloo; their error names this rank's line) or at
 ``train.collective_timeout_s`` (NCCL's watchdog) and exit non-zero too; the launcher
 (torchrun, deepspeed, mpirun) tears the job down once one rank has died.
 A CPU process the Linux OOM killer ends (SIGKILL) raises nothing and cannot report itself.
@@ -12,6 +13,8 @@ from __future__ import annotations
 
 import os
 import sys
+
+from seqshard.dist.cause import publish
 
 OOM_EXIT_CODE = 3
 
@@ -30,4 +33,5 @@ def exit_on_oom(err: BaseException, step: int, seq_len: int, rank: int):
     print(f"seqshard: error: rank {rank}: out of memory at step {step} (data.max_seq_len {seq_len} tokens): "
           f"{first}; try `seqshard plan SPEC` and train.activation_checkpointing / train.mlp_tiles / parallel.sp",
           file=sys.stderr, flush=True)
+    publish(f"out of memory at step {step}", err)  # named in the peers' collective errors
     os._exit(OOM_EXIT_CODE)

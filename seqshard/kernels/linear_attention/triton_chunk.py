@@ -13,18 +13,30 @@ entering the chunk:
 
 Backward (``dS`` = gradient of the state leaving the chunk, starting from d final_state), two
 kernels on the same grid: ``_bwd_dq``, a forward sweep recomputing ``S`` for
-``dq = scale * (exp(G) * (do @ S^T) + ((do @ v^T) * D) @ k)``, and ``_bwd_dkv``, a reverse sweep:
+``dq = scale * (exp(G) * (do @ S^T) + ((do @ v^T) * D) @ k)`` (and, when ``dg`` is wanted,
+storing the state entering every chunk), and ``_bwd_dkv``, a reverse sweep:
 
     dv = scale * ((q @ k^T) * D)^T @ do + (k * exp(G_C - G)) @ dS
     dk = scale * ((do @ v^T) * D)^T @ q + exp(G_C - G) * (v @ dS^T)
     dS <- exp(G_C) dS + scale * (q * exp(G))^T @ do        (d initial_state at the start)
 
-``dq`` / ``dk`` sum over value blocks (partials summed in torch); the kernels leave out the
-``s = t`` terms of ``D`` in ``dq`` / ``dk`` (torch adds ``scale (do_t . v_t) k_t`` / ``.. q_t``
-after ``dg``): ``dg`` comes from ``dq`` / ``dk`` in torch (see ``_decay_grad``), where those terms
-cancel exactly and would otherwise swamp a ``dg`` of order ``exp(-10)``. (Under constant decays
-near -30 the final-state term still cancels: ``dg`` is then accurate relative to the other
-gradients, not to its own tiny size; the torch chunk form is accurate there.)
+``dq`` / ``dk`` / ``dg`` sum over value blocks (partials summed in torch). The log decay
+``g_r`` of token ``r`` scales every path that crosses it: a pair ``s < r <= t`` of the
+attention, the entering state ``S`` read at ``t >= r`` and, through the leaving state, the
+tokens ``s < r`` and ``S`` itself. Per chunk, ``_bwd_dkv`` sums exactly those terms, each with
+its own exponent (``_decay_grad_chunk``):
+
+    dg_r = sum_{s < r <= t} scale (q_t . k_s)(do_t . v_s) D[t, s]       (pairs inside the chunk)
+         + sum_{t >= r} scale exp(G_t) q_t . (S do_t^T)                  (entering state)
+         + sum_{s < r} exp(G_C - G_s) k_s . (v_s dS^T)                   (leaving state: tokens)
+         + exp(G_C) sum(dS * S)                                          (leaving state: S)
+
+Nothing is a difference of two larger numbers, so ``dg`` is accurate relative to its own size
+even when it is ~exp(-30) under strong decays. (The textbook identity
+``dg = revcumsum(q . dq - k . dk)`` plus the final-state term cancels catastrophically there:
+fp32 rel errors of 1e-3 at a constant log decay of -10 and ~1e6 at -30.) The price is a
+backward-only buffer of the state entering every chunk, ``(T / C + N) x H x K x V`` in the input
+dtype, allocated only when ``g`` needs a gradient.
 ``tl.dot`` operands are rounded to the input dtype (the fp32 state too), accumulation and the
 carried state are fp32; fp32 inputs use IEEE fp32 dots (no TF32). Under the interpreter the rounded operands are upcast to fp32 (numpy has no bf16).
 """
@@ -128,26 +140,32 @@ def _fwd(Q, K, V, G, S0, O, SF, CU, scale, H, DK, DV,
 
 
 @triton.jit
-def _bwd_dq(Q, K, V, G, S0, DO, DQ, CU, scale, H, DK, DV, nv_stride,
-            HAS_G: tl.constexpr, HAS_INIT: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
-            BV: tl.constexpr, PREC: tl.constexpr, F32: tl.constexpr):
-    """Forward sweep recomputing S: dq of one value block (``DQ`` ``[NV, total, H, K]`` partials)."""
+def _bwd_dq(Q, K, V, G, S0, DO, DQ, SC, CO, CU, scale, H, DK, DV, nv_stride,
+            HAS_G: tl.constexpr, HAS_INIT: tl.constexpr, HAS_DG: tl.constexpr, C: tl.constexpr,
+            BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, F32: tl.constexpr):
+    """Forward sweep recomputing S: dq of one value block (``DQ`` ``[NV, total, H, K]`` partials);
+    with ``HAS_DG`` also the state entering each chunk (``SC`` ``[chunks, H, K, V]``, document
+    ``n``'s first chunk at ``CO[n]``)."""
     n, h, iv = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     bos = tl.load(CU + n).to(tl.int64)
     length = tl.load(CU + n + 1) - bos
     offs_c, offs_k, offs_v = tl.arange(0, C), tl.arange(0, BK), iv * BV + tl.arange(0, BV)
     k_ok, v_ok = offs_k < DK, offs_v < DV
+    s_mask = k_ok[:, None] & v_ok[None, :]
     dt = Q.dtype.element_ty
-    state = _load_state(S0, n, h, H, DK, DV, offs_k, offs_v, k_ok[:, None] & v_ok[None, :], HAS_INIT, BK, BV)
+    state = _load_state(S0, n, h, H, DK, DV, offs_k, offs_v, s_mask, HAS_INIT, BK, BV)
     for c0 in range(0, length, C):
         rows = c0 + offs_c
         r_ok = rows < length
+        if HAS_DG:
+            slot = tl.load(CO + n).to(tl.int64) + c0 // C
+            tl.store(_state_ptrs(SC, slot, h, H, DK, DV, offs_k, offs_v), state.to(SC.dtype.element_ty),
+                     mask=s_mask)
         k = _tile(K, bos, rows, r_ok, h, H, DK, offs_k, k_ok)  # [C, BK]
         v = _tile(V, bos, rows, r_ok, h, H, DV, offs_v, v_ok)  # [C, BV]
         do = _tile(DO, bos, rows, r_ok, h, H, DV, offs_v, v_ok)  # [C, BV]
         cum, last, dmat, to_end = _chunk_decays(G, bos, rows, r_ok, h, H, offs_c, HAS_G, C)
-        strict = tl.where(offs_c[:, None] > offs_c[None, :], dmat, 0.0)  # s < t: the diagonal is added in torch
-        dp = _dot(do, tl.trans(v), PREC, F32) * strict  # [C, C]
+        dp = _dot(do, tl.trans(v), PREC, F32) * dmat  # [C, C]
         dq = tl.exp(cum)[:, None] * _dot(do, tl.trans(state.to(dt)), PREC, F32) \
             + _dot(dp.to(dt), k, PREC, F32)  # [C, BK]
         tl.store(DQ + iv * nv_stride + ((bos + rows)[:, None] * H + h) * DK + offs_k[None, :], scale * dq,
@@ -156,10 +174,27 @@ def _bwd_dq(Q, K, V, G, S0, DO, DQ, CU, scale, H, DK, DV, nv_stride,
 
 
 @triton.jit
-def _bwd_dkv(Q, K, V, G, DO, DSF, DK_, DV_, DS0, CU, scale, H, DK, DV, nv_stride,
-             HAS_G: tl.constexpr, HAS_INIT: tl.constexpr, HAS_DSF: tl.constexpr, C: tl.constexpr,
-             BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, F32: tl.constexpr):
-    """Reverse sweep carrying dS from d final_state: dv, dk partials, d initial_state."""
+def _decay_grad_chunk(q, k, qk, dov, sdo, vds, s_in, dstate, cum, last, dmat, to_end, scale, offs_c):
+    """``dg`` ``[C]`` of one chunk (one value block's part), every term with its own exponent:
+    pairs ``s < r <= t`` inside the chunk, the entering state ``s_in`` read at ``t >= r``, the
+    leaving state's tokens ``s < r`` and ``s_in`` itself (``qk = q @ k^T``, ``dov = do @ v^T``,
+    ``sdo = do @ s_in^T``, ``vds = v @ dS^T``, all fp32)."""
+    strict = tl.where(offs_c[:, None] > offs_c[None, :], dmat, 0.0)  # [C(t), C(s)], s < t
+    later = tl.cumsum(scale * qk * dov * strict, 0, reverse=True)  # [C(r), C(s)]: sum over t >= r
+    pairs = tl.sum(tl.where(offs_c[None, :] < offs_c[:, None], later, 0.0), 1)  # [C(r)]: s < r
+    reads = scale * tl.exp(cum) * tl.sum(q.to(tl.float32) * sdo, 1)  # [C(t)]
+    writes = to_end * tl.sum(k.to(tl.float32) * vds, 1)  # [C(s)]
+    after = tl.sum(tl.where(offs_c[:, None] >= offs_c[None, :], reads[:, None], 0.0), 0)  # [C(r)]: t >= r
+    before = tl.sum(tl.where(offs_c[:, None] < offs_c[None, :], writes[:, None], 0.0), 0)  # [C(r)]: s < r
+    carried = tl.exp(last) * tl.sum(tl.sum(dstate * s_in, 1), 0)
+    return pairs + after + before + carried
+
+
+@triton.jit
+def _bwd_dkv(Q, K, V, G, DO, DSF, DK_, DV_, DS0, DG_, SC, CO, CU, scale, H, DK, DV, nv_stride, dg_stride,
+             HAS_G: tl.constexpr, HAS_INIT: tl.constexpr, HAS_DSF: tl.constexpr, HAS_DG: tl.constexpr,
+             C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, F32: tl.constexpr):
+    """Reverse sweep carrying dS from d final_state: dv, dk and dg partials, d initial_state."""
     n, h, iv = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     bos = tl.load(CU + n).to(tl.int64)
     length = tl.load(CU + n + 1) - bos
@@ -170,23 +205,32 @@ def _bwd_dkv(Q, K, V, G, DO, DSF, DK_, DV_, DS0, CU, scale, H, DK, DV, nv_stride
     dstate = _load_state(DSF, n, h, H, DK, DV, offs_k, offs_v, s_mask, HAS_DSF, BK, BV)  # dS [BK, BV]
     n_chunks = tl.cdiv(length, C)
     for j in range(0, n_chunks):
-        rows = (n_chunks - 1 - j) * C + offs_c
+        jc = n_chunks - 1 - j
+        rows = jc * C + offs_c
         r_ok = rows < length
         q = _tile(Q, bos, rows, r_ok, h, H, DK, offs_k, k_ok)
         k = _tile(K, bos, rows, r_ok, h, H, DK, offs_k, k_ok)
         v = _tile(V, bos, rows, r_ok, h, H, DV, offs_v, v_ok)
         do = _tile(DO, bos, rows, r_ok, h, H, DV, offs_v, v_ok)
         cum, last, dmat, to_end = _chunk_decays(G, bos, rows, r_ok, h, H, offs_c, HAS_G, C)
-        scores = (_dot(q, tl.trans(k), PREC, F32) * dmat).to(dt)  # [C(t), C(s)]
-        strict = tl.where(offs_c[:, None] > offs_c[None, :], dmat, 0.0)  # s < t: the diagonal is added in torch
-        dp = (_dot(do, tl.trans(v), PREC, F32) * strict).to(dt)  # [C(t), C(s)]
+        qk = _dot(q, tl.trans(k), PREC, F32)  # [C(t), C(s)]
+        dov = _dot(do, tl.trans(v), PREC, F32)  # [C(t), C(s)]
         ds = dstate.to(dt)
-        dv = scale * _dot(tl.trans(scores), do, PREC, F32) + _dot((k * to_end[:, None]).to(dt), ds, PREC, F32)
-        dk = scale * _dot(tl.trans(dp), q, PREC, F32) + to_end[:, None] * _dot(v, tl.trans(ds), PREC, F32)
+        vds = _dot(v, tl.trans(ds), PREC, F32)  # [C, BK]
+        dv = scale * _dot(tl.trans((qk * dmat).to(dt)), do, PREC, F32) \
+            + _dot((k * to_end[:, None]).to(dt), ds, PREC, F32)
+        dk = scale * _dot(tl.trans((dov * dmat).to(dt)), q, PREC, F32) + to_end[:, None] * vds
         tl.store(DV_ + ((bos + rows)[:, None] * H + h) * DV + offs_v[None, :], dv,
                  mask=r_ok[:, None] & v_ok[None, :])
         tl.store(DK_ + iv * nv_stride + ((bos + rows)[:, None] * H + h) * DK + offs_k[None, :], dk,
                  mask=r_ok[:, None] & k_ok[None, :])
+        if HAS_DG:
+            slot = tl.load(CO + n).to(tl.int64) + jc
+            s_in = tl.load(_state_ptrs(SC, slot, h, H, DK, DV, offs_k, offs_v), mask=s_mask, other=0.0)
+            sdo = _dot(do, tl.trans(s_in.to(dt)), PREC, F32)  # [C, BK]
+            dg = _decay_grad_chunk(q, k, qk, dov, sdo, vds, s_in.to(tl.float32), dstate, cum, last, dmat,
+                                   to_end, scale, offs_c)
+            tl.store(DG_ + iv * dg_stride + (bos + rows) * H + h, dg, mask=r_ok)
         q_dec = (q * tl.exp(cum)[:, None]).to(dt)
         dstate = dstate * tl.exp(last) + scale * _dot(tl.trans(q_dec), do, PREC, F32)
     if HAS_INIT:
@@ -233,75 +277,61 @@ def _forward(q, k, v, g, s0, cu, scale):
     return o, final
 
 
-def _backward(q, k, v, g, s0, do, dsf, cu, scale):
-    """dq, dk ``[TT, H, K]``, dv ``[TT, H, V]`` fp32 and d initial_state (fp32, or None)."""
+def _chunk_starts(cu, chunk):
+    """int32 ``[N + 1]``: where each document's chunks start in the per-chunk state buffer."""
+    n_chunks = (cu[1:] - cu[:-1] + chunk - 1) // chunk
+    return torch.cat([cu.new_zeros(1), n_chunks.cumsum(0)]).to(torch.int32)
+
+
+def _backward(q, k, v, g, s0, do, dsf, cu, scale, want_dg):
+    """dq, dk ``[TT, H, K]``, dv ``[TT, H, V]`` fp32, d initial_state (fp32, or None) and
+    dg ``[TT, H]`` fp32 (or None unless ``want_dg``)."""
     tt, h, dk = q.shape
     dv, n = v.shape[-1], cu.numel() - 1
     bk, bv, nv = _blocks(dk, dv)
+    consts = _consts(q)
     f32 = dict(dtype=torch.float32, device=q.device)
     dq_parts, dk_parts = torch.zeros(nv, tt, h, dk, **f32), torch.zeros(nv, tt, h, dk, **f32)
     dv_out = torch.zeros(tt, h, dv, **f32)
     ds0 = None if s0 is None else torch.zeros(n, h, dk, dv, **f32)
+    want_dg = want_dg and g is not None
+    dg_parts = torch.zeros(nv, tt, h, **f32) if want_dg else None
     if n > 0 and h > 0:
-        common = dict(HAS_G=g is not None, HAS_INIT=s0 is not None, BK=bk, BV=bv, **_consts(q))
+        common = dict(HAS_G=g is not None, HAS_INIT=s0 is not None, HAS_DG=want_dg, BK=bk, BV=bv, **consts)
         g_, s0_ = (q if g is None else g), (q if s0 is None else s0)  # unread placeholders when absent
-        _bwd_dq[(n, h, nv)](q, k, v, g_, s0_, do, dq_parts, cu, scale, h, dk, dv, tt * h * dk, **common)
-        dsf_, ds0_ = (q if dsf is None else dsf), (q if ds0 is None else ds0)
-        _bwd_dkv[(n, h, nv)](q, k, v, g_, do, dsf_, dk_parts, dv_out, ds0_, cu, scale, h, dk, dv, tt * h * dk,
-                             HAS_DSF=dsf is not None, **common)
-    return dq_parts.sum(0), dk_parts.sum(0), dv_out, ds0
-
-
-def _decay_grad(q, k, dq, dk, final, dsf, cu):
-    """``dg`` ``[TT, H]`` from the q / k gradients.
-
-    Per document write ``G_t = g_1 + ... + g_t``, ``q~_t = q_t exp(G_t)``, ``k~_s = k_s exp(-G_s)``:
-    then ``o_t = scale * (sum_{s<=t} (q~_t . k~_s) v_s + q~_t S_0)`` and
-    ``S_final = exp(G_L) (sum_s k~_s^T v_s + S_0)``, so G_t enters only through q~_t, k~_t and
-    (t = L) the factor of S_final. As ``q_t . dL/dq_t = q~_t . dL/dq~_t`` (same for k):
-
-        dL/dG_t = sum_K q_t dq_t - sum_K k_t dk_t + [t = L] sum(dS_final * S_final)
-
-    and ``dL/dg_r = sum_{t >= r} dL/dG_t`` (reverse cumulative sum inside the document).
-    The ``s = t`` terms of ``dq_t`` and ``dk_t`` add the same ``scale (q_t . k_t)(do_t . v_t)`` to
-    both sums, so ``dq`` / ``dk`` may come without them (the kernels' are), which avoids that
-    cancellation.
-    """
-    d_cum = (q.float() * dq).sum(-1) - (k.float() * dk).sum(-1)  # [TT, H]
-    lens = (cu[1:] - cu[:-1]).long()
-    if dsf is not None:
-        ends = (cu[1:].long() - 1)[lens > 0]
-        d_cum = d_cum.index_add(0, ends, (dsf * final).sum((-1, -2))[lens > 0])
-    # reverse cumsum over the stream minus its value at the document's end (fp64 against cancellation)
-    rev = torch.cat([d_cum.double().flip(0).cumsum(0).flip(0), d_cum.new_zeros(1, d_cum.shape[1]).double()])
-    doc_end = torch.repeat_interleave(cu[1:].long(), lens, output_size=d_cum.shape[0])  # [TT]
-    return (rev[:-1] - rev[doc_end]).float()
+        # the state entering every chunk (a document of L tokens has ceil(L / C) <= L / C + 1 chunks;
+        # the bound avoids reading cu_seqlens back to the host)
+        states = torch.empty(tt // consts["C"] + n, h, dk, dv, dtype=q.dtype, device=q.device) if want_dg else q
+        starts = _chunk_starts(cu, consts["C"]) if want_dg else cu
+        _bwd_dq[(n, h, nv)](q, k, v, g_, s0_, do, dq_parts, states, starts, cu, scale, h, dk, dv, tt * h * dk,
+                            **common)
+        dsf_, ds0_, dg_ = (q if dsf is None else dsf), (q if ds0 is None else ds0), (q if dg_parts is None
+                                                                                     else dg_parts)
+        _bwd_dkv[(n, h, nv)](q, k, v, g_, do, dsf_, dk_parts, dv_out, ds0_, dg_, states, starts, cu, scale, h, dk,
+                             dv, tt * h * dk, tt * h, HAS_DSF=dsf is not None, **common)
+    return dq_parts.sum(0), dk_parts.sum(0), dv_out, ds0, (None if dg_parts is None else dg_parts.sum(0))
 
 
 class _ChunkLinearAttention(torch.autograd.Function):
-    """Triton forward; backward = recompute sweep (dq) + reverse sweep (dk, dv, d initial_state)."""
+    """Triton forward; backward = recompute sweep (dq, entering states) + reverse sweep (dk, dv,
+    dg, d initial_state)."""
 
     @staticmethod
     def forward(ctx, q, k, v, g, s0, cu, scale):
         o, final = _forward(q, k, v, g, s0, cu, scale)
-        ctx.save_for_backward(q, k, v, g, s0, cu, final)
+        ctx.save_for_backward(q, k, v, g, s0, cu)
         ctx.scale = scale
         ctx.set_materialize_grads(False)
         return o, final
 
     @staticmethod
     def backward(ctx, do, dsf):
-        q, k, v, g, s0, cu, final = ctx.saved_tensors
+        q, k, v, g, s0, cu = ctx.saved_tensors
         do = torch.zeros(*q.shape[:2], v.shape[-1], dtype=q.dtype, device=q.device) if do is None \
             else do.to(q.dtype).contiguous()
         dsf = None if dsf is None else dsf.float().contiguous()
-        dq, dk, dv, ds0 = _backward(q, k, v, g, s0, do, dsf, cu, ctx.scale)  # dq, dk without s = t terms
-        dg = None
-        if g is not None and ctx.needs_input_grad[3]:
-            dg = _decay_grad(q, k, dq, dk, final, dsf, cu).to(g.dtype)
-        # the s = t terms (decay exp(0) = 1): scale * (do_t . v_t) k_t into dq_t, the same times q_t into dk_t
-        diag = ctx.scale * (do.float() * v.float()).sum(-1, keepdim=True)  # [TT, H, 1]
-        dq, dk = dq + diag * k.float(), dk + diag * q.float()
+        dq, dk, dv, ds0, dg = _backward(q, k, v, g, s0, do, dsf, cu, ctx.scale, ctx.needs_input_grad[3])
+        dg = None if dg is None else dg.to(g.dtype)
         ds0 = None if ds0 is None else ds0.to(s0.dtype)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg, ds0, None, None
 
