@@ -76,6 +76,31 @@ def test_train_wrap_ulysses_matches_transformers(tmp_path):
     assert losses[0] == losses[1] and len(losses[0]) == 2
     assert abs(losses[0][0] - ref) <= 1e-5 * abs(ref), (losses[0][0], ref)
     assert losses[0][1] < losses[0][0]  # training moved the weights
+    check_export_round_trip(folder, tmp_path / "uly", tmp_path / "export")
+
+
+def check_export_round_trip(folder, run, out):
+    """seqshard export of a wrap run writes transformers' own folder: from_pretrained gives the
+    trained weights (not the initial ones) and the wrap's logits."""
+    from transformers import AutoModelForCausalLM
+
+    from seqshard.launch.cli import main
+    from seqshard.launch.export import model_state
+    from seqshard.models import VarlenContext
+    from seqshard.models.hf_wrap import wrap_hf
+
+    assert main(["export", str(run), "--format", "hf", "--out", str(out)]) == 0
+    trained = model_state(run / "checkpoints" / "step_2")
+    ours = wrap_hf(folder)
+    initial = ours.hf.get_input_embeddings().weight.detach().clone()
+    ours.load_state_dict(trained)
+    exported = AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager", dtype=torch.float32)
+    assert not torch.equal(exported.get_input_embeddings().weight, initial)
+    tokens = torch.randint(0, 300, (40,), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = exported(input_ids=tokens[None]).logits[0]
+        got = ours(tokens, torch.arange(40), VarlenContext.from_lengths([40]))
+    assert (got - ref).abs().max() <= 1e-5 * ref.abs().max()
 
 
 @pytest.mark.slow
