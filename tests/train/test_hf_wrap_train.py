@@ -110,6 +110,6 @@ def test_train_wrap_layouts_match_one_process(tmp_path, sp_method, engine):
     folder = tmp_path / "phi"
     save_hf_model("phi", folder)
     write_docs(tmp_path / "docs.jsonl")
-    one = run_ranks(1, train_wrap_rank, str(folder), str(tmp_path / "one"), "none", "torch")[0]
-    two = run_ranks(2, train_wrap_rank, str(folder), str(tmp_path / "two"), sp_method, engine)[0]
+    one = run_ranks(1, train_wrap_rank, str(folder), str(tmp_path / "one"), "none", "torch", timeout=900)[0]
+    two = run_ranks(2, train_wrap_rank, str(folder), str(tmp_path / "two"), sp_method, engine, timeout=900)[0]
     assert_losses_close(two, one, rel=1e-5)
