@@ -8,7 +8,8 @@ here under the name ``seqshard`` (``transformers.AttentionInterface.register``, 
 
 How the step's context reaches it: on one device, the varlen keyword arguments transformers
 forwards to flash-attention (``cu_seq_lens_q/k``, ``max_length_q/k``); under SP, the ShardPlan's
-``SPContext`` as ``seqshard_ctx``. Positions are the global per-document ones, so RoPE is right on
+``SPContext`` as ``seqshard_ctx`` (for the few models whose attention drops ``**kwargs``, also as
+an attribute of each attention module during the wrap's forward). Positions are the global per-document ones, so RoPE is right on
 every shard. No ``[L, L]`` mask is built: the ``seqshard`` implementation has no mask function, so
 transformers passes ``attention_mask=None``.
 
@@ -18,6 +19,8 @@ The loss is summed over the shard's labels like the native model's: through the 
 the model's own logits (e.g. an ``lm_head`` bias or a logit soft-cap).
 """
 from __future__ import annotations
+
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -40,10 +43,14 @@ def seqshard_attention(module, query, key, value, attention_mask=None, scaling=N
         raise RuntimeError(f"{type(module).__name__} has no attention_fn: build the model with wrap_hf()")
     if query.shape[0] != 1:
         raise ValueError(f"seqshard attention takes one packed row (batch 1), got batch {query.shape[0]}")
+    if attention_mask is not None:  # a model that builds its own mask: it would be ignored here
+        raise ValueError(f"{type(module).__name__} passed an attention mask of shape "
+                         f"{tuple(attention_mask.shape)}; seqshard attention is causal per document "
+                         "(cu_seqlens) and cannot honour another mask")
     if dropout or softcap:
         raise ValueError(f"{type(module).__name__}: attention dropout ({dropout}) and soft-capping "
                          f"({softcap}) are not supported by seqshard attention")
-    ctx = seqshard_ctx
+    ctx = seqshard_ctx if seqshard_ctx is not None else getattr(module, "seqshard_ctx", None)
     if ctx is None:
         if kwargs.get("cu_seq_lens_q") is None:
             raise ValueError("seqshard attention needs cu_seq_lens_q / max_length_q (packed varlen "
@@ -91,6 +98,7 @@ class HFWrap(nn.Module):
             raise ValueError(f"{type(hf_model).__name__}: no *Attention modules to install seqshard attention in")
         for m in mods:
             m.attention_fn = causal_varlen_attention
+        self._attention = tuple(mods)  # a tuple: not registered again as submodules
         self.fused_loss = self._logits_are_plain_linear()
 
     @property
@@ -114,11 +122,27 @@ class HFWrap(nn.Module):
             return False
         tokens = torch.arange(8, device=head.weight.device) % self.hf.config.vocab_size
         args = (tokens, torch.arange(8, device=tokens.device), VarlenContext.from_lengths([8], tokens.device))
-        h = self.hf.base_model(**self._kwargs(*args)).last_hidden_state[0]
-        logits = self.hf(**self._kwargs(*args)).logits[0]
+        with self._context(args[2]):
+            h = self.hf.base_model(**self._kwargs(*args)).last_hidden_state[0]
+            logits = self.hf(**self._kwargs(*args)).logits[0]
         return torch.allclose(F.linear(h, head.weight), logits, rtol=1e-5, atol=1e-6)
 
+    @contextmanager
+    def _context(self, ctx):
+        """Models whose attention does not forward ``**kwargs`` read the context from their module."""
+        for m in self._attention:
+            m.seqshard_ctx = ctx
+        try:
+            yield
+        finally:
+            for m in self._attention:
+                m.seqshard_ctx = None
+
     def forward(self, tokens, positions, ctx, labels=None):
+        with self._context(ctx):
+            return self._forward(tokens, positions, ctx, labels)
+
+    def _forward(self, tokens, positions, ctx, labels):
         kw = self._kwargs(tokens, positions, ctx)
         if labels is not None and self.fused_loss:
             h = self.hf.base_model(**kw).last_hidden_state[0]

@@ -73,4 +73,7 @@ def save_tokenizer(folder, vocab_size: int = 300, files: int = 20):
 WRAP_FAMILIES = {
     "gemma": ("GemmaConfig", "GemmaForCausalLM", dict(head_dim=24)),
     "phi": ("PhiConfig", "PhiForCausalLM", dict(partial_rotary_factor=0.5, layer_norm_eps=1e-5)),
+    # StableLM's attention does not pass **kwargs on: the context reaches it through its module
+    "stablelm": ("StableLmConfig", "StableLmForCausalLM", dict(partial_rotary_factor=0.25, pad_token_id=0,
+                                                               bos_token_id=1, eos_token_id=2)),
 }

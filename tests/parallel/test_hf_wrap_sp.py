@@ -47,7 +47,8 @@ def check_wrap_methods(rank, world, folder, family):
     return True
 
 
-@pytest.mark.parametrize("family", ["gemma", pytest.param("phi", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("family", ["gemma", pytest.param("phi", marks=pytest.mark.slow),
+                                    pytest.param("stablelm", marks=pytest.mark.slow)])
 def test_wrap_sp_methods_match_transformers_2_ranks(tmp_path, family):
     save_hf_model(family, tmp_path)
     assert run_ranks(2, check_wrap_methods, str(tmp_path), family) == [True, True]
