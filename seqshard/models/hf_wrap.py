@@ -56,8 +56,11 @@ def seqshard_attention(module, query, key, value, attention_mask=None, scaling=N
             raise ValueError("seqshard attention needs cu_seq_lens_q / max_length_q (packed varlen "
                              "input) or seqshard_ctx")
         ctx = VarlenContext(kwargs["cu_seq_lens_q"].to(torch.int32), int(kwargs["max_length_q"]))
+    # under autocast, RoPE in fp32 leaves q/k fp32 beside a bf16 v: one dtype, autocast's (as flash-attn)
+    device = query.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else value.dtype
     # [1, heads, T, head_dim] -> [T, heads, head_dim]
-    q, k, v = (x[0].transpose(0, 1).contiguous() for x in (query, key, value))
+    q, k, v = (x[0].transpose(0, 1).to(dtype).contiguous() for x in (query, key, value))
     d = q.shape[-1]
     if scaling is not None and abs(scaling * d ** 0.5 - 1.0) > 1e-12:
         q = q * (scaling * d ** 0.5)  # seqshard's kernels scale by d^-0.5

@@ -89,3 +89,20 @@ def test_flash_varlen_kwargs_without_seqshard(tmp_path):
         logits = hf(input_ids=tokens[None], position_ids=positions[None], cu_seq_lens_q=cu, cu_seq_lens_k=cu,
                     max_length_q=max(LENGTHS), max_length_k=max(LENGTHS)).logits[0]
     _close("gemma varlen logits", logits, ref_logits)
+
+
+def test_bf16_autocast(tmp_path):
+    """train.dtype bfloat16 runs the step under autocast: transformers' fp32 RoPE leaves q/k fp32 beside a
+    bf16 v; the wrap hands the attention one dtype (autocast's) and the loss stays near fp32's."""
+    from seqshard.models.hf_wrap import wrap_hf
+
+    save_hf_model("gemma", tmp_path)
+    tokens, positions, labels = packed_batch()
+    model = wrap_hf(tmp_path)
+    ctx = VarlenContext.from_lengths(LENGTHS)
+    ref = model(tokens, positions, ctx, labels=labels).detach()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(tokens, positions, ctx, labels=labels)
+    loss.backward()
+    assert torch.isfinite(loss) and abs(loss.item() - ref.item()) <= 2e-2 * abs(ref.item()), (loss.item(), ref.item())
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
