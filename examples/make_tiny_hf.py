@@ -1,7 +1,8 @@
-"""Build a tiny Hugging Face Llama (random weights) and a BPE tokenizer trained on the stdlib corpus,
-locally, so examples/hf_llama.yaml runs with nothing downloaded.
+"""Build a tiny Hugging Face Llama and Gemma (random weights) and a BPE tokenizer trained on the stdlib
+corpus, locally, so examples/hf_llama.yaml (native import) and examples/hf_gemma_wrap.yaml (generic
+wrap) run with nothing downloaded.
 
-    python examples/make_tiny_hf.py runs/tiny_hf    # writes runs/tiny_hf/{model,tokenizer}
+    python examples/make_tiny_hf.py runs/tiny_hf    # writes runs/tiny_hf/{model,gemma,tokenizer}
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import GemmaConfig, GemmaForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from seqshard.data.corpus import stdlib_files
 
@@ -42,8 +43,18 @@ def make_model(folder: Path):
     LlamaForCausalLM(cfg).save_pretrained(folder)
 
 
+def make_gemma(folder: Path):
+    """A causal LM seqshard has no native code for: trained through model.impl: transformers."""
+    cfg = GemmaConfig(hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=32, vocab_size=VOCAB, max_position_embeddings=4096,
+                      bos_token_id=0, eos_token_id=1, pad_token_id=2)
+    torch.manual_seed(0)
+    GemmaForCausalLM(cfg).save_pretrained(folder)
+
+
 if __name__ == "__main__":
     out = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/tiny_hf")
     make_tokenizer(out / "tokenizer")
     make_model(out / "model")
-    print(f"wrote {out}/model and {out}/tokenizer")
+    make_gemma(out / "gemma")
+    print(f"wrote {out}/model, {out}/gemma and {out}/tokenizer")

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from .hf_tokenizer import load_tokenizer
+from .saved import load_saved, map_cache_file, saved_kind
 
 _BUILDER_BY_SUFFIX = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
@@ -56,7 +57,7 @@ class _BadRow(Exception):
     """A row without text; ``index`` is its row number in the whole dataset."""
 
     def __init__(self, index: int, reason: str):
-        super().__init__(reason)
+        super().__init__(index, reason)  # both in args: pickled back from num_proc workers
         self.index, self.reason = index, reason
 
 
@@ -153,43 +154,67 @@ class Corpus:
         return np.random.default_rng([seed, epoch]).permutation(len(self.lengths))
 
 
-def load_corpus(source="stdlib", text_field="text", cache_dir=None, max_documents=None, warn=None,
-                tokenizer="byte") -> Corpus:
-    """The tokenized corpus; a row without text raises DataError naming its file and line or row.
-    ``warn(line)`` (rank 0's logger) receives one line per file whose invalid UTF-8 was replaced.
-    ``tokenizer``: ``byte`` or a local Hugging Face tokenizer folder."""
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+def _read_source(source: str, split: str, cache: str):
+    """(dataset, builder, files): a ``save_to_disk`` folder (builder ``saved``) or loose files."""
     import datasets
 
-    datasets.disable_progress_bars()
+    if saved_kind(source):
+        try:
+            return load_saved(source, split), "saved", [source]
+        except (ValueError, OSError) as err:
+            raise DataError(str(err) if str(err).startswith("data.") else f"data.source: {source}: {err}") from None
     builder, files = _source_files(source)
     kwargs = {"sample_by": "document", "encoding_errors": "replace"} if builder == "text" else {}
-    cache = cache_dir or os.path.join(default_cache_dir(), "datasets")
     try:
         ds = datasets.load_dataset(builder, data_files=files, split="train", cache_dir=cache, **kwargs)
     except datasets.exceptions.DatasetGenerationError as err:  # e.g. files with different columns
         cause = err.__cause__ or err
         raise DataError(f"data.source: {source} cannot be read: {type(cause).__name__}: "
                         f"{str(cause).splitlines()[0] if str(cause) else ''}") from None
+    return ds, builder, files
+
+
+def load_corpus(source="stdlib", text_field="text", cache_dir=None, max_documents=None, warn=None,
+                tokenizer="byte", split="train", num_proc=1, progress=False) -> Corpus:
+    """The tokenized corpus; a row without text raises DataError naming its file and line or row.
+    ``warn(line)`` (rank 0's logger) receives one line per file whose invalid UTF-8 was replaced.
+    ``tokenizer``: ``byte`` or a local Hugging Face tokenizer folder. ``source`` may be a
+    ``save_to_disk`` folder (``split`` picks a DatasetDict's split). Tokenization is cached by
+    ``datasets``, runs in ``num_proc`` processes, with a progress bar when ``progress`` (rank 0)."""
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    import datasets
+
+    datasets.disable_progress_bars()
+    cache = cache_dir or os.path.join(default_cache_dir(), "datasets")
+    ds, builder, files = _read_source(source, split, cache)
     if builder == "text" and text_field != "text":
         text_field = "text"  # the text builder always names its column 'text'
     if text_field not in ds.column_names:
         raise DataError(f"data.text_field: '{text_field}' not in the columns of {source} ({ds.column_names})")
     if max_documents is not None:
         ds = ds.select(range(min(max_documents, len(ds))))
+    extra = {"cache_file_name": map_cache_file(ds, cache, tokenizer, text_field)} if builder == "saved" else {}
+    if progress:
+        datasets.enable_progress_bars()
     try:
         ds = ds.map(_tokenize_batch, batched=True, with_indices=True,
                     fn_kwargs={"text_field": text_field, "tokenizer": tokenizer},
-                    remove_columns=ds.column_names, desc="tokenizing")
+                    remove_columns=ds.column_names, desc="tokenizing", num_proc=num_proc if num_proc > 1 else None,
+                    **extra)
     except _BadRow as bad:
-        (file, where), = locate_rows(builder, files, [bad.index])
+        (file, where), = (locate_rows(builder, files, [bad.index]) if builder != "saved"
+                          else [(source, f"{'split ' + split + ' ' if saved_kind(source) == 'dict' else ''}"
+                                         f"row {bad.index + 1}")])
         raise DataError(f"{file} {where}: {bad.reason}") from None
     except UnicodeDecodeError:  # json/parquet strings are not decoded with replacement
         raise DataError(_first_invalid_utf8(files)) from None
+    finally:
+        datasets.disable_progress_bars()
     if len(ds) == 0:
         raise DataError(f"data.source: {source} holds no documents")
     corpus = Corpus(ds)
-    corpus.replaced = replaced_per_file(builder, files, ds["replaced"]) if source != "stdlib" else {}
+    loose = builder != "saved" and source != "stdlib"
+    corpus.replaced = replaced_per_file(builder, files, ds["replaced"]) if loose else {}
     if warn is not None:
         for file, n in corpus.replaced.items():
             warn(f"data: {file}: {n} invalid UTF-8 sequence(s) replaced by U+FFFD")

@@ -2,7 +2,8 @@
 
 A folder's ``tokenizer.json`` is read with ``tokenizers`` (no transformers, no download); BOS and
 EOS come from the folder's ``tokenizer_config.json`` / ``special_tokens_map.json`` when it names
-them. Every document is encoded ``[BOS] + ids + [EOS]`` (each only if the tokenizer has it).
+them. A folder without ``tokenizer.json`` goes through ``transformers.AutoTokenizer``
+(``local_files_only``), with the tokenizer's own BOS/EOS. Every document is encoded ``[BOS] + ids + [EOS]`` (each only if the tokenizer has it).
 """
 from __future__ import annotations
 
@@ -62,7 +63,38 @@ class HFTokenizer:
             [self.eos_id] if self.eos_id is not None else [])
 
 
+class AutoTokenizerFolder:
+    """A folder without ``tokenizer.json`` (e.g. ``vocab.json`` + ``merges.txt`` or a SentencePiece
+    ``tokenizer.model``): ``transformers.AutoTokenizer`` with ``local_files_only``; BOS/EOS/PAD are
+    the tokenizer's own (its config decides them)."""
+
+    def __init__(self, path):
+        try:
+            from transformers import AutoTokenizer
+        except ImportError:
+            raise TokenizerError(f"{path}: no tokenizer.json, and reading other tokenizer files needs "
+                                 "transformers: pip install 'seqshard[hf]'") from None
+        try:
+            self._tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        except (OSError, ValueError, TypeError, KeyError) as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise TokenizerError(f"{path}: not a tokenizer folder (no tokenizer.json; AutoTokenizer: {first})") from None
+        self.vocab_size = len(self._tok)
+        self.bos_id, self.eos_id = self._tok.bos_token_id, self._tok.eos_token_id
+        self.pad_id = next((i for i in (self._tok.pad_token_id, self.eos_id) if i is not None), 0)
+
+    def encode(self, text: str) -> list[int]:
+        ids = self._tok.encode(text, add_special_tokens=False)
+        return ([self.bos_id] if self.bos_id is not None else []) + ids + (
+            [self.eos_id] if self.eos_id is not None else [])
+
+
 @lru_cache(maxsize=8)
 def load_tokenizer(name: str = "byte"):
-    """``byte`` or a local tokenizer folder (cached per process: datasets map workers reuse it)."""
-    return ByteTokenizer() if name == "byte" else HFTokenizer(name)
+    """``byte`` or a local tokenizer folder (cached per process: datasets map workers reuse it):
+    its ``tokenizer.json`` through ``tokenizers``, else ``transformers.AutoTokenizer``."""
+    if name == "byte":
+        return ByteTokenizer()
+    if not Path(name).is_dir():
+        raise TokenizerError(f"{name}: not a folder (byte, or a local Hugging Face tokenizer folder)")
+    return HFTokenizer(name) if (Path(name) / "tokenizer.json").is_file() else AutoTokenizerFolder(name)

@@ -94,9 +94,36 @@ def _check_first_file(file: Path, field: str) -> None:
         raise SpecError(key, f"the first row of {file} has no text field '{field}' (found {found})")
 
 
+def _check_saved(source: str, split: str, field: str) -> None:
+    """A ``save_to_disk`` folder: the split exists and its features (dataset_info.json) hold the
+    text field as a string column; no Arrow file is opened."""
+    from seqshard.data.saved import saved_kind, split_error
+
+    folder = Path(source)
+    if saved_kind(source) == "dict":
+        error = split_error(source, split)
+        if error:
+            raise SpecError("data.split", error.split(": ", 1)[1])
+        folder = folder / split
+    try:
+        features = json.loads((folder / "dataset_info.json").read_text()).get("features") or {}
+    except (OSError, ValueError) as err:
+        raise SpecError("data.source", f"{folder}/dataset_info.json cannot be read: {err}") from None
+    column = features.get(field)
+    if not isinstance(column, dict) or column.get("dtype") not in ("string", "large_string"):
+        raise SpecError("data.text_field", f"'{field}' is not a text column of {folder} "
+                        f"(columns: {sorted(features)})")
+
+
 def check_data(spec) -> None:
+    from seqshard.data.saved import saved_kind
+
     d = spec.data
-    if d.source != "stdlib":
+    if getattr(d, "num_proc", 1) < 1:
+        raise SpecError("data.num_proc", f"must be >= 1, got {d.num_proc}")
+    if d.source != "stdlib" and saved_kind(d.source):
+        _check_saved(d.source, getattr(d, "split", "train"), d.text_field)
+    elif d.source != "stdlib":
         files = _data_files(d.source)
         _check_first_file(files[0], d.text_field)
     check_vocab(spec)

@@ -4,8 +4,9 @@
 ``--max-shard-mb``) + the tokenizer files of ``data.tokenizer``, loadable by
 ``transformers.AutoModelForCausalLM.from_pretrained(DIR)``. A run started from ``model: {hf: PATH}``
 keeps its family (its config.json is the template); seqshard's own llama becomes
-LlamaForCausalLM. ``torch``: one consolidated ``model.pt`` state dict (seqshard names), through
-``dcp_to_torch_save``. Checkpoints of the torch engine (DCP) only.
+LlamaForCausalLM; a generic-wrap run (``impl: transformers``) is written by transformers itself.
+``torch``: one consolidated ``model.pt`` state dict (seqshard names). Every engine: DCP checkpoints
+(torch, fsdp2) through ``dcp_to_torch_save``, DeepSpeed's through its ``zero_to_fp32``.
 """
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ import yaml
 
 from .spec import ModelConfig, SpecError, _build
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+                   "merges.txt", "tokenizer.model", "added_tokens.json")
 
 
 def _checkpoint(run_dir: Path, step):
@@ -36,10 +38,29 @@ def _checkpoint(run_dir: Path, step):
     return path
 
 
+def deepspeed_model_state(ckpt: Path) -> dict[str, torch.Tensor]:
+    """The full fp32 state dict of a DeepSpeed checkpoint (``train.engine: deepspeed``, tag
+    ``deepspeed``): ZeRO 1-3 through DeepSpeed's own ``zero_to_fp32`` (the fp32 master weights,
+    gathered from the partitions); ZeRO 0 from the one ``mp_rank_00_model_states.pt``."""
+    tag = ckpt / "deepspeed"
+    if list(tag.glob("*optim_states.pt")) and not list(tag.glob("mp_rank_*_optim_states.pt")):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        return dict(get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag="deepspeed"))
+    files = sorted(tag.glob("mp_rank_*_model_states.pt"))
+    if not files:
+        raise SpecError("RUN_DIR", f"{tag}: no mp_rank_*_model_states.pt (not a DeepSpeed checkpoint)")
+    return {k: v.float() if v.is_floating_point() else v
+            for k, v in torch.load(files[0], map_location="cpu", weights_only=False)["module"].items()}
+
+
 def model_state(ckpt: Path) -> dict[str, torch.Tensor]:
-    """The model's full (unsharded) state dict, seqshard names, from a DCP checkpoint folder."""
+    """The model's full (unsharded) state dict, seqshard names, from a checkpoint folder: DCP
+    (engines torch and fsdp2: FSDP2's shards are reassembled) or DeepSpeed's."""
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
+    if (ckpt / "deepspeed").is_dir():
+        return deepspeed_model_state(ckpt)
     with tempfile.TemporaryDirectory() as tmp:
         dcp_to_torch_save(str(ckpt), f"{tmp}/full.pt")
         state = torch.load(f"{tmp}/full.pt", weights_only=False)
@@ -88,9 +109,24 @@ def write_safetensors(tensors: dict, out: Path, max_shard_bytes: int):
         {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
 
 
+def export_wrapped(state: dict, cfg: ModelConfig, out: Path, max_shard_bytes: int):
+    """A generic-wrap run (``impl: transformers``): its state dict is transformers' own (under
+    ``hf.``); transformers writes the folder (tied weights, its own names and config)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(cfg.hf), dtype=torch.float32)
+    model.load_state_dict({k[len("hf."):]: v for k, v in state.items() if k.startswith("hf.")}, strict=True)
+    model.save_pretrained(out, max_shard_size=max(1, max_shard_bytes))  # an int: bytes
+
+
 def export_hf(state: dict, cfg: ModelConfig, tokenizer: str, out: Path, max_shard_bytes: int):
     from seqshard.models.hf import hf_name
 
+    if cfg.impl == "transformers":
+        out.mkdir(parents=True, exist_ok=True)
+        export_wrapped(state, cfg, out, max_shard_bytes)
+        _copy_tokenizer(tokenizer, out)
+        return
     if cfg.arch != "llama":
         raise SpecError("model.arch", f"{cfg.arch} has no Hugging Face counterpart; use --format torch")
     tensors = {hf_name(k): v for k, v in state.items()
@@ -98,6 +134,10 @@ def export_hf(state: dict, cfg: ModelConfig, tokenizer: str, out: Path, max_shar
     out.mkdir(parents=True, exist_ok=True)
     write_safetensors(tensors, out, max_shard_bytes)
     (out / "config.json").write_text(json.dumps(hf_config(cfg), indent=1))
+    _copy_tokenizer(tokenizer, out)
+
+
+def _copy_tokenizer(tokenizer: str, out: Path):
     if tokenizer != "byte":
         for name in TOKENIZER_FILES:
             if (Path(tokenizer) / name).is_file():

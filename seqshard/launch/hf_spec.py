@@ -17,9 +17,13 @@ def _transformers_fields(path) -> dict:
 
     hf = read_config(path)
     n_heads = int(hf.get("num_attention_heads", 1))
-    return dict(dim=int(hf.get("hidden_size", 128)), n_layers=int(hf.get("num_hidden_layers", 1)),
+    dim = int(hf.get("hidden_size", 128))
+    head_dim = int(hf.get("head_dim") or dim // n_heads)
+    return dict(dim=dim, n_layers=int(hf.get("num_hidden_layers", 1)),
                 n_heads=n_heads, n_kv_heads=int(hf.get("num_key_value_heads") or n_heads),
-                vocab_size=int(hf["vocab_size"]), hf=str(path),
+                ffn_dim=int(hf.get("intermediate_size") or 4 * dim), vocab_size=int(hf["vocab_size"]),
+                tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+                attn_head_dim=0 if head_dim * n_heads == dim else head_dim, hf=str(path),
                 hf_arch=(hf.get("architectures") or [""])[0])
 
 
@@ -33,9 +37,6 @@ def resolve_hf_model(raw: dict) -> dict:
     path, impl = model["hf"], model.get("impl", "native")
     if impl not in IMPLS:
         raise SpecError("model.impl", f"{impl!r} is not one of {', '.join(IMPLS)}")
-    if impl == "transformers":
-        raise SpecError("model.impl", "transformers (the generic wrap) is not built yet; "
-                        "use impl: native (Llama, Mistral, Qwen2, Qwen3)")
     try:
         derived = model_config_fields(path) if impl == "native" else _transformers_fields(path)
     except HFError as err:

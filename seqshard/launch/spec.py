@@ -52,6 +52,7 @@ class DataSpec:
     eval: EvalSpec = field(default_factory=EvalSpec)
     tokenizer: str = "byte"  # byte | PATH (a local Hugging Face tokenizer folder)
     split: str = "train"  # the split of a datasets save_to_disk folder
+    num_proc: int = 1  # processes tokenizing the corpus (datasets map; cached either way)
 
 
 @dataclass(frozen=True)

@@ -208,11 +208,13 @@ def validate(spec, world_size: int):
     _check_data(spec.data, spec.dp(world_size))
     _check_engine(spec)
     from .datacheck import check_data
+    from .hf_checks import check_hf
     from .memory_checks import check_fits, check_memory_keys
     from .validate_extras import check_extras
 
     check_extras(spec)
     check_data(spec)
     _check_tokenizer_vocab(spec)
+    check_hf(spec)
     check_memory_keys(spec.train)
     check_fits(spec, world_size)

@@ -12,6 +12,10 @@ def register_arch(name, builder):
 
 
 def build_model(cfg: ModelConfig):
+    if cfg.impl == "transformers":  # the generic wrap: transformers' own model, seqshard's attention
+        from .hf_wrap import wrap_hf
+
+        return wrap_hf(cfg.hf)
     if cfg.arch not in _BUILDERS:
         # linear_llama / hybrid register themselves on import
         from . import linear_llama  # noqa: F401

@@ -5,6 +5,9 @@ listed in ``model.safetensors.index.json``) of a Llama, Mistral, Qwen2 or Qwen3 
 a :class:`~seqshard.models.llama.Decoder` with the same forward as ``build_model``'s. Weights map
 by name through one checked table (:func:`hf_name`): a missing or unexpected key is an error
 naming it. Nothing is downloaded; ``transformers`` is not needed for the native path.
+A ``sliding_window`` in config.json is not modelled (attention is full per document): the job spec
+refuses a window below ``data.max_seq_len`` (launch/hf_checks.py); library users of :func:`from_hf`
+must keep documents within the window themselves.
 """
 from __future__ import annotations
 

@@ -57,11 +57,11 @@ def split_held_out(corpus, fraction: float, seed: int):
 
 
 def _load_all(d, warn=None):
-    train = load_corpus(d.source, d.text_field, d.cache_dir or None, d.max_documents or None, warn=warn,
-                        tokenizer=d.tokenizer)
+    opts = {"tokenizer": d.tokenizer, "split": d.split, "num_proc": d.num_proc, "progress": warn is not None}
+    train = load_corpus(d.source, d.text_field, d.cache_dir or None, d.max_documents or None, warn=warn, **opts)
     if d.eval.source:
         return train, load_corpus(d.eval.source, d.eval.text_field or d.text_field, d.cache_dir or None, warn=warn,
-                                  tokenizer=d.tokenizer)
+                                  **opts)
     return train, None
 
 

@@ -30,5 +30,29 @@ def test_vocab_larger_than_model_is_a_spec_error(tmp_path):
     save_tokenizer(tmp_path / "tok", vocab_size=400)
     with pytest.raises(SpecError, match=r"^data.tokenizer: .*tok has 400 tokens, more than model.vocab_size 300"):
         from_dict({"model": {"vocab_size": 300}, "data": {"tokenizer": str(tmp_path / "tok")}}, world_size=1)
-    with pytest.raises(SpecError, match=r"^data.tokenizer: .*nothing: no tokenizer.json"):
+    with pytest.raises(SpecError, match=r"^data.tokenizer: .*nothing: not a folder"):
         from_dict({"data": {"tokenizer": str(tmp_path / "nothing")}}, world_size=1)
+
+
+def test_folder_without_tokenizer_json_goes_through_autotokenizer(tmp_path):
+    """vocab.json + merges.txt (a GPT-2 style folder, no tokenizer.json): AutoTokenizer with
+    local_files_only reads it; same ids, BOS/EOS/PAD as the tokenizer.json of the same BPE."""
+    import json
+
+    pytest.importorskip("transformers")
+    from seqshard.data.hf_tokenizer import AutoTokenizerFolder, TokenizerError
+
+    tok = save_tokenizer(tmp_path / "fast")
+    (tmp_path / "slow").mkdir()
+    tok.model.save(str(tmp_path / "slow"))  # vocab.json, merges.txt
+    (tmp_path / "slow" / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "GPT2Tokenizer", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>",
+         "unk_token": "<pad>"}))
+    fast, slow = load_tokenizer(str(tmp_path / "fast")), load_tokenizer(str(tmp_path / "slow"))
+    assert isinstance(slow, AutoTokenizerFolder)
+    assert (slow.bos_id, slow.eos_id, slow.pad_id, slow.vocab_size) == (0, 1, 2, fast.vocab_size)
+    text = "def f(x):\n    return x + 1  # done\n"
+    assert slow.encode(text) == fast.encode(text)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(TokenizerError, match=r"empty: not a tokenizer folder"):
+        load_tokenizer(str(tmp_path / "empty"))

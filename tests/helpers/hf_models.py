@@ -25,7 +25,7 @@ def make_hf_model(family: str, seed: int = 0, **overrides):
     so a mapping that drops or swaps one shows)."""
     import transformers
 
-    cfg_cls, model_cls, extra = FAMILIES[family]
+    cfg_cls, model_cls, extra = {**FAMILIES, **WRAP_FAMILIES}[family]
     cfg = getattr(transformers, cfg_cls)(**{**COMMON, **extra, **overrides})
     cfg._attn_implementation = "eager"
     torch.manual_seed(seed)
@@ -65,3 +65,15 @@ def save_tokenizer(folder, vocab_size: int = 300, files: int = 20):
     (folder / "tokenizer_config.json").write_text(json.dumps(
         {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}))
     return tok
+
+
+# Causal LMs the native import does not cover, for the generic wrap (model.impl: transformers):
+# Gemma (sqrt(dim) embedding scale, (1 + w) RMSNorm, GeLU MLP, tied head, head_dim != dim / heads)
+# and Phi (LayerNorm, partial RoPE, parallel attention + MLP, lm_head bias: the unfused loss path).
+WRAP_FAMILIES = {
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", dict(head_dim=24)),
+    "phi": ("PhiConfig", "PhiForCausalLM", dict(partial_rotary_factor=0.5, layer_norm_eps=1e-5)),
+    # StableLM's attention does not pass **kwargs on: the context reaches it through its module
+    "stablelm": ("StableLmConfig", "StableLmForCausalLM", dict(partial_rotary_factor=0.25, pad_token_id=0,
+                                                               bos_token_id=1, eos_token_id=2)),
+}

@@ -28,3 +28,46 @@ def test_conflicting_key_and_bad_folder(tmp_path):
         from_dict({"model": {"hf": str(tmp_path / "empty")}}, world_size=1)
     with pytest.raises(SpecError, match=r"^model.impl: 'jax' is not one of"):
         from_dict({"model": {"hf": str(tmp_path), "impl": "jax"}}, world_size=1)
+
+
+def _wrap(folder, **sections):
+    raw = {"model": {"hf": str(folder), "impl": "transformers"}}
+    for key, value in sections.items():
+        section, name = key.split("__")
+        raw.setdefault(section, {})[name] = value
+    return raw
+
+
+def test_generic_wrap_spec_and_refusals(tmp_path):
+    save_hf_model("gemma", tmp_path / "gemma")
+    m = from_dict(_wrap(tmp_path / "gemma"), world_size=1).model
+    assert (m.impl, m.hf_arch, m.head_dim, m.n_heads, m.tie_embeddings) == ("transformers", "GemmaForCausalLM",
+                                                                             24, 4, True)
+    cases = {
+        "train.activation_checkpointing": dict(train__activation_checkpointing="selective"),
+        "train.mlp_tiles": dict(train__mlp_tiles=0),
+        "parallel.sp_method": dict(parallel__sp_method="adaptive", parallel__max_sp=2),
+    }
+    for path, sections in cases.items():
+        with pytest.raises(SpecError, match=rf"^{path}: .*model.impl: transformers"):
+            from_dict(_wrap(tmp_path / "gemma", **sections), world_size=2)
+    raw = _wrap(tmp_path / "gemma")
+    raw["model"]["qk_norm"] = True
+    with pytest.raises(SpecError, match=r"^model.qk_norm: only read by seqshard's own model"):
+        from_dict(raw, world_size=1)
+    save_hf_model("phi", tmp_path / "phi", resid_pdrop=0.1)
+    with pytest.raises(SpecError, match=r"^model.hf: .*config.json: resid_pdrop 0.1 > 0"):
+        from_dict(_wrap(tmp_path / "phi"), world_size=1)
+
+
+def test_sliding_window_refused_below_max_seq_len(tmp_path):
+    """Mistral's sliding_window: no effect when >= data.max_seq_len (accepted), refused below it."""
+    save_hf_model("mistral", tmp_path, sliding_window=512)
+    spec = from_dict({"model": {"hf": str(tmp_path)}, "data": {"max_seq_len": 512, "tokens_per_step": 512}},
+                     world_size=1)
+    assert spec.model.hf_arch == "MistralForCausalLM"
+    with pytest.raises(SpecError, match=r"^model.hf: .*config.json: sliding_window 512 is smaller than "
+                                        r"data.max_seq_len 1024"):
+        from_dict({"model": {"hf": str(tmp_path)}, "data": {"max_seq_len": 1024}}, world_size=1)
+    save_hf_model("qwen2", tmp_path / "q", sliding_window=64, use_sliding_window=False)  # window switched off
+    from_dict({"model": {"hf": str(tmp_path / "q")}, "data": {"max_seq_len": 1024}}, world_size=1)

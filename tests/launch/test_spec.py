@@ -55,11 +55,12 @@ def test_set_overrides_are_typed_like_yaml():
 
 @pytest.mark.parametrize("example", sorted((ROOT / "examples").glob("*.yaml")), ids=lambda p: p.name)
 def test_examples_validate(example, tmp_path, monkeypatch):
-    if example.name == "hf_llama.yaml":  # needs its local HF folders (examples/make_tiny_hf.py)
+    if example.name.startswith("hf_"):  # needs its local HF folders (examples/make_tiny_hf.py)
         pytest.importorskip("transformers")
         from tests.helpers.hf_models import save_hf_model, save_tokenizer
 
         save_hf_model("llama", tmp_path / "runs" / "tiny_hf" / "model")
+        save_hf_model("gemma", tmp_path / "runs" / "tiny_hf" / "gemma")
         save_tokenizer(tmp_path / "runs" / "tiny_hf" / "tokenizer")
         monkeypatch.chdir(tmp_path)
     assert load_spec(example).name

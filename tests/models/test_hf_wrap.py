@@ -1,0 +1,108 @@
+"""Generic wrap (model.impl: transformers): transformers' own Gemma, Phi, StableLM with seqshard's attention
+give transformers' eager loss and every gradient on a packed batch (fp32, 1e-5), one process."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from seqshard.models import VarlenContext  # noqa: E402
+from tests.helpers.hf_models import WRAP_FAMILIES, save_hf_model  # noqa: E402
+
+RTOL = 1e-5
+LENGTHS = [21, 6, 33]
+
+
+def _close(name, got, ref, rtol=RTOL):
+    err = (got - ref).abs().max() / ref.abs().max().clamp_min(1e-6)
+    assert err <= rtol, f"{name}: max rel error {err:.2e} > {rtol:.0e}"
+
+
+def packed_batch(vocab=300, lengths=LENGTHS, seed=5):
+    """tokens, per-document positions and next-token labels (-100 at each document's end)."""
+    tokens = torch.randint(0, vocab, (sum(lengths),), generator=torch.Generator().manual_seed(seed))
+    positions = torch.cat([torch.arange(n) for n in lengths])
+    labels = torch.full_like(tokens, -100)
+    cu = [0, *torch.tensor(lengths).cumsum(0).tolist()]
+    for a, b in zip(cu[:-1], cu[1:]):
+        labels[a:b - 1] = tokens[a + 1:b]
+    return tokens, positions, labels
+
+
+def transformers_reference(folder, tokens, lengths=LENGTHS):
+    """transformers alone (eager attention), one document at a time: logits, summed loss, grads."""
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager", dtype=torch.float32)
+    logits, loss, start = [], 0.0, 0
+    for n in lengths:
+        out = hf(input_ids=tokens[None, start:start + n], labels=tokens[None, start:start + n])
+        logits.append(out.logits[0])
+        loss = loss + out.loss * (n - 1)
+        start += n
+    loss.backward()
+    grads = {f"hf.{name}": p.grad for name, p in hf.named_parameters()}
+    return torch.cat(logits).detach(), loss.detach(), grads
+
+
+@pytest.mark.parametrize("family", list(WRAP_FAMILIES))
+def test_wrap_matches_transformers(tmp_path, family):
+    from seqshard.models.hf_wrap import wrap_hf
+
+    save_hf_model(family, tmp_path)
+    tokens, positions, labels = packed_batch()
+    ref_logits, ref_loss, ref_grads = transformers_reference(tmp_path, tokens)
+    model = wrap_hf(tmp_path)
+    assert model.fused_loss == (family != "phi")  # Phi's lm_head has a bias: its own logits
+    ctx = VarlenContext.from_lengths(LENGTHS)
+    with torch.no_grad():
+        _close(f"{family} logits", model(tokens, positions, ctx), ref_logits)
+    loss = model(tokens, positions, ctx, labels=labels)
+    _close(f"{family} loss", loss.detach(), ref_loss)
+    loss.backward()
+    names = [n for n, _ in model.named_parameters()]
+    assert sorted(names) == sorted(ref_grads)
+    for name, p in model.named_parameters():
+        _close(f"{family} grad {name}", p.grad, ref_grads[name])
+
+
+def test_flash_varlen_kwargs_without_seqshard(tmp_path):
+    """Registered as attn_implementation='seqshard', the function also serves plain transformers
+    calls that pass the flash-attention varlen keywords (cu_seq_lens_q/k, max_length_q/k)."""
+    from transformers import AutoModelForCausalLM
+
+    from seqshard.models.hf_wrap import register_attention
+
+    save_hf_model("gemma", tmp_path)
+    tokens, positions, _ = packed_batch()
+    ref_logits, _, _ = transformers_reference(tmp_path, tokens)
+    register_attention()
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="seqshard", dtype=torch.float32)
+    with pytest.raises(RuntimeError, match="attention_fn"):  # not wrapped: no attention_fn installed
+        hf(input_ids=tokens[None], position_ids=positions[None])
+    from seqshard.models.hf_wrap import HFWrap
+
+    HFWrap(hf)
+    cu = VarlenContext.from_lengths(LENGTHS).cu_seqlens
+    with torch.no_grad():
+        logits = hf(input_ids=tokens[None], position_ids=positions[None], cu_seq_lens_q=cu, cu_seq_lens_k=cu,
+                    max_length_q=max(LENGTHS), max_length_k=max(LENGTHS)).logits[0]
+    _close("gemma varlen logits", logits, ref_logits)
+
+
+def test_bf16_autocast(tmp_path):
+    """train.dtype bfloat16 runs the step under autocast: transformers' fp32 RoPE leaves q/k fp32 beside a
+    bf16 v; the wrap hands the attention one dtype (autocast's) and the loss stays near fp32's."""
+    from seqshard.models.hf_wrap import wrap_hf
+
+    save_hf_model("gemma", tmp_path)
+    tokens, positions, labels = packed_batch()
+    model = wrap_hf(tmp_path)
+    ctx = VarlenContext.from_lengths(LENGTHS)
+    ref = model(tokens, positions, ctx, labels=labels).detach()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(tokens, positions, ctx, labels=labels)
+    loss.backward()
+    assert torch.isfinite(loss) and abs(loss.item() - ref.item()) <= 2e-2 * abs(ref.item()), (loss.item(), ref.item())
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
