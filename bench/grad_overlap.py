@@ -5,7 +5,8 @@
   ``all_reduce_gradients``): its whole time is exposed;
 - ``bucketed``: ``BucketedGradReducer`` launches each bucket's async all-reduce from the
   post-accumulate-grad hooks during backward; only what ``finish()`` still waits for is exposed.
-overlap fraction = 1 - exposed(bucketed) / exposed(flat), medians over the timed steps.
+overlap fraction = 1 - exposed(bucketed) / exposed(flat), medians over the timed steps (a barrier
+before each backward, so one rank waiting for the other is not counted as reduction).
 
     python bench/grad_overlap.py                                 # 1 MB buckets, ~1 minute on 2 cores
     python bench/grad_overlap.py --model tiny --bucket-mb default  # examples/tiny.yaml's model, the
@@ -31,6 +32,7 @@ MODELS = {"bench": dict(dim=256, n_layers=4, n_heads=8, n_kv_heads=4, ffn_dim=76
 
 def overlap_rank(rank, world, model_kwargs, bucket_mb, steps):
     import torch
+    import torch.distributed as dist
 
     from seqshard.dist.grad_sync import BucketedGradReducer, all_reduce_gradients
     from seqshard.models import VarlenContext, build_model
@@ -51,6 +53,7 @@ def overlap_rank(rank, world, model_kwargs, bucket_mb, steps):
             loss = model(tokens, positions, ctx, tokens) / TOKENS
             if mode == "bucketed":
                 reducer.arm()
+            dist.barrier()  # both ranks start backward together: rank skew is not counted as reduction
             t0 = time.perf_counter()
             loss.backward()
             t1 = time.perf_counter()
