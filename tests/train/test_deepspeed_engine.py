@@ -36,6 +36,7 @@ SP2 = ["parallel.sp=2", "parallel.sp_method=ulysses"]
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # three DeepSpeed runs: ~4 min at load 20
 def test_deepspeed_zero1_resume_dp_to_ulysses(torch_losses, tmp_path):
     """Same 2 ranks, dp 2 -> ulysses sp 2: DeepSpeed's data-parallel world is all ranks in both,
     so its ZeRO-1 partitions load unchanged; the losses continue as if uninterrupted."""
@@ -47,6 +48,7 @@ def test_deepspeed_zero1_resume_dp_to_ulysses(torch_losses, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)
 def test_deepspeed_zero0_resume_world2_to_world1(torch_losses, tmp_path):
     """ZeRO stage 0 saves one full optimizer copy: it resumes on 1 rank."""
     overrides = ["train.engine=deepspeed", "train.zero_stage=0"]
@@ -56,6 +58,7 @@ def test_deepspeed_zero0_resume_world2_to_world1(torch_losses, tmp_path):
     assert_losses_close(first + rest, torch_losses, rel=1e-5)
 
 
+@pytest.mark.slow  # a 2-rank DeepSpeed run and a DeepSpeed CLI start: ~40 s on a quiet machine
 def test_deepspeed_zero1_resume_on_fewer_ranks_exits_2_before_training(tmp_path):
     """ZeRO-1 partitions of 2 ranks cannot load into 1: one line naming both sizes, exit 2,
     no step trained (DeepSpeed itself would raise mid-load)."""
