@@ -53,3 +53,30 @@ def test_fsdp2_adaptive_empty_group_of_two(tmp_path):
     assert all(l == losses[0] for l in losses)
     assert_losses_close(losses[0], reference)
     assert all(r["plan_tokens_per_group"] == [256, 0] for r in read_metrics(tmp_path / "run"))
+
+
+def _padding_step(rank, world, output_dir, overrides):
+    """The static scatter's padding micro-batch through the fsdp2 engine: forward and zero-weight
+    backward on every rank (under SP: a 1-token document sharded over the group)."""
+    import torch
+
+    from seqshard.train.trainer import setup
+    from tests.helpers.training import small_spec
+
+    run = setup(small_spec(output_dir, world, FSDP + overrides))
+    tokens, labels, positions, ctx = run.scatter.padding()
+    loss = run.engine.forward(tokens, positions, ctx, labels)
+    run.engine.backward(loss * 0, last=True)
+    grads = [p.grad.to_local() for p in run.engine.model.parameters() if p.grad is not None]
+    return float(loss), len(grads), max(float(g.abs().max()) for g in grads if g.numel()), int(tokens.numel())
+
+
+@pytest.mark.slow  # a path valid specs never reach (rows per step are a multiple of dp); ~12 s
+def test_static_padding_micro_batch_under_ulysses_sp2_adds_nothing(tmp_path):
+    """Every member of an SP group shares its replica's rows, so a group is empty together: its
+    padding is one document of one token, sharded (rank 1 holds only shard padding). It runs the
+    group's Ulysses collectives and FSDP's, and contributes zero loss and zero gradient."""
+    out = run_ranks(2, _padding_step, str(tmp_path), ["parallel.sp=2", "parallel.sp_method=ulysses"])
+    for loss, n_grads, max_grad, local_tokens in out:
+        assert loss == 0.0 and max_grad == 0.0 and local_tokens == 1
+        assert n_grads > 0  # backward reached the sharded parameters (every FSDP hook fired)
