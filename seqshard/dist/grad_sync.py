@@ -33,23 +33,37 @@ def all_reduce_gradients(params, group=None) -> None:
         offset += n
 
 
+MAX_BUCKET_MB = 25.0  # DDP's default cap: big enough that per-collective latency does not dominate
+MIN_BUCKETS = 8  # below the cap, at least this many buckets, so a small model overlaps too
+
+
+def default_bucket_mb(params) -> float:
+    """``min(25 MB, gradient bytes / 8)``: large models get DDP's 25 MB buckets, a model under
+    200 MB still gets about 8 buckets (a fixed 25 MB would leave one bucket, hence no overlap,
+    for every model under 25 MB)."""
+    total = sum(p.numel() * p.element_size() for p in params if p.requires_grad) / 2**20
+    return min(MAX_BUCKET_MB, total / MIN_BUCKETS)
+
+
 class BucketedGradReducer:
     """All-reduce (sum) gradients in buckets of about ``bucket_mb``, overlapped with backward.
 
-    Buckets hold parameters in reverse registration order (roughly the order backward produces
-    their gradients). During the last micro-batch's backward (``arm()`` before it), each
-    parameter's post-accumulate-grad hook marks it ready; a full bucket is flattened and its
-    async all-reduce launched while backward goes on. Buckets launch strictly in index order
-    on every rank, whatever order hooks fire in, because gloo matches collectives by order.
-    ``finish()`` launches what is left (a parameter without gradient counts as zeros), waits,
-    and copies the sums back: the same exact full-batch gradient as ``all_reduce_gradients``.
-    Earlier micro-batches only accumulate locally, so replicas may run different micro-batch
-    counts: each runs at most one armed backward per step (none: ``finish`` reduces zeros).
+    ``bucket_mb`` None means :func:`default_bucket_mb`. Buckets hold parameters in reverse
+    registration order (roughly the order backward produces their gradients). During the last
+    micro-batch's backward (``arm()`` before it), each parameter's post-accumulate-grad hook
+    marks it ready; a full bucket is flattened and its async all-reduce launched while backward
+    goes on. Buckets launch strictly in index order on every rank, whatever order hooks fire in,
+    because gloo matches collectives by order. ``finish()`` launches what is left (a parameter
+    without gradient counts as zeros), waits, and copies the sums back: the same exact
+    full-batch gradient as ``all_reduce_gradients``. Earlier micro-batches only accumulate
+    locally, so replicas may run different micro-batch counts: each runs at most one armed
+    backward per step (none: ``finish`` reduces zeros).
     """
 
-    def __init__(self, params, group=None, bucket_mb: float = 25.0):
+    def __init__(self, params, group=None, bucket_mb: float | None = None):
         self.group = group
         self.params = [p for p in params if p.requires_grad]
+        bucket_mb = default_bucket_mb(self.params) if bucket_mb is None else bucket_mb
         self.buckets, size = [[]], 0
         for p in reversed(self.params):
             if self.buckets[-1] and size + p.numel() * p.element_size() > bucket_mb * 2**20:

@@ -170,9 +170,6 @@ def _check_engine(spec):
         raise SpecError("train.offload_params", "parameter offload needs train.engine: fsdp2")
     if spec.train.async_checkpoint and spec.train.engine == "deepspeed":
         raise SpecError("train.async_checkpoint", "DeepSpeed saves its own checkpoints; use train.engine: torch or fsdp2")
-    if spec.train.engine == "fsdp2" and spec.parallel.sp_method == "adaptive":
-        raise SpecError("train.engine", "fsdp2 shards over all ranks, but adaptive scattering runs different "
-                        "groups per micro-batch; use train.engine: torch with sp_method: adaptive")
     if spec.train.engine != "deepspeed":
         return
     if spec.data.batching != "window":

@@ -204,5 +204,11 @@ class AdaptiveScatter:
             yield (shard.shard(tokens, r, pad_value=self.pad_id), shard.shard(labels, r, pad_value=-100),
                    shard.shard(positions, r, pad_value=0), ctx)
 
+    def padding(self):
+        """A one-token micro-batch without loss tokens, run locally (fsdp2 runs it on the ranks of
+        a group the plan gave no document: they still join every parameter all-gather)."""
+        return (torch.tensor([self.pad_id]), torch.tensor([-100]), torch.tensor([0]),
+                VarlenContext.from_lengths([1]))
+
     def step_metrics(self) -> dict:
         return dict(self.last)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 
 import torch
 import torch.distributed as dist
@@ -139,8 +140,24 @@ class DeepSpeedEngine:
         return commit_checkpoint(output_dir, step, write, trainer_state)
 
     def load(self, path):
+        check_zero_partitions(path / "deepspeed", self.world)
         self.engine.load_checkpoint(str(path), tag="deepspeed")
         return read_trainer_state(path)
+
+
+def check_zero_partitions(folder, world: int) -> None:
+    """DeepSpeed loads ZeRO (stage >= 1) optimizer partitions only into the world size that saved
+    them; stage 0 keeps one full copy, which loads into any layout. Refuse a changed world size
+    here, naming both sizes, instead of DeepSpeed's exception mid-load (the CLI exits 2)."""
+    from seqshard.dist.checkpoint import CheckpointMismatch
+
+    ranks = {int(m.group(1)) for f in folder.glob("*zero_pp_rank_*_optim_states.pt")
+             if (m := re.search(r"zero_pp_rank_(\d+)_", f.name))}
+    if ranks and len(ranks) != world:
+        raise CheckpointMismatch(
+            f"checkpoint {folder.parent} holds DeepSpeed ZeRO optimizer partitions of {len(ranks)} ranks, this run "
+            f"has {world}: DeepSpeed cannot repartition them; resume on {len(ranks)} ranks (any dp x sp layout), "
+            "or save with train.zero_stage: 0 or train.engine: torch / fsdp2, whose checkpoints reshard")
 
 
 def build_engine(model, spec, local_rank: int = 0, mesh=None):

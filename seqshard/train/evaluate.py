@@ -105,7 +105,7 @@ def evaluate(run, held) -> dict:
             batch = builder.next_batch()
             n_tokens += batch.num_loss_tokens
             local = list(run.scatter(batch))
-            real = equal_micro_batches(run.engine, local)  # fsdp2: every rank in every all-gather
+            real = equal_micro_batches(run.engine, local, run.scatter.padding)  # fsdp2: all in every all-gather
             for (tokens, labels, positions, ctx), counts in zip(local, real):
                 with autocast:
                     loss = run.engine.forward(tokens.to(run.device), positions.to(run.device), ctx,

@@ -9,7 +9,10 @@ reduce-scatters (``set_requires_gradient_sync``).
 
 FSDP all-gathers parameters in every forward and backward, so every rank must run the same
 number of micro-batches: ``equal_micro_batches`` says so to the trainer, which pads the short
-replicas with zero-weight repeats of their last micro-batch (gradient unchanged).
+replicas with zero-weight repeats of their last micro-batch (gradient unchanged), and a rank
+with no micro-batch at all with a one-token padding micro-batch. Under adaptive scattering each
+rank stays in one group for the whole step and every member of a group runs the same
+micro-batches, so the repeats keep the group's SP collectives matched too.
 """
 from __future__ import annotations
 
@@ -68,22 +71,28 @@ class FSDP2Engine(TorchEngine):
         return float(norm)
 
 
-def equalize_micro_batches(local: list) -> list[bool]:
+def equalize_micro_batches(local: list, padding=None) -> list[bool]:
     """Pad ``local`` in place to the largest micro-batch count of any rank with repeats of its
-    last micro-batch; return per micro-batch whether it counts (False: a zero-weight repeat)."""
+    last micro-batch; a rank with none this step (an adaptive group given no document) repeats
+    ``padding()``, a one-token micro-batch without loss tokens. Returns per entry whether it
+    counts (False: a zero-weight repeat: it runs forward and backward, adds nothing)."""
     count = torch.tensor([len(local)])
     dist.all_reduce(count, op=dist.ReduceOp.MAX)
-    assert local, "every rank needs at least one micro-batch to pad from"
     real = [True] * len(local)
+    if not local and int(count):
+        if padding is None:
+            raise RuntimeError("this rank has no micro-batch this step and no padding micro-batch to repeat")
+        local.append(padding())
+        real.append(False)
     while len(local) < int(count):
         local.append(local[-1])
         real.append(False)
     return real
 
 
-def equal_micro_batches(engine, local: list) -> list[bool]:
+def equal_micro_batches(engine, local: list, padding=None) -> list[bool]:
     """For an engine that needs every rank in every all-gather (fsdp2), pad ``local`` as
     :func:`equalize_micro_batches` does; otherwise leave it. Returns which entries are real."""
     if not getattr(engine, "equal_micro_batches", False):
         return [True] * len(local)
-    return equalize_micro_batches(local)
+    return equalize_micro_batches(local, padding)

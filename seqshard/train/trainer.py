@@ -82,9 +82,9 @@ class StaticScatter:
     """A fixed dp x sp layout: replica ``dp_rank`` takes rows ``dp_rank::dp``, packs them into
     micro-batches of ``budget`` tokens, and ``sharder`` (if any) shards each over the SP group."""
 
-    def __init__(self, mesh, budget: int, sharder=None):
+    def __init__(self, mesh, budget: int, sharder=None, pad_id: int = 0):
         self.dp_rank, self.dp = mesh["dp"].get_local_rank(), mesh["dp"].size()
-        self.budget, self.sharder = budget, sharder
+        self.budget, self.sharder, self.pad_id = budget, sharder, pad_id
 
     def __call__(self, batch):
         """This rank's micro-batches of a step: (tokens, labels, positions, attention ctx)."""
@@ -94,6 +94,13 @@ class StaticScatter:
                 yield tokens, labels, positions, VarlenContext.from_lengths(doc_lens)
             else:
                 yield self.sharder(tokens, labels, positions, doc_lens)
+
+    def padding(self):
+        """A one-token micro-batch without loss tokens (fsdp2 runs it where a rank has none)."""
+        tokens, labels, positions = torch.tensor([self.pad_id]), torch.tensor([-100]), torch.tensor([0])
+        if self.sharder is None:
+            return tokens, labels, positions, VarlenContext.from_lengths([1])
+        return self.sharder(tokens, labels, positions, [1])
 
     def step_metrics(self) -> dict:
         return {}
@@ -105,7 +112,7 @@ def build_scatter(spec: Spec, model, mesh, denv: DistEnv):
     PAD_ID = load_tokenizer(spec.data.tokenizer).pad_id  # noqa: N806 - padding of SP shards
     budget = spec.data.micro_batch_tokens or spec.data.max_seq_len
     if p.sp_method == "none":
-        return StaticScatter(mesh, budget)
+        return StaticScatter(mesh, budget, pad_id=PAD_ID)
     if p.sp_method == "adaptive":
         from seqshard.parallel.adaptive import AdaptiveScatter
 
@@ -113,7 +120,7 @@ def build_scatter(spec: Spec, model, mesh, denv: DistEnv):
     from seqshard.parallel.parallelize import make_sharder, parallelize
 
     parallelize(model, mesh, p)
-    return StaticScatter(mesh, budget, make_sharder(mesh, p, pad_id=PAD_ID))
+    return StaticScatter(mesh, budget, make_sharder(mesh, p, pad_id=PAD_ID), pad_id=PAD_ID)
 
 
 @dataclass
@@ -160,7 +167,7 @@ def train_step(run: Run, step: int) -> dict:
     loss_sum = torch.zeros((), dtype=torch.float64)
     with shared_failure("step plan"):
         local = list(run.scatter(batch))
-    real = equal_micro_batches(engine, local)
+    real = equal_micro_batches(engine, local, run.scatter.padding)
     for i, (tokens, labels, positions, ctx) in enumerate(local):
         with autocast:
             loss = engine.forward(tokens.to(run.device), positions.to(run.device), ctx, labels.to(run.device))

@@ -79,6 +79,28 @@ def test_resume_reshards_world4_sp2_to_world2_sp1(name, uninterrupted, tmp_path)
     assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3, 4, 5, 6]
 
 
+SP4 = ["parallel.sp=4", "parallel.sp_method=ulysses"]
+LAYOUT_RESUMES = {  # engine, (world, keys) of the first 3 steps, (world, keys) of steps 4-6
+    "fsdp2_world4_sp2_to_world4_sp4": ("fsdp2", (4, SP2), (4, SP4)),
+    "torch_world4_sp2_to_world4_sp4": ("torch", (4, SP2), (4, SP4)),
+    "fsdp2_world2_to_world4": ("fsdp2", (2, []), (4, [])),
+    "torch_world2_to_world4": ("torch", (2, []), (4, [])),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(LAYOUT_RESUMES))
+def test_resume_reshards_to_more_sp_or_more_ranks(name, uninterrupted, tmp_path):
+    """Resume at sp 4 (parameters resharded 4 ways, each rank holding a quarter of every
+    document), or from 2 ranks onto 4: steps 4-6 equal the uninterrupted run (rel 1e-5)."""
+    engine, (world1, keys1), (world2, keys2) = LAYOUT_RESUMES[name]
+    common = SIX + [f"train.engine={engine}"]
+    part = run_ranks(world1, train_rank, str(tmp_path), common + keys1, {"stop_after": 3})[0]
+    rest = run_ranks(world2, train_rank, str(tmp_path), common + keys2, {"resume": True})[0]
+    assert len(part) == len(rest) == 3
+    assert_losses_close(part + rest, uninterrupted, rel=1e-5)
+
+
 def test_resume_into_a_changed_model_names_the_difference_and_exits_2(tmp_path):
     import os
     import subprocess
