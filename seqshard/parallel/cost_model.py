@@ -154,5 +154,24 @@ class CostModel:
         ms = self.methods(d)
         return min(ms, key=lambda m: float(self.method_time(length, d, m)))
 
+    def microbatch_time(self, doc_lengths, d: int, method: str) -> float:
+        """Predicted seconds of one packed micro-batch (documents ``doc_lengths``, one varlen
+        stream) on d devices running ``method``: attention and linear compute per document, but
+        ONE set of collectives for the whole stream (Ulysses all-to-alls, ring hops carry every
+        document's K/V), plus the profile's fixed cost per micro-batch."""
+        docs = np.asarray(doc_lengths, dtype=np.float64)
+        total = float(docs.sum())
+        attn = float(self.attention_compute_time(docs, d).sum())
+        linear = float(self.compute_time(docs, d).sum()) - attn
+        overhead = self.profile.microbatch_overhead_s
+        if method == "local" or d == 1:
+            return linear + attn + overhead
+        if method == "ulysses":
+            heavy = math.ceil(self.n_heads / d) * d / self.n_heads
+            return linear + heavy * attn + heavy * float(self.comm_time(total, d)) + overhead
+        u = math.gcd(self.n_heads, d) if method == "usp" else 1
+        a2a = float(self.comm_time_over(total, d, u)) if u > 1 else 0.0
+        return linear + a2a + max(attn, float(self.ring_p2p_time(total, d, d // u))) + overhead
+
     def memory_per_device(self, length: int, d: int, bytes_per_token: float) -> float:
         return length / d * bytes_per_token
