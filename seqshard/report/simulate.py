@@ -43,7 +43,7 @@ from pathlib import Path
 
 from seqshard.parallel.cost_model import CostModel
 from seqshard.parallel.hardware import HardwareProfile, get_profile
-from seqshard.parallel.planner import plan_step
+from seqshard.parallel.planner import dividing_sizes, plan_step
 
 from . import report
 from seqshard.launch.spec import load_spec
@@ -192,8 +192,9 @@ def _planned(model, base: Layout, n_seq: int, seq_len: int, prof: HardwareProfil
     per_token = 17 * base.bytes_per_el * model.dim * model.n_layers + 4 * model.vocab_size
     cost = CostModel.from_model_config(model, prof, base.bytes_per_el)
     try:
-        plan = plan_step([seq_len] * n_seq, base.devices, max_sp=min(base.devices, model.n_heads),
-                         memory_tokens=max(1, int(free // per_token)), cost_model=cost)
+        max_sp = min(base.devices, model.n_heads)
+        plan = plan_step([seq_len] * n_seq, base.devices, max_sp=max_sp, memory_tokens=max(1, int(free // per_token)),
+                         cost_model=cost, allowed_sizes=dividing_sizes(base.devices, max_sp))  # one Ulysses degree
     except ValueError as err:
         return f"adaptive: {str(err).split(';')[0]}"
     return replace(base, method="ulysses", sp=max(size for _, size in plan.groups))
