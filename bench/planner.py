@@ -115,7 +115,11 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--devices", type=int, default=64)
+    ap.add_argument("--timing-only", action="store_true", help="only time the whole plan_step call (greedy, milp "
+                    "at 0.05 s) per step; writes bench/results/planner_timing.json")
     args = ap.parse_args()
+    if args.timing_only:
+        return timing(args)
     rows = []
     for profile in ("h100_nvlink_ib400", "a100_flexsp"):
         for dist in ("stdlib", "lognormal", "heavy_tail"):
@@ -137,6 +141,33 @@ def main():
     (ROOT / "bench/results").mkdir(parents=True, exist_ok=True)
     (ROOT / "bench/results/planner.json").write_text(json.dumps(out, indent=1))
     plot(rows)
+
+
+def timing(args):
+    rows = []
+    for profile in ("h100_nvlink_ib400", "a100_flexsp"):
+        cm = CostModel.from_model_config(MODEL, get_profile(profile))
+        kw = dict(max_sp=args.devices, memory_tokens=MEMORY_TOKENS, cost_model=cm)
+        for dist in ("stdlib", "lognormal", "heavy_tail"):
+            rng = np.random.default_rng(args.devices)
+            run = [draw(dist, rng) for _ in range(args.steps)]
+            plan_step(run[0], args.devices, solver="milp", **kw)  # warm-up
+            out = {}
+            for solver in ("greedy", "milp"):
+                wall, cpu = [], []
+                for lengths in run:
+                    _, w, c = timed(lambda: plan_step(lengths, args.devices, solver=solver, time_limit_s=0.05, **kw))
+                    wall.append(1e3 * w)
+                    cpu.append(1e3 * c)
+                out[solver] = {"wall_ms_median": float(np.median(wall)), "wall_ms_max": max(wall),
+                               "cpu_ms_median": float(np.median(cpu))}
+            rows.append({"profile": profile, "dist": dist, **out, "load_average": os.getloadavg()})
+            print(f"{profile:18s} {dist:10s} greedy {out['greedy']['wall_ms_median']:.1f}/{out['greedy']['wall_ms_max']:.1f} ms "
+                  f"(cpu {out['greedy']['cpu_ms_median']:.1f})  milp {out['milp']['wall_ms_median']:.1f}/"
+                  f"{out['milp']['wall_ms_max']:.1f} ms (cpu {out['milp']['cpu_ms_median']:.1f}) (median/max)  "
+                  f"load {os.getloadavg()[0]:.1f}", flush=True)
+    (ROOT / "bench/results").mkdir(parents=True, exist_ok=True)
+    (ROOT / "bench/results/planner_timing.json").write_text(json.dumps(rows, indent=1))
 
 
 def plot(rows):

@@ -479,10 +479,9 @@ def plan_step(lengths, num_devices: int, *, max_sp: int, memory_tokens: int, cos
 
 def _set_methods(plan, lengths, cost_model):
     """Each group's method: the cost model's fastest for the longest sequence it was given."""
-    longest = [0] * len(plan.groups)
-    for length, g in zip(lengths.tolist(), plan.assignment):
-        longest[g] = max(longest[g], length)
-    plan.methods = [cost_model.method_for(max(n, 1), size) if size > 1 else "local"
+    longest = np.zeros(len(plan.groups), dtype=np.int64)
+    np.maximum.at(longest, np.asarray(plan.assignment, dtype=np.int64), lengths)
+    plan.methods = [cost_model.method_for(max(int(n), 1), size) if size > 1 else "local"
                     for n, (_, size) in zip(longest, plan.groups)]
 
 
