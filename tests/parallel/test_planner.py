@@ -163,6 +163,9 @@ def test_non_power_of_two_groups_when_they_are_cheaper():
     assert sorted(s for _, s in plan.groups) == [3, 3]
     assert plan.predicted_time_s < 0.85 * pow2.predicted_time_s
     assert set(plan.methods) <= {"ring", "ulysses"}  # 3 does not divide 32 heads: ring or uneven ulysses
+    five = plan_step([40_000] + [2_000] * 6, 6, allowed_sizes=[1, 5], **kw)  # any set of sizes
+    assert_valid(five, [40_000] + [2_000] * 6, 6, 8192)
+    assert sorted(s for _, s in five.groups) == [1, 5]
 
 
 def test_layout_keeps_small_groups_inside_one_node():
