@@ -7,8 +7,11 @@ activation memory per device) predicts the run time of:
 (a) ONE static SP degree for the whole run, the smallest that fits the run's longest sequence
     (what DeepSpeed-Ulysses / Megatron CP users run);
 (b) the best static degree chosen per step;
-(c) the fractional lower bound on any plan (planner.lower_bound);
-and of the greedy and MILP plans, with the solver times of the whole plan_step call.
+(c) two lower bounds on any plan: the fractional one (planner.lower_bound) and the tighter one
+    that respects whole groups (planner.integral_lower_bound, a few MILPs per step);
+and of the greedy and MILP plans (group sizes: powers of two and 3 x powers of two), with the
+solver times of the whole plan_step call (wall clock and process CPU time, median and max) and
+the load average, since other jobs share this machine.
 Writes bench/results/planner.json and docs/planner_speedup.png. PREDICTED, not measured.
 
     python bench/planner.py [--steps 20] [--devices 64]
@@ -29,8 +32,8 @@ sys.path.insert(0, str(ROOT))
 from seqshard.models.config import ModelConfig  # noqa: E402
 from seqshard.parallel.cost_model import CostModel  # noqa: E402
 from seqshard.parallel.hardware import get_profile  # noqa: E402
-from seqshard.parallel.planner import (allowed_group_sizes, best_static_plan, lower_bound, plan_step,  # noqa: E402
-                                       static_plan)
+from seqshard.parallel.planner import (best_static_plan, dividing_sizes, integral_lower_bound,  # noqa: E402
+                                       lower_bound, plan_step, static_plan)
 
 MODEL = ModelConfig(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336, vocab_size=128256)
 MEMORY_TOKENS = 16384
@@ -55,9 +58,9 @@ def draw(dist, rng, n=512):
 
 
 def timed(fn):
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     out = fn()
-    return out, time.perf_counter() - start
+    return out, time.perf_counter() - start, time.process_time() - cpu
 
 
 def run_case(profile, dist, devices, steps):
@@ -65,38 +68,58 @@ def run_case(profile, dist, devices, steps):
     rng = np.random.default_rng(devices)
     run = [draw(dist, rng) for _ in range(steps)]
     longest = max(int(x.max()) for x in run)
-    whole_sp = next(s for s in allowed_group_sizes(devices, devices) if longest <= s * MEMORY_TOKENS)
+    # (a) what users run: the smallest power-of-two degree dividing the devices that fits the
+    # run's longest sequence, with its fastest method (the cost model's choice)
+    whole_sp = next(s for s in dividing_sizes(devices, devices) if longest <= s * MEMORY_TOKENS)
     kw = dict(max_sp=devices, memory_tokens=MEMORY_TOKENS, cost_model=cm)
     plan_step(run[0], devices, solver="milp", **kw)  # warm-up (imports, caches)
-    tot = dict(whole_run_static=0.0, per_step_static=0.0, bound=0.0, greedy=0.0, milp=0.0)
-    t_g, t_m, methods = [], [], set()
+    tot = dict(whole_run_static=0.0, per_step_static=0.0, bound=0.0, integral_bound=0.0, greedy=0.0, milp=0.0,
+               greedy_pow2=0.0)
+    t_g, t_m, c_g, c_m, methods, sizes_used = [], [], [], [], set(), set()
     for lengths in run:
         tot["whole_run_static"] += static_plan(lengths, devices, whole_sp, memory_tokens=MEMORY_TOKENS,
                                                cost_model=cm).predicted_time_s
         tot["per_step_static"] += best_static_plan(lengths, devices, **kw).predicted_time_s
         tot["bound"] += lower_bound(lengths, devices, **kw)
-        greedy, tg = timed(lambda: plan_step(lengths, devices, solver="greedy", **kw))
-        milp, tm = timed(lambda: plan_step(lengths, devices, solver="milp", time_limit_s=0.05, **kw))
+        greedy, tg, cg = timed(lambda: plan_step(lengths, devices, solver="greedy", **kw))
+        milp, tm, cm_ = timed(lambda: plan_step(lengths, devices, solver="milp", time_limit_s=0.05, **kw))
         tot["greedy"] += greedy.predicted_time_s
         tot["milp"] += milp.predicted_time_s
+        # attribution: the same greedy restricted to power-of-two sizes dividing the devices
+        tot["greedy_pow2"] += plan_step(lengths, devices, solver="greedy", allowed_sizes=dividing_sizes(devices, devices),
+                                        **kw).predicted_time_s
+        step_best = min(greedy.predicted_time_s, milp.predicted_time_s)
+        ib = integral_lower_bound(lengths, devices, upper=step_best, rel_tol=5e-3, **kw)
+        assert ib <= step_best * (1 + 1e-9), (ib, step_best)  # a bound no plan beats
+        tot["integral_bound"] += ib
         t_g.append(tg)
         t_m.append(tm)
+        c_g.append(cg)
+        c_m.append(cm_)
         methods |= {f"{s}:{m}" for (_, s), m in zip(milp.groups, milp.methods) if s > 1}
+        sizes_used |= {s for _, s in milp.groups}
     best = min(tot["greedy"], tot["milp"])
     return {"profile": profile, "dist": dist, "devices": devices, "steps": steps, "whole_run_sp": whole_sp,
             "longest": longest, **{f"{k}_s": v for k, v in tot.items()},
             "speedup_vs_whole_run": tot["whole_run_static"] / best,
             "speedup_vs_per_step": tot["per_step_static"] / best, "gap_to_bound": best / tot["bound"] - 1,
+            "gap_to_integral_bound": best / tot["integral_bound"] - 1,
             "greedy_ms_median": 1e3 * float(np.median(t_g)), "greedy_ms_max": 1e3 * max(t_g),
             "milp_ms_median": 1e3 * float(np.median(t_m)), "milp_ms_max": 1e3 * max(t_m),
-            "methods_used": sorted(methods)}
+            "greedy_cpu_ms_median": 1e3 * float(np.median(c_g)), "milp_cpu_ms_median": 1e3 * float(np.median(c_m)),
+            "load_average": os.getloadavg(), "methods_used": sorted(methods),
+            "group_sizes_used": sorted(sizes_used)}
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--devices", type=int, default=64)
+    ap.add_argument("--timing-only", action="store_true", help="only time the whole plan_step call (greedy, milp "
+                    "at 0.05 s) per step; writes bench/results/planner_timing.json")
     args = ap.parse_args()
+    if args.timing_only:
+        return timing(args)
     rows = []
     for profile in ("h100_nvlink_ib400", "a100_flexsp"):
         for dist in ("stdlib", "lognormal", "heavy_tail"):
@@ -104,10 +127,13 @@ def main():
             rows.append(r)
             print(f"{profile:18s} {dist:10s} whole-run sp={r['whole_run_sp']:2d} {r['whole_run_static_s']:9.1f}s  "
                   f"per-step static {r['per_step_static_s']:9.1f}s  adaptive {min(r['greedy_s'], r['milp_s']):9.1f}s  "
-                  f"bound {r['bound_s']:9.1f}s | x{r['speedup_vs_whole_run']:.2f} vs (a)  "
-                  f"x{r['speedup_vs_per_step']:.2f} vs (b)  gap {100 * r['gap_to_bound']:.1f}%  "
-                  f"greedy {r['greedy_ms_median']:.1f}/{r['greedy_ms_max']:.1f} ms  "
-                  f"milp {r['milp_ms_median']:.1f}/{r['milp_ms_max']:.1f} ms (median/max)", flush=True)
+                  f"bounds {r['bound_s']:9.1f}/{r['integral_bound_s']:9.1f}s | x{r['speedup_vs_whole_run']:.2f} vs (a)  "
+                  f"x{r['speedup_vs_per_step']:.2f} vs (b)  gap {100 * r['gap_to_bound']:.1f}%/"
+                  f"{100 * r['gap_to_integral_bound']:.1f}% (fractional/integral)  "
+                  f"greedy {r['greedy_ms_median']:.1f}/{r['greedy_ms_max']:.1f} ms (cpu {r['greedy_cpu_ms_median']:.1f})  "
+                  f"milp {r['milp_ms_median']:.1f}/{r['milp_ms_max']:.1f} ms (cpu {r['milp_cpu_ms_median']:.1f}) "
+                  f"(median/max) load {r['load_average'][0]:.1f}  | powers of two only: {r['greedy_pow2_s']:.1f}s "
+                  f"(x{r['whole_run_static_s'] / r['greedy_pow2_s']:.2f} vs (a))", flush=True)
     out = {"model": "Llama 8B shape (dim 4096, 32 layers, 32 heads, 8 kv heads, ffn 14336)",
            "memory_tokens": MEMORY_TOKENS, "sequences_per_step": 512, "predicted": True,
            "published_histograms": "not used: the FlexSP / ByteScale length histograms were not found with "
@@ -115,6 +141,33 @@ def main():
     (ROOT / "bench/results").mkdir(parents=True, exist_ok=True)
     (ROOT / "bench/results/planner.json").write_text(json.dumps(out, indent=1))
     plot(rows)
+
+
+def timing(args):
+    rows = []
+    for profile in ("h100_nvlink_ib400", "a100_flexsp"):
+        cm = CostModel.from_model_config(MODEL, get_profile(profile))
+        kw = dict(max_sp=args.devices, memory_tokens=MEMORY_TOKENS, cost_model=cm)
+        for dist in ("stdlib", "lognormal", "heavy_tail"):
+            rng = np.random.default_rng(args.devices)
+            run = [draw(dist, rng) for _ in range(args.steps)]
+            plan_step(run[0], args.devices, solver="milp", **kw)  # warm-up
+            out = {}
+            for solver in ("greedy", "milp"):
+                wall, cpu = [], []
+                for lengths in run:
+                    _, w, c = timed(lambda: plan_step(lengths, args.devices, solver=solver, time_limit_s=0.05, **kw))
+                    wall.append(1e3 * w)
+                    cpu.append(1e3 * c)
+                out[solver] = {"wall_ms_median": float(np.median(wall)), "wall_ms_max": max(wall),
+                               "cpu_ms_median": float(np.median(cpu))}
+            rows.append({"profile": profile, "dist": dist, **out, "load_average": os.getloadavg()})
+            print(f"{profile:18s} {dist:10s} greedy {out['greedy']['wall_ms_median']:.1f}/{out['greedy']['wall_ms_max']:.1f} ms "
+                  f"(cpu {out['greedy']['cpu_ms_median']:.1f})  milp {out['milp']['wall_ms_median']:.1f}/"
+                  f"{out['milp']['wall_ms_max']:.1f} ms (cpu {out['milp']['cpu_ms_median']:.1f}) (median/max)  "
+                  f"load {os.getloadavg()[0]:.1f}", flush=True)
+    (ROOT / "bench/results").mkdir(parents=True, exist_ok=True)
+    (ROOT / "bench/results/planner_timing.json").write_text(json.dumps(rows, indent=1))
 
 
 def plot(rows):

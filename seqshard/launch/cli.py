@@ -64,6 +64,9 @@ def parser() -> argparse.ArgumentParser:
                        description="Measure matmul FLOP/s and 2-process all-to-all bandwidth/latency here "
                        "and print (or save) a hardware profile for the adaptive planner and simulate.")
     p.add_argument("--out", help="write the profile as JSON to this path")
+    p.add_argument("--spec", help="fit compute, per-call latency and bandwidth per group size (1 and 2) and "
+                   "the per-step cost by measuring this spec's model; --out FILE.json then serves as "
+                   "parallel.planner.profile")
     p = sub.add_parser("summary", help="one-paragraph summary of a run folder's metrics.jsonl",
                        description="Print first/last loss, throughput and memory of a finished run.")
     p.add_argument("run_dir", help="a train.output_dir holding metrics.jsonl")
@@ -152,12 +155,13 @@ def cmd_eval(args) -> int:
 def cmd_calibrate(args) -> int:
     import json
 
-    from seqshard.report.calibrate import calibrate, save_profile
+    from seqshard.report.calibrate import calibrate, calibrate_model, save_profile
 
-    profile = calibrate()
+    model = load_spec(args.spec).model if args.spec else None
+    profile = calibrate_model(model) if model else calibrate()
     print(json.dumps(profile, indent=1))
     if args.out:
-        save_profile(profile, args.out)
+        save_profile(profile, args.out, model)
     return 0
 
 

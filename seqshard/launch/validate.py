@@ -112,11 +112,20 @@ def _check_parallel(p, m, world_size):
     if p.sp_method == "adaptive":
         if m.arch != "llama":
             raise SpecError("parallel.sp_method", "adaptive runs Ulysses/Ring/USP inside groups: model.arch must be llama")
-        if p.max_sp & (p.max_sp - 1) or p.max_sp > world_size:
-            raise SpecError("parallel.max_sp", f"{p.max_sp} must be a power of two <= world size {world_size}")
+        if p.max_sp < 1 or p.max_sp > world_size:  # any size: groups need not be powers of two
+            raise SpecError("parallel.max_sp", f"{p.max_sp} must be between 1 and world size {world_size}")
         from seqshard.parallel.hardware import PROFILES
 
-        _one_of("parallel.planner.profile", p.planner.profile, tuple(sorted(PROFILES)))
+        if p.planner.profile.endswith(".json"):  # a `seqshard calibrate --spec --out` file
+            from seqshard.report.calibrate import CalibrationError, load_calibration
+
+            try:
+                load_calibration(p.planner.profile, m)
+            except (OSError, KeyError, TypeError, ValueError) as err:  # CalibrationError is a ValueError
+                why = err if isinstance(err, CalibrationError) else f"not a calibration file ({err})"
+                raise SpecError("parallel.planner.profile", str(why)) from None
+        else:
+            _one_of("parallel.planner.profile", p.planner.profile, tuple(sorted(PROFILES)))
         _positive("parallel.planner.memory_tokens", p.planner.memory_tokens, 0)
     if p.sp_method in ("ring", "usp") and p.layout == "stream":
         raise SpecError("parallel.layout", f"{p.sp_method} shards each document; use zigzag or contiguous")

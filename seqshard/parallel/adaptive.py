@@ -1,9 +1,12 @@
 """Runtime of heterogeneity-adaptive scattering (FlexSP-style): regroup the ranks every step.
 
-Every rank holds a full replica. At start, one process group is created for every aligned rank
-range of every allowed size (``(first, size)`` with ``first % size == 0``), in the same order on
-every rank. Each step, every rank computes the same plan from the step's document lengths
-(:func:`seqshard.parallel.planner.plan_step`), finds the group it belongs to, packs that group's
+Every rank holds a full replica. Group sizes need not be powers of two (3, 6, 12, ...; FCP-style
+arbitrary degrees) and groups need not be aligned: a plan's groups are contiguous rank ranges.
+Each step, rank 0 plans from the step's document lengths
+(:func:`seqshard.parallel.planner.plan_step`) and broadcasts the plan; every rank then creates
+the process groups of that plan it has not seen yet, in plan order (``dist.new_group`` is
+collective, and the broadcast plan is the same everywhere), keeps them for later steps, finds
+the group it belongs to, packs that group's
 documents into one varlen stream, shards it over the group with a ShardPlan and runs the SP
 method the plan chose for that group (``plan.methods``: Ulysses, Ring, or USP for groups past the
 head count; a group of one runs plain local attention). Gradients are then summed over all
@@ -34,35 +37,43 @@ def create_groups(world_size: int, sizes: list[int]) -> dict:
     """``{(first, size): ProcessGroup}`` for every aligned range; collective, same order everywhere."""
     groups = {}
     for size in sizes:
-        for first in range(0, world_size, size):
-            ranks = list(range(first, first + size))
-            group = dist.new_group(ranks) if size > 1 else None
-            groups[(first, size)] = group
+        for first in range(0, world_size - size + 1, size):
+            groups.update(ensure_groups({}, [(first, size)]))
     return groups
 
 
+def ensure_groups(groups: dict, ranges) -> dict:
+    """Adds a process group for every ``(first, size)`` range not in ``groups`` (``None`` for
+    size 1), in the order given. Collective: every rank must call it with the same ranges."""
+    for first, size in ranges:
+        if (first, size) not in groups:
+            groups[(first, size)] = dist.new_group(list(range(first, first + size))) if size > 1 else None
+    return groups
+
+
+def usp_groups_for(first: int, size: int, n_heads: int) -> tuple:
+    """(ulysses group, ring group) of this rank inside ``first .. first+size-1``: U = gcd(heads,
+    size) consecutive ranks form a Ulysses group, ranks with the same Ulysses index form a ring
+    (SP rank = ring index * U + ulysses index, as in usp.py). Collective over all ranks."""
+    rank, u = dist.get_rank(), math.gcd(n_heads, size)
+    mine = [None, None]
+    for i in range(size // u):
+        ranks = list(range(first + i * u, first + (i + 1) * u))
+        g = dist.new_group(ranks)
+        mine[0] = g if rank in ranks else mine[0]
+    for j in range(u):
+        ranks = list(range(first + j, first + size, u))
+        g = dist.new_group(ranks)
+        mine[1] = g if rank in ranks else mine[1]
+    return tuple(mine)
+
+
 def create_usp_groups(world_size: int, sizes: list[int], cost_model) -> dict:
-    """``{(first, size): (ulysses group, ring group) of this rank}`` for the sizes where USP is
-    possible: U = gcd(heads, size) consecutive ranks form a Ulysses group, ranks with the same
-    Ulysses index form a ring (SP rank = ring index * U + ulysses index, as in usp.py).
-    Collective: every rank creates every group in the same order."""
-    rank, out = dist.get_rank(), {}
-    for size in sizes:
-        if size == 1 or "usp" not in cost_model.methods(size):
-            continue
-        u = math.gcd(cost_model.n_heads, size)
-        for first in range(0, world_size, size):
-            mine = [None, None]
-            for i in range(size // u):
-                ranks = list(range(first + i * u, first + (i + 1) * u))
-                g = dist.new_group(ranks)
-                mine[0] = g if rank in ranks else mine[0]
-            for j in range(u):
-                ranks = list(range(first + j, first + size, u))
-                g = dist.new_group(ranks)
-                mine[1] = g if rank in ranks else mine[1]
-            out[(first, size)] = tuple(mine)
-    return out
+    """``{(first, size): (ulysses group, ring group) of this rank}`` for every aligned range of
+    the sizes where USP is possible. Collective: every rank creates every group in the same order."""
+    return {(first, size): usp_groups_for(first, size, cost_model.n_heads)
+            for size in sizes if size > 1 and "usp" in cost_model.methods(size)
+            for first in range(0, world_size - size + 1, size)}
 
 
 @dataclass
@@ -153,10 +164,10 @@ class AdaptiveScatter:
         self.max_sp, self.solver, self.time_limit = p.max_sp, p.planner.solver, p.planner.time_limit_s
         self.memory_tokens = planner_memory_tokens(spec, world_size)
         self.sizes = allowed_group_sizes(world_size, p.max_sp, spec.model.n_heads)
-        self.groups = create_groups(world_size, self.sizes)
+        self.groups = {}  # (first, size) -> ProcessGroup, created when a plan first uses them
         bytes_per_element = 2 if spec.train.dtype == "bfloat16" else 4
         self.cost_model = CostModel.from_model_config(spec.model, get_profile(p.planner.profile), bytes_per_element)
-        self.usp_groups = create_usp_groups(world_size, self.sizes, self.cost_model)
+        self.usp_groups = {}
         self.last = {}
         install_adaptive(model)
 
@@ -180,6 +191,10 @@ class AdaptiveScatter:
         docs = split_documents(batch.rows)
         lengths = [len(d[0]) for d in docs]
         plan = self.plan(lengths)
+        ensure_groups(self.groups, plan.groups)  # same plan on every rank: same order
+        for (first, size), method in zip(plan.groups, plan.methods):
+            if method == "usp" and (first, size) not in self.usp_groups:
+                self.usp_groups[(first, size)] = usp_groups_for(first, size, self.cost_model.n_heads)
         work = my_work(plan, lengths, self.rank)
         group = self.groups[(work.first, work.size)]
         tokens_per_group = [0] * len(plan.groups)

@@ -67,19 +67,30 @@ class CostModel:
         """Bandwidth of an aligned group of d devices: the profile's measured figure for that
         group size if it has one, else NVLink if it fits in one node, else the network."""
         p = self.profile
-        if p.bw_by_group_size:
-            fitting = [bw for size, bw in p.bw_by_group_size if size <= d]
-            return fitting[-1] if fitting else p.bw_by_group_size[0][1]
+        if p.bw_by_group_size:  # a size between two listed ones gets the larger one's figure
+            covering = [bw for size, bw in p.bw_by_group_size if size >= d]
+            return covering[0] if covering else p.bw_by_group_size[-1][1]
         return p.intra_node_bw if d <= p.devices_per_node else p.inter_node_bw
 
+    def latency(self, d: int) -> float:
+        """Seconds of one collective call over d devices: the profile's measured figure for that
+        group size if it has one (the next larger listed size for one between), else its
+        single ``collective_latency_s``."""
+        p = self.profile
+        if p.latency_by_group_size:
+            covering = [s for size, s in p.latency_by_group_size if size >= d]
+            return covering[0] if covering else p.latency_by_group_size[-1][1]
+        return p.collective_latency_s
+
     def methods(self, d: int) -> list[str]:
-        """SP methods a group of d devices can run: ulysses when d divides the head count (and
-        the kv heads split or replicate evenly), usp when only a factor of d does, ring always."""
+        """SP methods a group of d devices can run: ulysses when d <= the head count (uneven heads
+        per rank when d does not divide it), usp when a factor > 1 of d divides it, ring always."""
         if d == 1:
             return ["local"]
         out = []
-        if self.n_heads % d == 0 and (self.n_kv_heads % d == 0 or d % self.n_kv_heads == 0):
-            out.append("ulysses")
+        even = self.n_heads % d == 0
+        if d <= self.n_heads and (not even or self.n_kv_heads % d == 0 or d % self.n_kv_heads == 0):
+            out.append("ulysses")  # uneven heads per rank when d does not divide them (kv expanded)
         u = math.gcd(self.n_heads, d)
         if 1 < u < d and (self.n_kv_heads % u == 0 or u % self.n_kv_heads == 0):
             out.append("usp")
@@ -96,12 +107,16 @@ class CostModel:
             return 0.0 * length
         hop = length / d * 2 * self.kv_dim() * self.bytes_per_element
         hops = 3 * self.n_layers * (ring - 1)
-        return hops * hop / self.link_bandwidth(d) + hops * self.profile.collective_latency_s
+        return hops * hop / self.link_bandwidth(d) + hops * self.latency(d)
 
     def method_time(self, length, d: int, method: str):
         """Predicted seconds of a sequence on a group of d devices running ``method``."""
-        if method in ("local", "ulysses"):
-            return self.compute_time(length, d) + self.comm_time(length, d)
+        if method == "local":
+            return self.compute_time(length, d)
+        if method == "ulysses":  # the rank with the most heads sets the pace: ceil(H/d) of H
+            heavy = math.ceil(self.n_heads / d) * d / self.n_heads
+            attn = self.attention_compute_time(length, d)
+            return self.compute_time(length, d) + (heavy - 1) * attn + heavy * self.comm_time(length, d)
         u = math.gcd(self.n_heads, d) if method == "usp" else 1
         ring = d // u
         attn = self.attention_compute_time(length, d)
@@ -124,7 +139,7 @@ class CostModel:
         each rank holding ``L/d`` tokens."""
         if u == 1:
             return 0.0 * length
-        latency = 8 * self.n_layers * self.profile.collective_latency_s
+        latency = 8 * self.n_layers * self.latency(u)
         local = length / d * self.dim * self.bytes_per_element
         return 8.0 * self.n_layers * local * (u - 1) / u / self.link_bandwidth(u) + latency
 
@@ -138,6 +153,25 @@ class CostModel:
         """The method :meth:`time` uses for a sequence of ``length`` tokens on d devices."""
         ms = self.methods(d)
         return min(ms, key=lambda m: float(self.method_time(length, d, m)))
+
+    def microbatch_time(self, doc_lengths, d: int, method: str) -> float:
+        """Predicted seconds of one packed micro-batch (documents ``doc_lengths``, one varlen
+        stream) on d devices running ``method``: attention and linear compute per document, but
+        ONE set of collectives for the whole stream (Ulysses all-to-alls, ring hops carry every
+        document's K/V), plus the profile's fixed cost per micro-batch."""
+        docs = np.asarray(doc_lengths, dtype=np.float64)
+        total = float(docs.sum())
+        attn = float(self.attention_compute_time(docs, d).sum())
+        linear = float(self.compute_time(docs, d).sum()) - attn
+        overhead = self.profile.microbatch_overhead_s
+        if method == "local" or d == 1:
+            return linear + attn + overhead
+        if method == "ulysses":
+            heavy = math.ceil(self.n_heads / d) * d / self.n_heads
+            return linear + heavy * attn + heavy * float(self.comm_time(total, d)) + overhead
+        u = math.gcd(self.n_heads, d) if method == "usp" else 1
+        a2a = float(self.comm_time_over(total, d, u)) if u > 1 else 0.0
+        return linear + a2a + max(attn, float(self.ring_p2p_time(total, d, d // u))) + overhead
 
     def memory_per_device(self, length: int, d: int, bytes_per_token: float) -> float:
         return length / d * bytes_per_token

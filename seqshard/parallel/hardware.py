@@ -27,6 +27,11 @@ class HardwareProfile:
     # replaces the intra/inter-node rule for every group size (the entry of the largest listed
     # size <= d applies)
     bw_by_group_size: tuple = ()
+    # measured per-collective latency per group size, ((size, seconds), ...) ascending (as above)
+    latency_by_group_size: tuple = ()
+    # fitted fixed costs: per micro-batch (launch, Python), and per step (optimizer, grad sync)
+    microbatch_overhead_s: float = 0.0
+    step_overhead_s: float = 0.0
 
     def with_(self, **changes) -> "HardwareProfile":
         return replace(self, **changes)
@@ -60,6 +65,16 @@ PROFILES = {
 
 
 def get_profile(name: str) -> HardwareProfile:
+    """A named profile, or the profile of a ``seqshard calibrate --out FILE.json`` file (the
+    launcher checks first that the file matches this machine and model: launch/validate.py)."""
+    if name.endswith(".json"):
+        import json
+
+        with open(name) as f:
+            fields = json.load(f)["profile"]
+        for key in ("bw_by_group_size", "latency_by_group_size"):
+            fields[key] = tuple(tuple(pair) for pair in fields.get(key, ()))
+        return HardwareProfile(**fields)
     if name not in PROFILES:
         raise ValueError(f"unknown hardware profile {name!r}; known: {', '.join(sorted(PROFILES))}")
     return PROFILES[name]

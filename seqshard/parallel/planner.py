@@ -45,15 +45,23 @@ class StepPlan:
 
 
 def allowed_group_sizes(num_devices: int, max_sp: int, n_heads: int | None = None) -> list[int]:
-    """Powers of two up to ``max_sp`` dividing the device count. The head count no longer caps
-    them: a group past it (or not dividing it) runs Ring or USP inside (``n_heads`` is kept for
-    callers; the cost model picks the method per group)."""
-    sizes, s = [], 1
-    while s <= min(max_sp, num_devices):
-        if num_devices % s == 0:
-            sizes.append(s)
+    """Group sizes up to ``min(max_sp, num_devices)``: the powers of two and three times the
+    powers of two (1, 2, 3, 4, 6, 8, 12, 16, 24, ...). Sizes need not divide the device count nor
+    be powers of two (FCP-style arbitrary degrees): a mix is any set of groups whose sizes sum to
+    the devices. The head count does not cap them either: a group past it (or not dividing it)
+    runs uneven Ulysses, USP or Ring inside (``n_heads`` is kept for callers; the cost model picks
+    the method per group). Pass ``allowed_sizes`` to :func:`plan_step` for any other set."""
+    top = min(max_sp, num_devices)
+    sizes, s = set(), 1
+    while s <= top:
+        sizes |= {s} | ({3 * s} if 3 * s <= top else set())
         s *= 2
-    return sizes
+    return sorted(sizes)
+
+
+def dividing_sizes(num_devices: int, max_sp: int) -> list[int]:
+    """The static degrees a user can run: powers of two up to ``max_sp`` dividing the devices."""
+    return [s for s in allowed_group_sizes(num_devices, max_sp) if num_devices % s == 0 and not s & (s - 1)]
 
 
 def _time_table(lengths, sizes, memory_tokens, cost_model):
@@ -71,18 +79,46 @@ def _time_table(lengths, sizes, memory_tokens, cost_model):
     return table
 
 
-def _layout(counts: dict[int, int]) -> list[tuple[int, int]]:
-    """Aligned groups from {size: count}: largest first, so every offset is a multiple of the size."""
-    groups, first = [], 0
+def _layout(counts: dict[int, int], node: int | None = None):
+    """Contiguous rank ranges from {size: count}, largest first, sorted by first rank; ``None``
+    when a group no larger than a node (``node`` devices) would have to straddle two nodes.
+
+    Groups of at least a node start on a node boundary; smaller ones go first-fit into the
+    nodes' free tails, so a group the cost model prices at intra-node bandwidth stays in one
+    node. With powers of two only, this is the aligned layout (every offset a multiple of the
+    size). ``node=None``: one node holds everything."""
+    total = sum(size * c for size, c in counts.items())
+    node = node or total
+    starts = list(range(0, total, node))  # next free rank of every node
+    free = [min(node, total - k) for k in starts]  # free devices of every node (the last may be partial)
+    groups = []
     for size in sorted(counts, reverse=True):
         for _ in range(counts[size]):
-            groups.append((first, size))
-            first += size
-    return groups
+            if size >= node:
+                k = next((k for k, f in enumerate(free) if f == node), None)
+                span = -(-size // node)
+                if k is None or sum(free[k:k + span]) < size or any(f != node for f in free[k:k + span - 1]):
+                    return None
+                groups.append((starts[k], size))
+                for j in range(k, k + span):
+                    take = min(free[j], size - (j - k) * node)
+                    free[j] -= take
+                    starts[j] += take
+            else:
+                k = next((k for k, f in enumerate(free) if f >= size), None)
+                if k is None:
+                    return None
+                groups.append((starts[k], size))
+                free[k] -= size
+                starts[k] += size
+    return sorted(groups)
 
 
-def _assign(table, sizes, groups):
+def _assign(table, sizes, groups, target=None):
     """Longest-first, each sequence to the group that finishes it earliest (per-size heaps).
+    With a ``target``: to the least-loaded group of the size that spends the fewest
+    device-seconds on it among those still finishing within ``target`` (the class plan of
+    :func:`_class_mix`), else the earliest finish.
 
     Plain Python floats in the loop: it runs once per candidate mix, several mixes per step."""
     present = list(dict.fromkeys(size for _, size in groups))  # sizes in layout order
@@ -92,11 +128,12 @@ def _assign(table, sizes, groups):
     assignment = [0] * table.shape[0]
     loads = [0.0] * len(groups)
     for pos, i in enumerate(order.tolist()):
-        best_t, best_k = math.inf, -1
+        best_t, best_k, best_key = math.inf, -1, (2, math.inf)
         for k, heap in enumerate(heaps):
             t = heap[0][0] + cols[k][pos]  # inf where sequence i does not fit size k
-            if t < best_t:
-                best_t, best_k = t, k
+            key = (0, cols[k][pos] * present[k]) if target is not None and t <= target else (1, t)
+            if key < best_key:
+                best_t, best_k, best_key = t, k, key
         if best_k < 0:
             return None  # no group in this mix can hold sequence i
         _, g = heapq.heapreplace(heaps[best_k], (best_t, heaps[best_k][0][1]))
@@ -104,9 +141,11 @@ def _assign(table, sizes, groups):
     return assignment, loads
 
 
-def _evaluate(table, sizes, counts, solver):
-    groups = _layout(counts)
-    result = _assign(table, sizes, groups)
+def _evaluate(table, sizes, counts, solver, node=None, target=None):
+    groups = _layout(counts, node)
+    if groups is None:
+        return None
+    result = _assign(table, sizes, groups, target)
     if result is None:
         return None
     assignment, loads = result
@@ -176,26 +215,159 @@ def _ladders(table, sizes, num_devices):
     return out
 
 
-def _greedy(table, sizes, num_devices, keep=4):
-    statics = [{s: num_devices // s} for s in sizes if np.isfinite(table[:, sizes.index(s)]).all()]
+def _class_mix(table, sizes, num_devices, target, rounding="ceil"):
+    """Group counts for a makespan ``target``: every sequence in the class (group size) that
+    spends the fewest device-seconds on it among those finishing it within ``target`` (short
+    sequences in singles: the data-parallel part of a hybrid DP x SP step), then
+    ``ceil(class work / target)`` groups per class (``rounding="floor"``: floor, plus one group
+    of the largest class any sequence needs); leftover devices become groups of the smallest
+    size. ``None`` when that needs more devices than there are, or a sequence fits no group
+    within ``target``."""
+    sizes_arr = np.asarray(sizes)
+    eff = np.where(table <= target, table * sizes_arr, np.inf)
+    least = eff.min(axis=1)
+    if not np.isfinite(least).all():
+        return None
+    choice = eff.argmin(axis=1)
+    work = np.bincount(choice, weights=table[np.arange(len(table)), choice], minlength=len(sizes))
+    if rounding == "ceil":
+        n = np.zeros(len(sizes), dtype=int)
+        for j in range(len(sizes) - 1, -1, -1):  # largest class first: its last group's spare
+            if work[j] <= 0:                       # time takes the longest smaller sequences
+                continue
+            n[j] = math.ceil(work[j] / target - 1e-9)
+            below = np.flatnonzero(choice < j)
+            if j == 0 or not len(below):
+                continue
+            below = below[np.argsort(-table[below, j], kind="stable")]
+            fill = np.cumsum(table[below, j])
+            moved = below[:int(np.searchsorted(fill, n[j] * target - work[j], side="right"))]
+            if len(moved):
+                work -= np.bincount(choice[moved], weights=table[moved, choice[moved]], minlength=len(sizes))
+                work[j] += table[moved, j].sum()
+                choice[moved] = j
+    else:
+        n = np.floor(work / target).astype(int)
+        need = int(choice.max())
+        if not n[need:].any():
+            n[need] = 1
+    used = int((n * sizes_arr).sum())
+    if used > num_devices:
+        return None
+    n[0] += (num_devices - used) // sizes[0]
+    return {s: int(c) for s, c in zip(sizes, n) if c}
+
+
+def _improve(table, sizes, plan, max_moves=64):
+    """Local search after a greedy assignment: move one sequence off the slowest group to the
+    group where it would finish earliest, while that lowers the slowest group's time (the
+    makespan never grows; it stops at a local optimum or after ``max_moves`` moves)."""
+    cols = np.array([sizes.index(s) for _, s in plan.groups])
+    loads = np.array(plan.group_times, dtype=np.float64)
+    assignment = np.array(plan.assignment)
+    for _ in range(max_moves):
+        g = int(loads.argmax())
+        items = np.flatnonzero(assignment == g)
+        if len(items) < 2:
+            break
+        moved = False
+        for i in items[np.argsort(-table[items, cols[g]])]:
+            finish = loads + table[i, cols]
+            finish[g] = np.inf
+            h = int(finish.argmin())
+            if finish[h] < loads[g] - 1e-12 * loads[g]:
+                loads[h], loads[g] = finish[h], loads[g] - table[i, cols[g]]
+                assignment[i], moved = h, True
+                break
+        if not moved:
+            break
+    plan.assignment, plan.group_times = assignment.tolist(), loads.tolist()
+    plan.predicted_time_s = float(loads.max())
+    return plan
+
+
+def _grow_bottleneck(table, sizes, plan, node, tries=3):
+    """Mix repair: when the slowest group cannot shed a sequence (moves did not help), give it
+    the next larger size that runs its sequences faster, paid for with singles; keep the result
+    only when the makespan drops."""
+    for _ in range(tries):
+        g = int(np.argmax(plan.group_times))
+        size = plan.groups[g][1]
+        counts = {}
+        for _, s in plan.groups:
+            counts[s] = counts.get(s, 0) + 1
+        better = None
+        for bigger in (s for s in sizes if s > size and counts.get(1, 0) >= s - size):
+            trial = dict(counts)
+            trial[size] -= 1
+            trial[bigger] = trial.get(bigger, 0) + 1
+            trial[1] -= bigger - size
+            p = _evaluate(table, sizes, {s: c for s, c in trial.items() if c}, plan.solver, node)
+            if p is not None:
+                p = _improve(table, sizes, p)
+                if p.predicted_time_s < plan.predicted_time_s * (1 - 1e-9):
+                    better = p
+            break  # the next larger size only
+        if better is None:
+            return plan
+        plan = better
+    return plan
+
+
+FULL_SEARCH = False  # True: greedy also evaluates the older mixes (for comparisons in benchmarks)
+
+
+def _greedy(table, sizes, num_devices, keep=2, node=None, deadline=math.inf):
+    """Class mixes at the smallest target that fits (see :func:`_class_mix`), assigned to that
+    target, the best static degrees that can still win, then local search (moves, growing the
+    slowest group). Past ``deadline`` the optional stages are skipped."""
+    statics = [{s: num_devices // s} for s in sizes
+               if num_devices % s == 0 and np.isfinite(table[:, sizes.index(s)]).all()]
     device_time = (table * np.asarray(sizes)).min(axis=1)  # cheapest device-seconds per sequence
     lo = max(table.min(axis=1).max(), device_time.sum() / num_devices)
     hi = max(lo, min(_fractional_makespan(table, sizes, c) for c in statics)) if statics else lo * 8
-    mixes = [m for m in (_mix_for_target(table, sizes, num_devices, t) for t in np.geomspace(lo, hi, 10)) if m]
-    unique = {tuple(sorted(m.items())): m for m in mixes + statics + _ladders(table, sizes, num_devices)}.values()
-    ranked = sorted(unique, key=lambda m: _fractional_makespan(table, sizes, m))
-    plans = [p for p in (_evaluate(table, sizes, m, "greedy") for m in ranked[:keep]) if p]
+    # the smallest target whose class mix fits the devices (bisection, numpy only), then a few
+    # targets above it: these mixes put short sequences in singles and long ones in the
+    # cheapest group that finishes them in time
+    a, b = lo, hi
+    if _class_mix(table, sizes, num_devices, b) is None:
+        b = None
+    else:
+        for _ in range(8):
+            m = (a + b) / 2
+            a, b = (a, m) if _class_mix(table, sizes, num_devices, m) else (m, b)
+    targets = [b, b * 1.05] if b else []
+    mixes = [_class_mix(table, sizes, num_devices, t) for t in targets]
+    mixes += [_class_mix(table, sizes, num_devices, lo, "floor")]
+    targets += [lo]
+    planned = []
+    for m, t in zip(mixes, targets):
+        if m and not (planned and time.perf_counter() > deadline):
+            planned += [p for p in [_evaluate(table, sizes, m, "greedy", node, t)] if p]
+    mixes = []
+    if not planned or FULL_SEARCH:  # the older candidates: targets spread to the best static, ladders
+        mixes += [m for m in (_mix_for_target(table, sizes, num_devices, t) for t in np.geomspace(lo, hi, 6)) if m]
+        mixes += sorted(_ladders(table, sizes, num_devices), key=lambda m: _fractional_makespan(table, sizes, m))[:keep]
+    unique = {tuple(sorted(m.items())): m for m in mixes}.values()
+    plans = planned + [p for p in (_evaluate(table, sizes, m, "greedy", node) for m in unique) if p]
+    if not plans and not FULL_SEARCH:  # none of the class mixes could be laid out
+        older = [m for m in (_mix_for_target(table, sizes, num_devices, t) for t in np.geomspace(lo, hi, 6)) if m]
+        plans = [p for p in (_evaluate(table, sizes, m, "greedy", node) for m in older + _ladders(table, sizes, num_devices)) if p]
     best = min((p.predicted_time_s for p in plans), default=np.inf)
     # a static mix has one class, so its estimate is a true lower bound (mean load, longest
     # item): skip the statics that cannot beat the best plan so far
     for m in sorted(statics, key=lambda m: _fractional_makespan(table, sizes, m)):
-        if _fractional_makespan(table, sizes, m) >= best:
+        if _fractional_makespan(table, sizes, m) >= best or (plans and time.perf_counter() > deadline):
             break
-        p = _evaluate(table, sizes, m, "greedy")
+        p = _evaluate(table, sizes, m, "greedy", node)
         if p:
             plans.append(p)
             best = min(best, p.predicted_time_s)
-    plan = min(plans, key=lambda p: p.predicted_time_s)
+    plans.sort(key=lambda p: p.predicted_time_s)
+    plan = min((_improve(table, sizes, p) for p in plans[:1 if time.perf_counter() > deadline else 2]),
+               key=lambda p: p.predicted_time_s)
+    if time.perf_counter() < deadline:
+        plan = _grow_bottleneck(table, sizes, plan, node)
     plan.gap = plan.predicted_time_s / lo - 1  # distance to a lower bound of any plan
     return plan
 
@@ -210,30 +382,29 @@ def _buckets(lengths, max_buckets=10):
     return np.searchsorted(uniq, cls), len(uniq)
 
 
-def _class_milp(btime, counts, sizes, num_devices, target, time_left):
-    """Is there a mix meeting ``target``? Integer groups per size n_s and sequences of bucket b
-    per size x_bs with every class's work <= target * n_s, every item <= target, devices <= N."""
-    nb, ns = btime.shape
-    ok = np.isfinite(btime) & (btime <= target)
+def _work_milp(bwork, bmax, sizes, num_devices, target, time_left):
+    """A group mix for ``target``, or ``None``: integer groups per size ``n_s`` (at most N
+    devices), and the share ``x_bs`` of length bucket b's work put on size s (continuous, only
+    where b's longest sequence finishes within ``target`` on s), with every size's work
+    ``sum_b x_bs W_bs <= target * n_s``. Few integers (one per size), so HiGHS answers in
+    milliseconds; the same model with one bucket per sequence is :func:`_mix_feasible`."""
+    nb, ns = bwork.shape
+    ok = np.isfinite(bmax) & (bmax <= target)
+    if not ok.any(axis=1).all():
+        return None
     nvar = ns + nb * ns  # n_s, then x[b, s]
-    a_rows, lo, hi = [], [], []
-    row = np.zeros(nvar)
-    row[:ns] = sizes
-    a_rows.append(row), lo.append(0), hi.append(num_devices)
-    for b in range(nb):
-        row = np.zeros(nvar)
-        row[ns + b * ns: ns + (b + 1) * ns] = ok[b]
-        a_rows.append(row), lo.append(counts[b]), hi.append(counts[b])
+    a = np.zeros((1 + nb + ns, nvar))
+    a[0, :ns] = sizes
+    for bkt in range(nb):
+        a[1 + bkt, ns + bkt * ns: ns + (bkt + 1) * ns] = 1.0
     for j in range(ns):
-        row = np.zeros(nvar)
-        row[j] = -target
-        for b in range(nb):
-            row[ns + b * ns + j] = btime[b, j] if ok[b, j] else 0.0
-        a_rows.append(row), lo.append(-np.inf), hi.append(0.0)
-    upper = np.concatenate([np.asarray(num_devices // np.asarray(sizes), float),
-                            np.where(ok, counts[:, None], 0).ravel()])
+        a[1 + nb + j, j] = -target
+        a[1 + nb + j, ns + j::ns] = np.where(ok[:, j], bwork[:, j], 0.0)
+    lo = np.concatenate([[0], np.ones(nb), -np.inf * np.ones(ns)])
+    hi = np.concatenate([[num_devices], np.ones(nb), np.zeros(ns)])
+    upper = np.concatenate([num_devices // np.asarray(sizes), ok.ravel()]).astype(float)
     cost = np.concatenate([np.asarray(sizes, float), np.zeros(nb * ns)])  # fewest devices used
-    res = milp(cost, constraints=LinearConstraint(np.array(a_rows), lo, hi), integrality=np.ones(nvar),
+    res = milp(cost, constraints=LinearConstraint(a, lo, hi), integrality=np.concatenate([np.ones(ns), np.zeros(nb * ns)]),
                bounds=Bounds(np.zeros(nvar), upper), options={"time_limit": max(time_left, 1e-3)})
     if res.x is None:
         return None
@@ -243,18 +414,19 @@ def _class_milp(btime, counts, sizes, num_devices, target, time_left):
     return {s: int(c) for s, c in zip(sizes, n) if c}
 
 
-def _milp(table, sizes, num_devices, lengths, deadline, upper):
-    """Bisection on the makespan; at each target a MILP over length buckets picks the group mix;
-    each mix is assigned exactly. Returns (best plan or None, status, gap to the bound).
+def _milp(table, sizes, num_devices, lengths, deadline, upper, node=None):
+    """Bisection on the makespan; at each target a MILP over length buckets (:func:`_work_milp`)
+    picks the group mix; each mix is assigned exactly (class plan at the target, then local
+    search). Returns (best plan or None, status, gap to the fractional lower bound).
 
     ``deadline`` (a ``time.perf_counter()`` value) bounds the whole search: HiGHS gets the time
     left, and no new MILP starts when less time is left than the slowest one so far took (HiGHS
     overshoots small limits by its fixed setup cost)."""
     bucket, nb = _buckets(lengths)
-    counts = np.bincount(bucket, minlength=nb)
-    btime = np.array([[table[bucket == b, j].max() for j in range(len(sizes))] for b in range(nb)])
+    bwork = np.array([table[bucket == b].sum(axis=0) for b in range(nb)])
+    bmax = np.array([table[bucket == b].max(axis=0) for b in range(nb)])
     device_time = (table * np.asarray(sizes)).min(axis=1)
-    lo = max(table.min(axis=1).max(), device_time.sum() / num_devices)
+    bound = lo = max(table.min(axis=1).max(), device_time.sum() / num_devices)
     hi, best, status, slowest = upper, None, "optimal", 0.0
     while hi - lo > 0.01 * lo:
         now = time.perf_counter()
@@ -262,16 +434,17 @@ def _milp(table, sizes, num_devices, lengths, deadline, upper):
             status = "time limit"
             break
         target = (lo + hi) / 2
-        mix = _class_milp(btime, counts, sizes, num_devices, target, deadline - now)
+        mix = _work_milp(bwork, bmax, sizes, num_devices, target, deadline - now)
+        plan = _evaluate(table, sizes, mix, "milp", node, target) if mix else None
         slowest = max(slowest, time.perf_counter() - now)
-        plan = _evaluate(table, sizes, mix, "milp") if mix else None
         if plan is None:
             lo = target
             continue
+        plan = _improve(table, sizes, plan)
         if best is None or plan.predicted_time_s < best.predicted_time_s:
             best = plan
-        hi = min(target, plan.predicted_time_s)
-    gap = best.predicted_time_s / lo - 1 if best else None
+        hi = target
+    gap = best.predicted_time_s / bound - 1 if best else None
     return best, status, gap
 
 
@@ -281,15 +454,18 @@ def plan_step(lengths, num_devices: int, *, max_sp: int, memory_tokens: int, cos
 
     With ``solver="milp"``, ``time_limit_s`` bounds the whole call (table, greedy seed and MILP):
     when the MILP cannot finish, the best plan so far is returned with ``status="time limit"``
-    and its ``gap`` to the lower bound."""
+    and its ``gap`` to the lower bound; the greedy seed then skips its optional refinements
+    past the limit too. ``solver="greedy"`` ignores the limit (same plan on every call)."""
     start = time.perf_counter()
     deadline = start + time_limit_s
     lengths = np.asarray(lengths, dtype=np.int64)
     sizes = list(allowed_sizes or allowed_group_sizes(num_devices, max_sp, getattr(cost_model, "n_heads", None)))
     table = _time_table(lengths, sizes, memory_tokens, cost_model)
-    plan = _greedy(table, sizes, num_devices)
+    node = getattr(getattr(cost_model, "profile", None), "devices_per_node", None)
+    # the greedy alone is deterministic (no deadline); as the MILP's seed it yields to the limit
+    plan = _greedy(table, sizes, num_devices, node=node, deadline=deadline if solver == "milp" else math.inf)
     if solver == "milp":
-        milp_plan, status, gap = _milp(table, sizes, num_devices, lengths, deadline, plan.predicted_time_s)
+        milp_plan, status, gap = _milp(table, sizes, num_devices, lengths, deadline, plan.predicted_time_s, node)
         if milp_plan is not None and milp_plan.predicted_time_s < plan.predicted_time_s:
             plan = milp_plan
         plan.solver = "milp" if plan is milp_plan else "milp (greedy kept)"
@@ -303,10 +479,9 @@ def plan_step(lengths, num_devices: int, *, max_sp: int, memory_tokens: int, cos
 
 def _set_methods(plan, lengths, cost_model):
     """Each group's method: the cost model's fastest for the longest sequence it was given."""
-    longest = [0] * len(plan.groups)
-    for length, g in zip(lengths.tolist(), plan.assignment):
-        longest[g] = max(longest[g], length)
-    plan.methods = [cost_model.method_for(max(n, 1), size) if size > 1 else "local"
+    longest = np.zeros(len(plan.groups), dtype=np.int64)
+    np.maximum.at(longest, np.asarray(plan.assignment, dtype=np.int64), lengths)
+    plan.methods = [cost_model.method_for(max(int(n), 1), size) if size > 1 else "local"
                     for n, (_, size) in zip(longest, plan.groups)]
 
 
@@ -323,7 +498,7 @@ def static_plan(lengths, num_devices: int, sp: int, *, memory_tokens: int, cost_
 def best_static_plan(lengths, num_devices: int, *, max_sp: int, memory_tokens: int, cost_model) -> StepPlan:
     """The best single SP degree for these lengths (feasible degrees only)."""
     plans = []
-    for sp in allowed_group_sizes(num_devices, max_sp, getattr(cost_model, "n_heads", None)):
+    for sp in dividing_sizes(num_devices, max_sp):
         try:
             plans.append(static_plan(lengths, num_devices, sp, memory_tokens=memory_tokens, cost_model=cost_model))
         except ValueError:
@@ -342,3 +517,71 @@ def lower_bound(lengths, num_devices: int, *, max_sp: int, memory_tokens: int, c
     table = _time_table(lengths, sizes, memory_tokens, cost_model)
     device_time = (table * np.asarray(sizes)).min(axis=1)
     return float(max(table.min(axis=1).max(), device_time.sum() / num_devices))
+
+
+def _mix_feasible(table, sizes, num_devices, target, time_limit=10.0):
+    """Is there an integer group mix and a FRACTIONAL assignment of the sequences that meets
+    ``target``? ``True``/``False``, or ``None`` when HiGHS could not decide within the limit.
+
+    Integer ``n_s`` groups per size with ``sum s n_s <= N``; ``x_is >= 0`` the part of sequence i
+    on size s (0 where it does not finish within ``target`` there), ``sum_s x_is = 1``; and per
+    size ``sum_i t_is x_is <= target * n_s``."""
+    n, k = table.shape
+    ok = np.isfinite(table) & (table <= target)
+    if not ok.any(axis=1).all():
+        return False
+    rows_i, cols_s = np.nonzero(ok)
+    m = len(rows_i)
+    nvar = k + m
+    from scipy.sparse import coo_matrix
+
+    r = [np.zeros(k, int), 1 + rows_i, 1 + n + cols_s, 1 + n + np.arange(k)]
+    c = [np.arange(k), k + np.arange(m), k + np.arange(m), np.arange(k)]
+    v = [np.asarray(sizes, float), np.ones(m), table[rows_i, cols_s], -target * np.ones(k)]
+    a = coo_matrix((np.concatenate(v), (np.concatenate(r), np.concatenate(c))), shape=(1 + n + k, nvar)).tocsr()
+    lo = np.concatenate([[0], np.ones(n), -np.inf * np.ones(k)])
+    hi = np.concatenate([[num_devices], np.ones(n), np.zeros(k)])
+    upper = np.concatenate([num_devices // np.asarray(sizes), np.ones(m)]).astype(float)
+    res = milp(np.zeros(nvar), constraints=LinearConstraint(a, lo, hi),
+               integrality=np.concatenate([np.ones(k), np.zeros(m)]), bounds=Bounds(np.zeros(nvar), upper),
+               options={"time_limit": time_limit})
+    if res.status == 0:
+        return True
+    if res.status == 2:
+        return False
+    return None
+
+
+def integral_lower_bound(lengths, num_devices: int, *, max_sp: int, memory_tokens: int, cost_model,
+                         allowed_sizes=None, rel_tol: float = 2e-3, upper: float | None = None) -> float:
+    """A lower bound on the makespan of any plan that respects that groups are whole: tighter
+    than :func:`lower_bound`, slower (a few MILPs; for benchmarks and tests, not per step).
+
+    Why it is a bound: take any plan, with makespan M. Let n_s be its number of groups of size s
+    and x_is = 1 when it puts sequence i in a group of size s. Then sum_s s n_s <= N (the groups
+    are disjoint), every sequence is placed once, x_is = 1 only where t_is <= M (its group's
+    time includes t_is), and the sequences on size-s groups sum to at most M n_s (each of those
+    n_s groups takes at most M). So (n, x) satisfies :func:`_mix_feasible` at target M, and
+    feasibility there only gets easier as the target grows. Hence every target that HiGHS
+    proves infeasible is below M for every plan; the bound returned is the largest target
+    proven infeasible by bisection (``rel_tol`` its relative width). It is never below
+    :func:`lower_bound`, which starts the bisection (a relaxation of the same problem: x and
+    n both fractional). ``upper``: the makespan of a plan over the same sizes (feasible by the
+    argument above, so the bisection starts from it without a solve)."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    sizes = list(allowed_sizes or allowed_group_sizes(num_devices, max_sp))
+    table = _time_table(lengths, sizes, memory_tokens, cost_model)
+    device_time = (table * np.asarray(sizes)).min(axis=1)
+    lo = float(max(table.min(axis=1).max(), device_time.sum() / num_devices)) * (1 - 1e-9)
+    hi = upper if upper is not None and upper > lo else lo * 1.05
+    while (verdict := _mix_feasible(table, sizes, num_devices, hi)) is not True:
+        lo = hi if verdict is False else lo  # only a proven infeasibility may raise the bound
+        hi *= 1.25
+    while hi - lo > rel_tol * lo:
+        mid = (lo + hi) / 2
+        verdict = _mix_feasible(table, sizes, num_devices, mid)
+        if verdict is False:
+            lo = mid
+        else:  # feasible, or undecided: only a proven infeasibility may raise the bound
+            hi = mid
+    return float(lo)

@@ -44,7 +44,7 @@ from pathlib import Path
 from seqshard.parallel import memory_model as mm
 from seqshard.parallel.cost_model import CostModel
 from seqshard.parallel.hardware import HardwareProfile, get_profile
-from seqshard.parallel.planner import plan_step
+from seqshard.parallel.planner import dividing_sizes, plan_step
 
 from . import report
 from seqshard.launch.spec import load_spec
@@ -190,8 +190,10 @@ def _planned(model, base: Layout, n_seq: int, seq_len: int, prof: HardwareProfil
                 act_bytes=base.bytes_per_el, param_bytes=base.bytes_per_el, device="cuda", offload_states=False)
     cost = CostModel.from_model_config(model, prof, base.bytes_per_el)
     try:
-        plan = plan_step([seq_len] * n_seq, base.devices, max_sp=min(base.devices, model.n_heads),
-                         memory_tokens=max(1, mm.longest_fitting(model, c, prof.memory_bytes)), cost_model=cost)
+        max_sp = min(base.devices, model.n_heads)
+        plan = plan_step([seq_len] * n_seq, base.devices, max_sp=max_sp,
+                         memory_tokens=max(1, mm.longest_fitting(model, c, prof.memory_bytes)), cost_model=cost,
+                         allowed_sizes=dividing_sizes(base.devices, max_sp))  # one Ulysses degree
     except ValueError as err:
         return f"adaptive: {str(err).split(';')[0]}"
     return replace(base, method="ulysses", sp=max(size for _, size in plan.groups))

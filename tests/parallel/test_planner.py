@@ -7,7 +7,8 @@ import pytest
 from seqshard.models.config import ModelConfig
 from seqshard.parallel.cost_model import CostModel
 from seqshard.parallel.hardware import get_profile
-from seqshard.parallel.planner import allowed_group_sizes, best_static_plan, plan_step, static_plan
+from seqshard.parallel.planner import (_layout, allowed_group_sizes, best_static_plan, integral_lower_bound,
+                                       lower_bound, plan_step, static_plan)
 
 CFG = ModelConfig(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336)
 CM = CostModel.from_model_config(CFG, get_profile("h100_nvlink_ib400"))
@@ -20,10 +21,12 @@ def lengths_cases():
         yield n_dev, (rng.lognormal(np.log(3000), 1.0, n_seq)).astype(int) + 1
 
 
-def assert_valid(plan, lengths, n_dev, memory_tokens):
+def assert_valid(plan, lengths, n_dev, memory_tokens, node=8):
     first = 0
     for start, size in sorted(plan.groups):
-        assert start == first and start % size == 0, plan.groups  # disjoint, aligned, contiguous
+        assert start == first, plan.groups  # disjoint, contiguous
+        if size <= node:
+            assert start // node == (start + size - 1) // node, plan.groups  # inside one node
         first += size
     assert first == n_dev, plan.groups  # covers every device
     assert len(plan.assignment) == len(lengths)  # every sequence exactly once
@@ -72,9 +75,10 @@ def test_infeasible_sequence_names_its_length():
         plan_step([1000, 100_000], 8, max_sp=4, memory_tokens=8192, cost_model=CM)
 
 
-def test_allowed_sizes_divide_devices_not_capped_by_heads():
-    assert allowed_group_sizes(8, 8, n_heads=4) == [1, 2, 4, 8]  # 8 > heads: ring or usp inside
-    assert allowed_group_sizes(12, 8) == [1, 2, 4]
+def test_allowed_sizes_not_only_powers_of_two_not_capped_by_heads():
+    assert allowed_group_sizes(8, 8, n_heads=4) == [1, 2, 3, 4, 6, 8]  # 8 > heads: ring or usp inside
+    assert allowed_group_sizes(12, 8) == [1, 2, 3, 4, 6, 8]  # need not divide the devices
+    assert allowed_group_sizes(3, 3) == [1, 2, 3]
 
 
 def test_million_token_sequence_planned_on_ring_or_usp_group():
@@ -146,3 +150,67 @@ def test_hybrid_dp_sp_in_one_plan():
     assert plan.groups[plan.assignment[0]][1] >= 16  # the long ones in SP groups
     static = best_static_plan(lengths, 64, max_sp=64, memory_tokens=16384, cost_model=CM)
     assert plan.predicted_time_s < static.predicted_time_s
+
+
+def test_non_power_of_two_groups_when_they_are_cheaper():
+    """Two sequences needing 3 x memory on 6 devices: powers of two put both in one group of 4
+    (one after the other); two groups of 3 run them side by side."""
+    lengths = [24_000, 24_000] + [2_000] * 6
+    kw = dict(max_sp=6, memory_tokens=8192, cost_model=CM)
+    pow2 = plan_step(lengths, 6, allowed_sizes=[1, 2, 4], **kw)
+    plan = plan_step(lengths, 6, **kw)
+    assert_valid(plan, lengths, 6, 8192)
+    assert sorted(s for _, s in plan.groups) == [3, 3]
+    assert plan.predicted_time_s < 0.85 * pow2.predicted_time_s
+    assert set(plan.methods) <= {"ring", "ulysses"}  # 3 does not divide 32 heads: ring or uneven ulysses
+    five = plan_step([40_000] + [2_000] * 6, 6, allowed_sizes=[1, 5], **kw)  # any set of sizes
+    assert_valid(five, [40_000] + [2_000] * 6, 6, 8192)
+    assert sorted(s for _, s in five.groups) == [1, 5]
+
+
+def test_layout_keeps_small_groups_inside_one_node():
+    assert _layout({6: 2, 2: 2}, node=8) == [(0, 6), (6, 2), (8, 6), (14, 2)]
+    assert _layout({12: 1, 4: 1}, node=8) == [(0, 12), (12, 4)]  # 12 spans nodes; 4 fills the tail
+    assert _layout({6: 2, 4: 1}, node=8) is None  # the 4 would straddle two nodes
+    assert _layout({4: 2, 1: 3}, node=None) == [(0, 4), (4, 4), (8, 1), (9, 1), (10, 1)]
+
+
+def test_no_plan_beats_the_lower_bounds():
+    """Greedy, MILP, every static degree and random plans (random mix, random assignment that
+    respects memory) all take at least the integral bound, which is at least the fractional one."""
+    rng = np.random.default_rng(3)
+    sizes = allowed_group_sizes(8, 8)
+    for trial in range(4):
+        lengths = np.minimum((rng.pareto(1.1, 30) + 1) * 2000, 60_000).astype(int)
+        kw = dict(max_sp=8, memory_tokens=16384, cost_model=CM)
+        frac = lower_bound(lengths, 8, **kw)
+        bound = integral_lower_bound(lengths, 8, **kw)
+        assert bound >= frac * (1 - 1e-9)
+        plans = [plan_step(lengths, 8, **kw), plan_step(lengths, 8, solver="milp", time_limit_s=1.0, **kw)]
+        plans += [static_plan(lengths, 8, s, memory_tokens=16384, cost_model=CM) for s in (4, 8)]
+        times = [p.predicted_time_s for p in plans]
+        for _ in range(200):
+            cuts = np.sort(rng.choice(np.arange(1, 8), rng.integers(0, 5), replace=False))
+            group_sizes = np.diff([0, *cuts, 8])
+            loads = np.zeros(len(group_sizes))
+            for length in lengths:
+                fits = np.flatnonzero(group_sizes * 16384 >= length)
+                if not len(fits):
+                    break
+                g = rng.choice(fits)
+                loads[g] += float(CM.time(int(length), int(group_sizes[g])))
+            else:
+                times.append(loads.max())
+        assert min(times) >= bound * (1 - 1e-9), (trial, min(times), bound)
+        assert sizes  # the bounds used the planner's sizes
+
+
+def test_three_devices_group_of_three_or_two_plus_one():
+    """cpu_gloo's node holds 4 devices: on 3, a document needing 3 x memory gets the group of 3;
+    without it, a group of 2 beside a single (ranks 0-1 and 2, within the 3 devices)."""
+    cm = CostModel.from_model_config(ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128),
+                                     get_profile("cpu_gloo"), bytes_per_element=4)
+    three = plan_step([250, 40, 30], 3, max_sp=3, memory_tokens=96, cost_model=cm)
+    assert three.groups == [(0, 3)]
+    two = plan_step([150, 150, 40, 30, 20], 3, max_sp=3, memory_tokens=96, cost_model=cm)
+    assert all(first + size <= 3 for first, size in two.groups) and sum(s for _, s in two.groups) == 3

@@ -1,5 +1,7 @@
 import math
 
+import pytest
+
 from seqshard.report.calibrate import calibrate
 from seqshard.parallel.cost_model import CostModel
 from seqshard.parallel.hardware import HardwareProfile, get_profile
@@ -39,3 +41,68 @@ def test_calibration_file_from_another_machine_or_model_is_refused(tmp_path):
     path.write_text(json.dumps(record))
     with pytest.raises(CalibrationError, match="calibrated on 'cuda:NVIDIA H100.*this machine is 'cpu:"):
         load_calibration(path, model)
+
+
+def test_compute_fit_from_the_model_itself():
+    """Forward + backward of the model at several lengths: the fitted line (fixed cost per
+    micro-batch + FLOPs / F) reproduces the measured times it was fitted on."""
+    import numpy as np
+
+    from seqshard.report.calibrate import measure_compute
+
+    cfg = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=4, ffn_dim=192, vocab_size=256)
+    fit = measure_compute(cfg, lengths=(64, 256, 512), repeat=3)
+    assert fit["flops_per_s"] > 0 and fit["microbatch_overhead_s"] >= 0 and fit["adam_s"] > 0
+    flops = CostModel.from_model_config(cfg, get_profile("cpu_gloo")).flops(np.array(fit["lengths"], float))
+    predicted = fit["microbatch_overhead_s"] + flops / fit["flops_per_s"]
+    # the longest length: where other jobs' noise is smallest relative to the time measured
+    assert abs(predicted[-1] / fit["seconds"][-1] - 1) < 0.5, (predicted, fit["seconds"])
+
+
+def test_cost_model_uses_the_fit_per_group_size():
+    profile = get_profile("cpu_gloo").with_(latency_by_group_size=((2, 0.01),), bw_by_group_size=((2, 1e8),),
+                                            microbatch_overhead_s=0.05, step_overhead_s=0.2)
+    cfg = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=4, ffn_dim=192)
+    cm = CostModel.from_model_config(cfg, profile, bytes_per_element=4)
+    assert cm.latency(2) == 0.01 and cm.link_bandwidth(2) == 1e8
+    # Ulysses on 2: 8 all-to-alls per layer, each paying the size-2 latency
+    assert cm.comm_time(1000, 2) >= 8 * 2 * 0.01
+    one = cm.microbatch_time([300, 200], 1, "local")
+    assert one == pytest.approx(float(cm.compute_time(300, 1) + cm.compute_time(200, 1)) + 0.05)
+    # one packed micro-batch pays the collectives once, two documents priced apart pay twice
+    apart = float(cm.method_time(300, 2, "ulysses") + cm.method_time(200, 2, "ulysses"))
+    assert cm.microbatch_time([300, 200], 2, "ulysses") < apart + 0.05
+
+
+@pytest.mark.slow  # spawns 2 processes and trains the model a few times
+def test_calibrate_model_fits_group_sizes_one_and_two(tmp_path):
+    from seqshard.parallel.hardware import get_profile as profile_of
+    from seqshard.report.calibrate import calibrate_model, save_profile
+
+    cfg = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=4, ffn_dim=192, vocab_size=256)
+    profile = calibrate_model(cfg)
+    assert profile["bw_by_group_size"][0][0] == 2 and profile["bw_by_group_size"][0][1] > 0
+    assert profile["latency_by_group_size"][0][0] == 2 and profile["step_overhead_s"] > 0
+    save_profile(profile, tmp_path / "cal.json", cfg)
+    loaded = profile_of(str(tmp_path / "cal.json"))
+    assert loaded.latency_by_group_size == ((2, profile["collective_latency_s"]),)
+
+
+def test_spec_names_a_calibration_file_and_is_refused_when_it_does_not_match(tmp_path):
+    import json
+
+    from seqshard.launch.spec import SpecError
+    from seqshard.report.calibrate import save_profile
+    from tests.helpers.training import small_spec
+
+    model = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128)
+    path = tmp_path / "cal.json"
+    save_profile({**get_profile("cpu_gloo").__dict__}, path, model)
+    adaptive = ["parallel.sp_method=adaptive", "parallel.max_sp=2", f"parallel.planner.profile={path}"]
+    spec = small_spec(tmp_path, 2, adaptive)  # SMALL's model is this shape: accepted
+    assert spec.parallel.planner.profile == str(path)
+    record = json.loads(path.read_text())
+    record["machine"] = "cuda:NVIDIA H100 80GB HBM3 x8"
+    path.write_text(json.dumps(record))
+    with pytest.raises(SpecError, match="parallel.planner.profile.*calibrated on 'cuda:NVIDIA H100"):
+        small_spec(tmp_path, 2, adaptive)

@@ -57,3 +57,19 @@ def test_adaptive_ring_group_past_the_head_count(tmp_path):
     rows = read_metrics(tmp_path / "adaptive")
     methods = {m for r in rows for m in r["plan_methods"]}
     assert "ring" in methods, methods
+
+
+@pytest.mark.slow  # 3-rank training (the default suite checks the same groups at the attention level)
+def test_adaptive_three_ranks_non_power_of_two_group(tmp_path):
+    """3 ranks, max_sp 3: documents past 2 x 96 memory tokens need a group of 3 (no power of
+    two), shorter long ones a group of 2 beside a single; losses equal the single-process run
+    (3 steps: steps 2-3 also check the gradients of the steps before)."""
+    model = ["train.steps=3"]
+    reference = run_ranks(1, train_rank, str(tmp_path / "ref"), model)[0]
+    overrides = model + ["parallel.sp_method=adaptive", "parallel.max_sp=3", "parallel.planner.memory_tokens=96"]
+    losses = run_ranks(3, train_rank, str(tmp_path / "adaptive"), overrides)
+    assert losses[0] == losses[1] == losses[2]
+    assert_losses_close(losses[0], reference)
+    rows = read_metrics(tmp_path / "adaptive")
+    assert any(3 in r["plan_group_sizes"] for r in rows), [r["plan_group_sizes"] for r in rows]
+    assert all(sum(r["plan_group_sizes"]) == 3 for r in rows)
