@@ -174,6 +174,9 @@ def _read_source(source: str, split: str, cache: str):
     return ds, builder, files
 
 
+PROGRESS_MIN_DOCUMENTS = 2000
+
+
 def load_corpus(source="stdlib", text_field="text", cache_dir=None, max_documents=None, warn=None,
                 tokenizer="byte", split="train", num_proc=1, progress=False) -> Corpus:
     """The tokenized corpus; a row without text raises DataError naming its file and line or row.
@@ -194,7 +197,7 @@ def load_corpus(source="stdlib", text_field="text", cache_dir=None, max_document
     if max_documents is not None:
         ds = ds.select(range(min(max_documents, len(ds))))
     extra = {"cache_file_name": map_cache_file(ds, cache, tokenizer, text_field)} if builder == "saved" else {}
-    if progress:
+    if progress and len(ds) >= PROGRESS_MIN_DOCUMENTS:  # a bar for long work only, not for a handful of rows
         datasets.enable_progress_bars()
     try:
         ds = ds.map(_tokenize_batch, batched=True, with_indices=True,
