@@ -14,7 +14,7 @@ def torch_losses(tmp_path_factory):
     return run_ranks(2, train_rank, str(tmp_path_factory.mktemp("torch")), [])[0]
 
 
-@pytest.mark.parametrize("stage", [1, 3])
+@pytest.mark.parametrize("stage", [pytest.param(1, marks=pytest.mark.slow), 3])  # ZeRO-1 slow: suite budget
 def test_deepspeed_zero_matches_torch_engine(torch_losses, tmp_path, stage):
     overrides = ["train.engine=deepspeed", f"train.zero_stage={stage}", "train.checkpoint_every=3"]
     losses = run_ranks(2, train_rank, str(tmp_path), overrides, timeout=600)
