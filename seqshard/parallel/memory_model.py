@@ -24,9 +24,10 @@ Terms, for ``n`` local tokens (``L / sp``), ``b`` bytes per activation element, 
     ``n d``, the weight's fp32 gradient and fp32 copy ``V d``, and one ``[chunk, vocab]`` logits
     block of ``LOSS_CHUNK_BYTES`` (never ``[L, vocab]``);
 - a fixed runtime: the process's libraries and heap. On CPU the measured peak is the process's
-  RSS, so a CPU profile carries it (``RUNTIME_BYTES['cpu']``), and gloo's own staging of the
-  exchanged tensors (``CPU_COMM_STAGING`` x the comm buffers: RSS the torch allocator does not
-  see); on CUDA ``max_memory_allocated`` excludes both.
+  RSS, so a CPU profile carries it (``RUNTIME_BYTES['cpu']``), and, at sp > 1, the RSS that
+  grows beyond the torch allocator's live tensors (``CPU_SP_EXTRA`` blocks of activations,
+  fitted to bench/capacity.py's sp=4 runs; its cause is not pinned down: not malloc arenas);
+  on CUDA ``max_memory_allocated`` excludes both.
 
 The constants are measured on this machine (bench/capacity.py; ``WORK_FACTOR`` from the torch
 profiler's memory timeline of a tiny selective step: the tensors alive at the backward's peak
@@ -118,12 +119,11 @@ def activation_bytes(m, n: float, c: MemoryConfig) -> dict:
     comm = {"ulysses": 2 * (2 * d + 2 * dkv) * n * b, "usp": 2 * (2 * d + 2 * dkv) * n * b,
             "ring": 4 * dkv * n * b + 4 * d * n, "allgather": c.sp * 2 * dkv * n * b,
             "lasp2": c.sp * d * m.head_dim * b}.get(c.sp_method, 0.0) if c.sp > 1 else 0.0
-    if c.device == "cpu" and c.sp > 1:
-        comm += CPU_SP_EXTRA * block * b
+    cpu_extra = CPU_SP_EXTRA * block * b if c.device == "cpu" and c.sp > 1 else 0.0
     weight_copy = V * d * 4 * (1 if c.param_bytes == 4 else 2)  # fp32 gradient (+ fp32 copy of bf16 weights)
     loss = n * d * (b + 4) + weight_copy + min(LOSS_CHUNK_BYTES, n * V * 4)
     return {"saved_activations": saved, "backward_working_set": work, "attention_workspace": attn,
-            "comm_buffers": comm, "loss_phase": loss}
+            "comm_buffers": comm, "cpu_sp_rss": cpu_extra, "loss_phase": loss}
 
 
 def predict_peak(m, seq_len: int, c: MemoryConfig) -> dict:
@@ -134,7 +134,8 @@ def predict_peak(m, seq_len: int, c: MemoryConfig) -> dict:
     n = math.ceil(seq_len / c.sp)
     act = activation_bytes(m, n, c)
     terms = {"model_states": state_bytes(m, c), **act, "runtime": RUNTIME_BYTES.get(c.device, 0)}
-    backward = act["backward_working_set"] + act["attention_workspace"] + act["comm_buffers"]
+    backward = (act["backward_working_set"] + act["attention_workspace"] + act["comm_buffers"]
+                + act["cpu_sp_rss"])
     terms["total"] = (terms["model_states"] + terms["runtime"] + act["saved_activations"]
                       + max(backward, act["loss_phase"]))
     return terms
@@ -170,6 +171,7 @@ def config_from_spec(spec, world_size: int, device: str = "cpu") -> MemoryConfig
 
 def format_breakdown(terms: dict) -> str:
     phase = {"backward_working_set": " (backward phase)", "attention_workspace": " (backward phase)",
-             "comm_buffers": " (backward phase)", "loss_phase": " (loss phase)",
+             "comm_buffers": " (backward phase)", "cpu_sp_rss": " (backward phase, CPU RSS at sp > 1)",
+             "loss_phase": " (loss phase)",
              "total": " = states + runtime + saved + the larger phase"}
     return "\n".join(f"  {k:<22} {v / 2**20:12.1f} MiB{phase.get(k, '')}" for k, v in terms.items())
