@@ -33,15 +33,6 @@ class AdaptiveContext(SPContext):
     method: str = "ulysses"  # ulysses | ring | usp: what this step's group runs
 
 
-def create_groups(world_size: int, sizes: list[int]) -> dict:
-    """``{(first, size): ProcessGroup}`` for every aligned range; collective, same order everywhere."""
-    groups = {}
-    for size in sizes:
-        for first in range(0, world_size - size + 1, size):
-            groups.update(ensure_groups({}, [(first, size)]))
-    return groups
-
-
 def ensure_groups(groups: dict, ranges) -> dict:
     """Adds a process group for every ``(first, size)`` range not in ``groups`` (``None`` for
     size 1), in the order given. Collective: every rank must call it with the same ranges."""
@@ -66,14 +57,6 @@ def usp_groups_for(first: int, size: int, n_heads: int) -> tuple:
         g = dist.new_group(ranks)
         mine[1] = g if rank in ranks else mine[1]
     return tuple(mine)
-
-
-def create_usp_groups(world_size: int, sizes: list[int], cost_model) -> dict:
-    """``{(first, size): (ulysses group, ring group) of this rank}`` for every aligned range of
-    the sizes where USP is possible. Collective: every rank creates every group in the same order."""
-    return {(first, size): usp_groups_for(first, size, cost_model.n_heads)
-            for size in sizes if size > 1 and "usp" in cost_model.methods(size)
-            for first in range(0, world_size - size + 1, size)}
 
 
 @dataclass
