@@ -133,12 +133,17 @@ def _sp_comm(m, lay: Layout, prof: HardwareProfile, n: float, attn_layer_s: floa
     return a2a + layers * max(0.0, ring_layer - attn_layer_s)
 
 
+def _device_memory(memory: mm.MemoryConfig | None, lay: Layout, zero_stage: int, sp: int, method: str):
+    """The memory model's config on one of ``lay``'s devices: the spec's activation knobs
+    (``memory``), states sharded over all of ``lay.devices`` by ``zero_stage``, ``sp``/``method``."""
+    b = lay.bytes_per_el
+    return replace(memory or mm.MemoryConfig(), sp=sp, sp_method=method if sp > 1 else "none", dp=lay.devices,
+                   zero_stage=zero_stage, act_bytes=b, param_bytes=b, device="cuda", offload_states=False)
+
+
 def _memory_mb(m, lay: Layout, n: float, zero_stage: int, memory: mm.MemoryConfig | None = None) -> float:
     """Peak MiB per device by the memory model; ``memory`` carries the spec's activation knobs."""
-    b = lay.bytes_per_el
-    c = replace(memory or mm.MemoryConfig(), sp=lay.sp, sp_method=lay.method if lay.sp > 1 else "none",
-                dp=lay.devices, zero_stage=zero_stage, act_bytes=b, param_bytes=b, device="cuda",
-                offload_states=False)
+    c = _device_memory(memory, lay, zero_stage, lay.sp, lay.method)
     return mm.predict_peak(m, max(1, round(n * lay.sp)), c)["total"] / 2**20
 
 
@@ -186,8 +191,7 @@ def _planned(model, base: Layout, n_seq: int, seq_len: int, prof: HardwareProfil
              memory: mm.MemoryConfig | None = None):
     """adaptive: Ulysses inside the groups that :func:`~seqshard.parallel.planner.plan_step` picks
     (its cost model; memory_tokens: the longest sequence one device holds by the memory model), or why not."""
-    c = replace(memory or mm.MemoryConfig(), sp=1, sp_method="none", dp=base.devices, zero_stage=zero_stage,
-                act_bytes=base.bytes_per_el, param_bytes=base.bytes_per_el, device="cuda", offload_states=False)
+    c = _device_memory(memory, base, zero_stage, 1, "none")
     cost = CostModel.from_model_config(model, prof, base.bytes_per_el)
     try:
         max_sp = min(base.devices, model.n_heads)
@@ -213,15 +217,16 @@ def _engine(spec) -> dict:
 def grid_rows(spec, prof: HardwareProfile, methods, devices, seq_lens, tokens_per_device) -> tuple[list, list]:
     """(report rows, one line per method with points it cannot run)."""
     rows, skipped = [], []
+    engine = _engine(spec)
     for method in methods:
         for seq in seq_lens:
             for p in devices:
                 lay = layout(method, spec.model, p, seq, tokens_per_device, prof, wire_bytes(spec),
-                             spec.train.zero_stage, _engine(spec)["memory"])
+                             engine["zero_stage"], engine["memory"])
                 if isinstance(lay, str):
                     skipped.append((method, f"{lay} (P={p}, L={_size(seq)})"))
                     continue
-                pred = predict(spec.model, lay, prof, **_engine(spec))
+                pred = predict(spec.model, lay, prof, **engine)
                 fits = pred["peak_mem_mb"] <= prof.memory_bytes / 2**20
                 rows.append({**pred, "name": f"{method} P={p} L={_size(seq)}", "config": method, "world": p,
                              "layout": f"{p // lay.sp} x {lay.sp}" + (f" (u{lay.ulysses})" if lay.ulysses > 1 else ""),
