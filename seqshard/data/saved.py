@@ -30,10 +30,10 @@ def saved_splits(source: str) -> list[str]:
 
 
 def split_error(source: str, split: str) -> str | None:
-    """Why ``split`` cannot be read from the DatasetDict folder ``source``, or None."""
+    """Why ``split`` (``data.split``) cannot be read from the DatasetDict folder ``source``, or None."""
     splits = saved_splits(source)
     if split not in splits:
-        return f"data.split: '{split}' is not a split of {source} (splits: {', '.join(splits) or 'none'})"
+        return f"'{split}' is not a split of {source} (splits: {', '.join(splits) or 'none'})"
     return None
 
 
@@ -44,7 +44,7 @@ def load_saved(source: str, split: str):
     if saved_kind(source) == "dict":
         error = split_error(source, split)
         if error:
-            raise ValueError(error)
+            raise ValueError(f"data.split: {error}")
         return datasets.load_from_disk(str(Path(source) / split))
     return datasets.load_from_disk(source)
 

@@ -103,7 +103,7 @@ def _check_saved(source: str, split: str, field: str) -> None:
     if saved_kind(source) == "dict":
         error = split_error(source, split)
         if error:
-            raise SpecError("data.split", error.split(": ", 1)[1])
+            raise SpecError("data.split", error)
         folder = folder / split
     try:
         features = json.loads((folder / "dataset_info.json").read_text()).get("features") or {}
@@ -119,10 +119,10 @@ def check_data(spec) -> None:
     from seqshard.data.saved import saved_kind
 
     d = spec.data
-    if getattr(d, "num_proc", 1) < 1:
+    if d.num_proc < 1:
         raise SpecError("data.num_proc", f"must be >= 1, got {d.num_proc}")
     if d.source != "stdlib" and saved_kind(d.source):
-        _check_saved(d.source, getattr(d, "split", "train"), d.text_field)
+        _check_saved(d.source, d.split, d.text_field)
     elif d.source != "stdlib":
         files = _data_files(d.source)
         _check_first_file(files[0], d.text_field)
