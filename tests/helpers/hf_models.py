@@ -77,3 +77,53 @@ WRAP_FAMILIES = {
     "stablelm": ("StableLmConfig", "StableLmForCausalLM", dict(partial_rotary_factor=0.25, pad_token_id=0,
                                                                bos_token_id=1, eos_token_id=2)),
 }
+
+
+# ---- parity checks against transformers (one process and SP ranks share these) ----
+
+RTOL = 1e-5
+LENGTHS = [21, 6, 33]  # not multiples of the SP degree: the ShardPlan pads per document
+
+
+def assert_rel_close(name, got, ref, rtol=RTOL):
+    """max |got - ref| relative to max |ref| (floor 1e-6) within ``rtol``."""
+    err = (got - ref).abs().max() / ref.abs().max().clamp_min(1e-6)
+    assert err <= rtol, f"{name}: max rel error {err:.2e} > {rtol:.0e}"
+
+
+def packed_batch(vocab=300, lengths=LENGTHS, seed=5):
+    """tokens, per-document positions and next-token labels (-100 at each document's end)."""
+    tokens = torch.randint(0, vocab, (sum(lengths),), generator=torch.Generator().manual_seed(seed))
+    positions = torch.cat([torch.arange(n) for n in lengths])
+    labels = torch.full_like(tokens, -100)
+    cu = [0, *torch.tensor(lengths).cumsum(0).tolist()]
+    for a, b in zip(cu[:-1], cu[1:]):
+        labels[a:b - 1] = tokens[a + 1:b]
+    return tokens, positions, labels
+
+
+def per_document_reference(hf, tokens, lengths=LENGTHS):
+    """transformers ``hf`` run one document at a time: concatenated logits and the summed loss,
+    after its backward (the gradients are left in ``hf``'s parameters)."""
+    logits, loss, start = [], 0.0, 0
+    for n in lengths:
+        out = hf(input_ids=tokens[None, start:start + n], labels=tokens[None, start:start + n])
+        logits.append(out.logits[0])
+        loss = loss + out.loss * (n - 1)
+        start += n
+    loss.backward()
+    return torch.cat(logits).detach(), loss.detach()
+
+
+def assert_sharded_loss_and_grads(tag, loss, ref_loss, model, ref_grad):
+    """On an SP rank: backward of this shard's ``loss``; the loss summed over ranks equals
+    ``ref_loss`` and every parameter's gradient summed over ranks equals ``ref_grad(name)``."""
+    import torch.distributed as dist
+
+    loss.backward()
+    total = loss.detach().clone()
+    dist.all_reduce(total)
+    assert_rel_close(f"{tag} loss", total, ref_loss)
+    for name, p in model.named_parameters():
+        dist.all_reduce(p.grad)
+        assert_rel_close(f"{tag} grad {name}", p.grad, ref_grad(name))

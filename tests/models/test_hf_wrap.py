@@ -8,42 +8,16 @@ import torch
 pytest.importorskip("transformers")
 
 from seqshard.models import VarlenContext  # noqa: E402
-from tests.helpers.hf_models import WRAP_FAMILIES, save_hf_model  # noqa: E402
-
-RTOL = 1e-5
-LENGTHS = [21, 6, 33]
-
-
-def _close(name, got, ref, rtol=RTOL):
-    err = (got - ref).abs().max() / ref.abs().max().clamp_min(1e-6)
-    assert err <= rtol, f"{name}: max rel error {err:.2e} > {rtol:.0e}"
-
-
-def packed_batch(vocab=300, lengths=LENGTHS, seed=5):
-    """tokens, per-document positions and next-token labels (-100 at each document's end)."""
-    tokens = torch.randint(0, vocab, (sum(lengths),), generator=torch.Generator().manual_seed(seed))
-    positions = torch.cat([torch.arange(n) for n in lengths])
-    labels = torch.full_like(tokens, -100)
-    cu = [0, *torch.tensor(lengths).cumsum(0).tolist()]
-    for a, b in zip(cu[:-1], cu[1:]):
-        labels[a:b - 1] = tokens[a + 1:b]
-    return tokens, positions, labels
-
+from tests.helpers.hf_models import (LENGTHS, WRAP_FAMILIES, assert_rel_close,  # noqa: E402
+                                     packed_batch, per_document_reference, save_hf_model)
 
 def transformers_reference(folder, tokens, lengths=LENGTHS):
     """transformers alone (eager attention), one document at a time: logits, summed loss, grads."""
     from transformers import AutoModelForCausalLM
 
     hf = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager", dtype=torch.float32)
-    logits, loss, start = [], 0.0, 0
-    for n in lengths:
-        out = hf(input_ids=tokens[None, start:start + n], labels=tokens[None, start:start + n])
-        logits.append(out.logits[0])
-        loss = loss + out.loss * (n - 1)
-        start += n
-    loss.backward()
-    grads = {f"hf.{name}": p.grad for name, p in hf.named_parameters()}
-    return torch.cat(logits).detach(), loss.detach(), grads
+    logits, loss = per_document_reference(hf, tokens, lengths)
+    return logits, loss, {f"hf.{name}": p.grad for name, p in hf.named_parameters()}
 
 
 @pytest.mark.parametrize("family", list(WRAP_FAMILIES))
@@ -57,14 +31,14 @@ def test_wrap_matches_transformers(tmp_path, family):
     assert model.fused_loss == (family != "phi")  # Phi's lm_head has a bias: its own logits
     ctx = VarlenContext.from_lengths(LENGTHS)
     with torch.no_grad():
-        _close(f"{family} logits", model(tokens, positions, ctx), ref_logits)
+        assert_rel_close(f"{family} logits", model(tokens, positions, ctx), ref_logits)
     loss = model(tokens, positions, ctx, labels=labels)
-    _close(f"{family} loss", loss.detach(), ref_loss)
+    assert_rel_close(f"{family} loss", loss.detach(), ref_loss)
     loss.backward()
     names = [n for n, _ in model.named_parameters()]
     assert sorted(names) == sorted(ref_grads)
     for name, p in model.named_parameters():
-        _close(f"{family} grad {name}", p.grad, ref_grads[name])
+        assert_rel_close(f"{family} grad {name}", p.grad, ref_grads[name])
 
 
 def test_flash_varlen_kwargs_without_seqshard(tmp_path):
@@ -88,7 +62,7 @@ def test_flash_varlen_kwargs_without_seqshard(tmp_path):
     with torch.no_grad():
         logits = hf(input_ids=tokens[None], position_ids=positions[None], cu_seq_lens_q=cu, cu_seq_lens_k=cu,
                     max_length_q=max(LENGTHS), max_length_k=max(LENGTHS)).logits[0]
-    _close("gemma varlen logits", logits, ref_logits)
+    assert_rel_close("gemma varlen logits", logits, ref_logits)
 
 
 def test_bf16_autocast(tmp_path):

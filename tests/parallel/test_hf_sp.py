@@ -7,28 +7,9 @@ import torch
 
 pytest.importorskip("transformers")
 
-from tests.helpers.hf_models import save_hf_model  # noqa: E402
+from tests.helpers.hf_models import (LENGTHS, assert_rel_close, assert_sharded_loss_and_grads,  # noqa: E402
+                                     packed_batch, per_document_reference, save_hf_model)
 from tests.helpers.ranks import run_ranks  # noqa: E402
-
-RTOL = 1e-5
-LENGTHS = [21, 6, 33]  # not multiples of the SP degree: the ShardPlan pads per document
-
-
-def _close(name, got, ref, rtol=RTOL):
-    err = (got - ref).abs().max() / ref.abs().max().clamp_min(1e-6)
-    assert err <= rtol, f"{name}: max rel error {err:.2e} > {rtol:.0e}"
-
-
-def _reference(hf, tokens):
-    logits, loss, start = [], 0.0, 0
-    for n in LENGTHS:
-        out = hf(input_ids=tokens[None, start:start + n], labels=tokens[None, start:start + n])
-        logits.append(out.logits[0])
-        loss = loss + out.loss * (n - 1)
-        start += n
-    loss.backward()
-    return torch.cat(logits).detach(), loss.detach()
-
 
 def check_methods_match_transformers(rank, world, folder, family):
     import torch.distributed as dist
@@ -45,13 +26,9 @@ def check_methods_match_transformers(rank, world, folder, family):
     hf = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder), attn_implementation="eager")
     hf.load_state_dict(load_file(f"{folder}/model.safetensors"), strict=False)
     hf.tie_weights()
-    tokens = torch.randint(0, 300, (sum(LENGTHS),), generator=torch.Generator().manual_seed(5))
-    positions = torch.cat([torch.arange(n) for n in LENGTHS])
-    labels = torch.full_like(tokens, -100)
+    tokens, positions, labels = packed_batch()
     cu = [0, *torch.tensor(LENGTHS).cumsum(0).tolist()]
-    for a, b in zip(cu[:-1], cu[1:]):
-        labels[a:b - 1] = tokens[a + 1:b]
-    ref_logits, ref_loss = _reference(hf, tokens)
+    ref_logits, ref_loss = per_document_reference(hf, tokens)
     hf_grads = {n: p.grad for n, p in hf.named_parameters()}
     for method, fn in SOFTMAX_METHODS.items():
         model = from_hf(folder)
@@ -67,18 +44,9 @@ def check_methods_match_transformers(rank, world, folder, family):
         local = [plan.shard(t, rank, pad_value=pad) for t, pad in ((tokens, 0), (positions, 0), (labels, -100))]
         with torch.no_grad():
             logits = plan.gather(model(local[0], local[1], ctx), world_group)
-        _close(f"{family}/{method} logits", logits.detach(), ref_logits)
+        assert_rel_close(f"{family}/{method} logits", logits.detach(), ref_logits)
         loss = model(local[0], local[1], ctx, labels=local[2])
-        total = loss.detach().clone()
-        dist.all_reduce(total)
-        _close(f"{family}/{method} loss", total, ref_loss)
-        loss.backward()
-        total = loss.detach().clone()
-        dist.all_reduce(total)
-        _close(f"{family}/{method} loss", total, ref_loss)
-        for name, p in model.named_parameters():
-            dist.all_reduce(p.grad)
-            _close(f"{family}/{method} grad {name}", p.grad, hf_grads[hf_name(name)])
+        assert_sharded_loss_and_grads(f"{family}/{method}", loss, ref_loss, model, lambda n: hf_grads[hf_name(n)])
     return True
 
 

@@ -10,16 +10,14 @@ import pytest
 
 pytest.importorskip("transformers")
 
-from tests.helpers.hf_models import save_hf_model  # noqa: E402
+from tests.helpers.hf_models import LENGTHS, assert_sharded_loss_and_grads, packed_batch, save_hf_model  # noqa: E402
 from tests.helpers.ranks import run_ranks  # noqa: E402
-from tests.models.test_hf_wrap import LENGTHS, _close, packed_batch, transformers_reference  # noqa: E402
+from tests.models.test_hf_wrap import transformers_reference  # noqa: E402
 
 METHODS = ("ulysses", "ring", "allgather", "usp")
 
 
 def check_wrap_methods(rank, world, folder, family):
-    import torch.distributed as dist
-
     from seqshard.dist.mesh import ParallelDims, build_mesh
     from seqshard.models.hf_wrap import wrap_hf
     from seqshard.parallel.parallelize import make_sharder, parallelize
@@ -36,13 +34,7 @@ def check_wrap_methods(rank, world, folder, family):
         # every rank holds global positions: RoPE sees each token's place in its document
         assert set(local_positions[local_labels != -100].tolist()) <= set(positions.tolist())
         loss = model(local_tokens, local_positions, ctx, labels=local_labels)
-        loss.backward()
-        total = loss.detach().clone()
-        dist.all_reduce(total)
-        _close(f"{family}/{method} loss", total, ref_loss)
-        for name, p in model.named_parameters():
-            dist.all_reduce(p.grad)
-            _close(f"{family}/{method} grad {name}", p.grad, ref_grads[name])
+        assert_sharded_loss_and_grads(f"{family}/{method}", loss, ref_loss, model, ref_grads.__getitem__)
     return True
 
 
