@@ -14,15 +14,20 @@ FSDP = ["train.engine=fsdp2"]
 ADAPTIVE = ["parallel.sp_method=adaptive"]
 
 
+def fsdp2_adaptive_run(tmp_path, world, data, extra):
+    """fsdp2 + adaptive on ``world`` ranks: every rank's losses equal, and equal to one process on
+    the same data (rel 1e-4); returns the run's metrics rows."""
+    reference = run_ranks(1, train_rank, str(tmp_path / "ref"), data)[0]
+    losses = run_ranks(world, train_rank, str(tmp_path / "run"), FSDP + ADAPTIVE + data + extra)
+    assert all(l == losses[0] for l in losses)
+    assert_losses_close(losses[0], reference)
+    return read_metrics(tmp_path / "run")
+
+
 def test_fsdp2_rank_without_micro_batch_pads_and_matches_single_process(tmp_path):
     """One 256-token document per step, adaptive groups of one on 2 ranks: the planner gives
     rank 1's group nothing every step; it runs a zero-weight padding micro-batch instead."""
-    one_doc = ["data.tokens_per_step=256"]
-    reference = run_ranks(1, train_rank, str(tmp_path / "ref"), one_doc)[0]
-    losses = run_ranks(2, train_rank, str(tmp_path / "run"), FSDP + ADAPTIVE + one_doc + ["parallel.max_sp=1"])
-    assert losses[0] == losses[1]
-    assert_losses_close(losses[0], reference)
-    rows = read_metrics(tmp_path / "run")
+    rows = fsdp2_adaptive_run(tmp_path, 2, ["data.tokens_per_step=256"], ["parallel.max_sp=1"])
     assert all(0 in r["plan_tokens_per_group"] for r in rows), [r["plan_tokens_per_group"] for r in rows]
 
 
@@ -31,28 +36,21 @@ def test_fsdp2_adaptive_groups_of_two_with_uneven_micro_batch_counts(tmp_path):
     """4 ranks, groups of 2 (Ulysses) holding 512 and 256 tokens with 256-token micro-batches:
     group (0, 2) runs 2 micro-batches, group (2, 2) 1 and a zero-weight repeat, SP collectives
     inside each group and FSDP's all-gathers over all 4 ranks still line up."""
-    data = ["data.tokens_per_step=768"]
-    reference = run_ranks(1, train_rank, str(tmp_path / "ref"), data)[0]
-    overrides = FSDP + ADAPTIVE + data + ["parallel.max_sp=2", "parallel.planner.memory_tokens=128"]
-    losses = run_ranks(4, train_rank, str(tmp_path / "run"), overrides)
-    assert all(l == losses[0] for l in losses)
-    assert_losses_close(losses[0], reference)
-    rows = read_metrics(tmp_path / "run")
+    rows = fsdp2_adaptive_run(tmp_path, 4, ["data.tokens_per_step=768"],
+                              ["parallel.max_sp=2", "parallel.planner.memory_tokens=128"])
     assert all(r["plan_group_sizes"] == [2, 2] for r in rows), [r["plan_group_sizes"] for r in rows]
     assert any(max(r["plan_tokens_per_group"]) > 256 for r in rows)  # some group needed 2 micro-batches
 
 
 @pytest.mark.slow
 def test_fsdp2_adaptive_empty_group_of_two(tmp_path):
-    """4 ranks, groups of 2, one document: group (2, 2) gets nothing and pads locally while
-    group (0, 2) runs Ulysses; FSDP's all-gathers span all 4 ranks."""
-    one_doc = ["data.tokens_per_step=256"]
-    reference = run_ranks(1, train_rank, str(tmp_path / "ref"), one_doc)[0]
-    overrides = FSDP + ADAPTIVE + one_doc + ["parallel.max_sp=2", "parallel.planner.memory_tokens=128"]
-    losses = run_ranks(4, train_rank, str(tmp_path / "run"), overrides)
-    assert all(l == losses[0] for l in losses)
-    assert_losses_close(losses[0], reference)
-    assert all(r["plan_tokens_per_group"] == [256, 0] for r in read_metrics(tmp_path / "run"))
+    """4 ranks, max_sp 2, one document: it runs SP in a group of two, the groups of ranks 2 and 3
+    get nothing and pad locally; FSDP's all-gathers span all 4 ranks."""
+    rows = fsdp2_adaptive_run(tmp_path, 4, ["data.tokens_per_step=256"],
+                              ["parallel.max_sp=2", "parallel.planner.memory_tokens=128"])
+    for r in rows:  # the document runs SP in a group of 2; every other group (ranks 2, 3) gets nothing
+        tokens, sizes = r["plan_tokens_per_group"], r["plan_group_sizes"]
+        assert sorted(tokens) == [0] * (len(tokens) - 1) + [256] and sizes[tokens.index(256)] == 2, r
 
 
 def _padding_step(rank, world, output_dir, overrides):
