@@ -158,7 +158,7 @@ def cmd_calibrate(args) -> int:
     from seqshard.report.calibrate import calibrate, calibrate_model, save_profile
 
     model = load_spec(args.spec).model if args.spec else None
-    profile = calibrate_model(model) if model else calibrate()
+    profile = calibrate_model(model, spec_path=args.spec) if model else calibrate()
     print(json.dumps(profile, indent=1))
     if args.out:
         save_profile(profile, args.out, model)

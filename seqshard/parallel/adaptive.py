@@ -15,7 +15,7 @@ ranks, so the loss trajectory is the single-process one whatever the plan.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
@@ -106,16 +106,14 @@ def split_documents(rows):
     return docs
 
 
-def pack_in_order(doc_ids, lengths, budget):
-    """Consecutive documents into micro-batches of at most ``budget`` tokens."""
-    batches, current, used = [], [], 0
-    for i in doc_ids:
-        if current and used + lengths[i] > budget:
-            batches.append(current)
-            current, used = [], 0
-        current.append(i)
-        used += lengths[i]
-    return batches + ([current] if current else [])
+def pack_group(doc_ids, lengths, budget):
+    """A group's documents into micro-batches of at most ``budget`` tokens, best-fit decreasing
+    (fewer micro-batches than packing them in order: each micro-batch has a fixed cost). The
+    planner never gives a group a document longer than ``budget``."""
+    from .packing import pack
+
+    ids = list(doc_ids)
+    return [[ids[j] for j in b] for b in pack([lengths[i] for i in ids], budget, "bfd")] if ids else []
 
 
 def planner_memory_tokens(spec, world_size: int) -> int:
@@ -125,8 +123,6 @@ def planner_memory_tokens(spec, world_size: int) -> int:
     if spec.parallel.planner.memory_tokens:
         return spec.parallel.planner.memory_tokens
     if spec.train.device_memory_gb:
-        from dataclasses import replace
-
         from . import memory_model as mm
 
         c = replace(mm.config_from_spec(spec, world_size, "cuda" if torch.cuda.is_available() else "cpu"),
@@ -149,7 +145,8 @@ class AdaptiveScatter:
         self.sizes = allowed_group_sizes(world_size, p.max_sp, spec.model.n_heads)
         self.groups = {}  # (first, size) -> ProcessGroup, created when a plan first uses them
         bytes_per_element = 2 if spec.train.dtype == "bfloat16" else 4
-        self.cost_model = CostModel.from_model_config(spec.model, get_profile(p.planner.profile), bytes_per_element)
+        self.cost_model = replace(CostModel.from_model_config(spec.model, get_profile(p.planner.profile), bytes_per_element),
+                                  pack_tokens=self.memory_tokens)  # each group packs d x memory_tokens per micro-batch
         self.usp_groups = {}
         self.last = {}
         install_adaptive(model)
@@ -187,7 +184,7 @@ class AdaptiveScatter:
                      "plan_predicted_s": plan.predicted_time_s, "plan_solve_s": plan.solve_time_s,
                      "plan_solver": plan.solver, "plan_methods": list(plan.methods)}
         method = plan.methods[plan.group_of_rank(self.rank)]
-        for ids in pack_in_order(work.doc_ids, lengths, work.size * self.memory_tokens):
+        for ids in pack_group(work.doc_ids, lengths, work.size * self.memory_tokens):
             tokens, labels, positions = (torch.cat([docs[i][k] for i in ids]) for k in range(3))
             doc_lens = [lengths[i] for i in ids]
             if work.size == 1:

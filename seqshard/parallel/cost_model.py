@@ -39,6 +39,10 @@ class CostModel:
     n_kv_heads: int
     ffn_dim: int
     bytes_per_element: int = 2
+    # tokens per device of one packed micro-batch (the adaptive runtime packs a group of d up to
+    # d x memory_tokens): a calibrated fixed cost per micro-batch is shared by the sequences packed
+    # together, so one sequence of L tokens pays L / (d x pack_tokens) of it; None: a whole one
+    pack_tokens: int | None = None
 
     @classmethod
     def from_model_config(cls, cfg, profile: HardwareProfile, bytes_per_element: int = 2):
@@ -82,9 +86,18 @@ class CostModel:
             return covering[0] if covering else p.latency_by_group_size[-1][1]
         return p.collective_latency_s
 
+    def fit(self, d: int, method: str):
+        """The calibrated ``(c0, c1, c2)`` of one micro-batch on d devices running ``method``
+        (``HardwareProfile.microbatch_fit``), or None."""
+        return next((tuple(f[2:]) for f in self.profile.microbatch_fit if f[0] == d and f[1] == method), None)
+
     def methods(self, d: int) -> list[str]:
         """SP methods a group of d devices can run: ulysses when d <= the head count (uneven heads
-        per rank when d does not divide it), usp when a factor > 1 of d divides it, ring always."""
+        per rank when d does not divide it), usp when a factor > 1 of d divides it, ring always.
+        Where the profile has calibrated fits for d, only the methods it measured."""
+        fitted = [f[1] for f in self.profile.microbatch_fit if f[0] == d]
+        if fitted:
+            return fitted
         if d == 1:
             return ["local"]
         out = []
@@ -111,6 +124,10 @@ class CostModel:
 
     def method_time(self, length, d: int, method: str):
         """Predicted seconds of a sequence on a group of d devices running ``method``."""
+        fit = self.fit(d, method)
+        if fit is not None:
+            share = np.asarray(length, dtype=np.float64) / (d * self.pack_tokens) if self.pack_tokens else 1.0
+            return fit[0] * share + fit[1] * length + fit[2] * np.asarray(length, dtype=np.float64) ** 2
         if method == "local":
             return self.compute_time(length, d)
         if method == "ulysses":  # the rank with the most heads sets the pace: ceil(H/d) of H
@@ -161,6 +178,9 @@ class CostModel:
         document's K/V), plus the profile's fixed cost per micro-batch."""
         docs = np.asarray(doc_lengths, dtype=np.float64)
         total = float(docs.sum())
+        fit = self.fit(d, method)
+        if fit is not None:
+            return fit[0] + fit[1] * total + fit[2] * float((docs ** 2).sum())
         attn = float(self.attention_compute_time(docs, d).sum())
         linear = float(self.compute_time(docs, d).sum()) - attn
         overhead = self.profile.microbatch_overhead_s

@@ -32,6 +32,10 @@ class HardwareProfile:
     # fitted fixed costs: per micro-batch (launch, Python), and per step (optimizer, grad sync)
     microbatch_overhead_s: float = 0.0
     step_overhead_s: float = 0.0
+    # measured seconds of one micro-batch per group size and method, ((size, method, c0, c1, c2),
+    # ...): c0 + c1 * tokens + c2 * sum of squared document lengths (``seqshard calibrate --spec``);
+    # where present it replaces the FLOP/s and bandwidth terms for that size and method
+    microbatch_fit: tuple = ()
 
     def with_(self, **changes) -> "HardwareProfile":
         return replace(self, **changes)
@@ -72,7 +76,7 @@ def get_profile(name: str) -> HardwareProfile:
 
         with open(name) as f:
             fields = json.load(f)["profile"]
-        for key in ("bw_by_group_size", "latency_by_group_size"):
+        for key in ("bw_by_group_size", "latency_by_group_size", "microbatch_fit"):
             fields[key] = tuple(tuple(pair) for pair in fields.get(key, ()))
         return HardwareProfile(**fields)
     if name not in PROFILES:

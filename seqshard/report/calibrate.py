@@ -145,18 +145,177 @@ def measure_compute_side_by_side(model_cfg, ranks: int = 2) -> dict:
     return min(fits, key=lambda f: f["flops_per_s"])
 
 
-def calibrate_model(model_cfg, name: str = "calibrated", devices_per_node: int = 2, bytes_per_element: int = 4):
+# (tokens, document length) of the micro-batches timed per group size and method: single documents
+# give the per-token and fixed terms, packed short ones separate the attention (sum of L^2) term
+MICROBATCH_CASES = ((256, 256), (512, 512), (1024, 1024), (2048, 2048), (1024, 128), (2048, 256))
+
+
+def _time_microbatches(model, args, repeat: int) -> float:
+    samples = []
+    for i in range(repeat + 1):
+        dist.barrier()  # both ranks start together, as in a step
+        start = time.perf_counter()
+        model(*args).backward()
+        if i:  # the first call warms up
+            samples.append(time.perf_counter() - start)
+    return min(samples)  # the least disturbed run: other jobs only ever add time
+
+
+def _microbatch_worker(rank, init_file, model_cfg, cases, repeat, queue):
+    """Forward + backward of packed micro-batches through the adaptive runtime's own path: each
+    rank alone (``local``: a group of one, both ranks side by side as in a data-parallel step),
+    then Ulysses and Ring over both ranks (a group of two); then the per-step work (gradient
+    all-reduce, clipping, AdamW, the loss all-reduce)."""
+    torch.set_num_threads(1)  # one thread per rank, as a launch on this machine runs
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    from seqshard.models import build_model
+    from seqshard.models.context import VarlenContext
+    from seqshard.parallel.adaptive import AdaptiveContext, install_adaptive
+    from seqshard.parallel.plan import ShardPlan
+
+    torch.manual_seed(0)
+    model = build_model(model_cfg)
+    install_adaptive(model)
+    group = dist.new_group([0, 1])
+    times = {}
+    for method in ("local", "ulysses", "ring"):
+        for tokens, doc in cases:
+            lens = [doc] * (tokens // doc)
+            ids = torch.randint(0, model_cfg.vocab_size, (tokens,))
+            pos = torch.cat([torch.arange(n) for n in lens])
+            if method == "local":
+                args = (ids, pos, VarlenContext.from_lengths(lens), ids)
+            else:  # the layouts AdaptiveScatter uses
+                shard = ShardPlan.build([0, *np.cumsum(lens).tolist()], 2,
+                                        "contiguous" if method == "ulysses" else "zigzag")
+                args = (shard.shard(ids, rank), shard.shard(pos, rank),
+                        AdaptiveContext(plan=shard, group=group, method=method), shard.shard(ids, rank, pad_value=-100))
+            times[(method, tokens, doc)] = _time_microbatches(model, args, repeat)
+    params = [p for p in model.parameters() if p.grad is not None]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+
+    def step():
+        flat = torch.cat([p.grad.reshape(-1) for p in params])
+        dist.all_reduce(flat)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        dist.all_reduce(torch.zeros((), dtype=torch.float64))
+
+    step()
+    step_s = _fastest(step, repeat)
+    if rank == 0:
+        queue.put((times, step_s))
+    dist.destroy_process_group()
+
+
+def fit_microbatches(times: dict) -> list:
+    """``[size, method, c0, c1, c2]`` per method: least squares of the RELATIVE error of
+    ``t = c0 + c1 T + c2 sum(L^2)`` over the cases (T tokens of documents of length L; relative,
+    so the short micro-batches count as much as the long ones), coefficients kept >= 0."""
+    fits = []
+    for method, size in (("local", 1), ("ulysses", 2), ("ring", 2)):
+        rows = [(tokens, tokens * doc, t) for (m, tokens, doc), t in times.items() if m == method]
+        t = np.array([r[2] for r in rows])
+        a = np.array([[1.0, n, sq] for n, sq, _ in rows]) / t[:, None]
+        t = np.ones(len(rows))
+        coef = np.linalg.lstsq(a, t, rcond=None)[0]
+        if (coef < 0).any():  # refit without the terms that came out negative (noise)
+            keep = coef >= 0
+            coef = np.zeros(3)
+            coef[keep] = np.linalg.lstsq(a[:, keep], t, rcond=None)[0]
+        fits.append([size, method, *np.maximum(coef, 0.0).tolist()])
+    return fits
+
+
+def measure_microbatches(model_cfg, repeat: int = 3, cases=MICROBATCH_CASES) -> dict:
+    """Per group size and method, the fit of one micro-batch's seconds (:func:`fit_microbatches`)
+    from 2 processes running the adaptive runtime's path, and the per-step seconds."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.SimpleQueue()
+    with tempfile.TemporaryDirectory() as tmp:
+        procs = [ctx.Process(target=_microbatch_worker,
+                             args=(r, os.path.join(tmp, "rdv"), model_cfg, cases, repeat, queue)) for r in range(2)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(timeout=600)
+        times, step_s = queue.get()
+    return {"fits": fit_microbatches(times), "step_s": step_s,
+            "cases": [[m, n, doc, t] for (m, n, doc), t in times.items()]}
+
+
+# the trainer runs of the end-to-end fit: (method, spec overrides), 2 ranks each
+TRAINER_RUNS = (("local", ["parallel.sp_method=none", "parallel.sp=1"]),
+                ("ulysses", ["parallel.sp_method=ulysses", "parallel.sp=2"]),
+                ("ring", ["parallel.sp_method=ring", "parallel.sp=2"]))
+
+
+def fit_trainer_runs(spec_path, overrides, profile: dict, steps: int = 10) -> dict:
+    """End-to-end fit on real training: the spec trained for ``steps`` steps on 2 ranks
+    (``seqshard launch``) once per layout of :data:`TRAINER_RUNS`, each step's measured time
+    set against the prediction of :mod:`seqshard.report.step_model` from ``profile``'s micro-batch
+    fits (first step left out):
+    - ``scale[method]``: measured over predicted seconds of the steps' micro-batch loops (the
+      trainer's ``micro_batch_s``), which takes up what timing micro-batches alone misses (the
+      trainer's loop, allocator and cache state, the ranks waiting for each other);
+    - ``step_s``: the mean of the rest of a step (batch building, planning, optimizer, loss
+      all-reduce, logging), over all runs.
+    Returns ``{"scale": {method: k}, "step_s": s, "runs": [...]}``."""
+    import subprocess
+    import sys
+
+    from seqshard.launch.spec import load_spec
+    from seqshard.parallel.cost_model import CostModel
+    from seqshard.parallel.hardware import HardwareProfile
+
+    from .step_model import predict_steps
+
+    fields = {k: v for k, v in profile.items() if k != "measured"}
+    hw = HardwareProfile(**{**fields, "step_overhead_s": 0.0})
+    runs, rest = [], []
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    with tempfile.TemporaryDirectory() as tmp:
+        for method, sets in TRAINER_RUNS:
+            out = os.path.join(tmp, method)
+            sets = [*overrides, *sets, f"train.steps={steps}", "train.checkpoint_every=0", "launch.nproc_per_node=2",
+                    "train.log_every=1000000", f"train.output_dir={out}"]
+            subprocess.run([sys.executable, "-m", "seqshard", "launch", str(spec_path), *[f"--set={x}" for x in sets]],
+                           env=env, check=True, capture_output=True)
+            with open(os.path.join(out, "metrics.jsonl")) as f:
+                metrics = [json.loads(line) for line in f][1:]
+            spec = load_spec(spec_path, sets)
+            cm = CostModel.from_model_config(spec.model, hw, 2 if spec.train.dtype == "bfloat16" else 4)
+            predicted = predict_steps(spec, cm, 2, steps)[1:]
+            loop = [m["micro_batch_s"] for m in metrics]
+            runs.append({"method": method, "step_s": [m["step_time_s"] for m in metrics], "micro_batch_s": loop,
+                         "predicted_s": predicted, "scale": sum(loop) / sum(predicted)})
+            rest += [m["step_time_s"] - m["micro_batch_s"] for m in metrics]
+    return {"scale": {r["method"]: r["scale"] for r in runs}, "step_s": float(np.mean(rest)), "runs": runs}
+
+
+def calibrate_model(model_cfg, name: str = "calibrated", devices_per_node: int = 2, bytes_per_element: int = 4,
+                    spec_path=None, overrides=(), trainer_steps: int = 10):
     """A profile fitted on the model itself (see the module docstring), plus the raw
-    measurements under ``"measured"`` (not a profile field: pop it before building one)."""
+    measurements under ``"measured"`` (not a profile field: pop it before building one). With
+    ``spec_path``, the micro-batch fits are then scaled and the per-step cost set by
+    :func:`fit_trainer_runs` on the spec (with ``overrides``) itself."""
     comp = measure_compute_side_by_side(model_cfg)
     bandwidth, latency, reduce_s = measure_all_to_all(grad_bytes=4 * comp["n_params"])
+    mb = measure_microbatches(model_cfg)
     profile = {"name": name, "peak_flops": comp["flops_per_s"], "mfu": 1.0, "intra_node_bw": bandwidth,
                "inter_node_bw": bandwidth, "devices_per_node": devices_per_node,
                "memory_bytes": float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")),
                "collective_latency_s": latency, "source": "seqshard calibrate --spec: fitted on this machine",
                "bw_by_group_size": ((2, bandwidth),), "latency_by_group_size": ((2, latency),),
-               "microbatch_overhead_s": comp["microbatch_overhead_s"], "step_overhead_s": comp["adam_s"] + reduce_s}
-    profile["measured"] = {**comp, "all_reduce_grads_s": reduce_s}
+               "microbatch_overhead_s": comp["microbatch_overhead_s"], "step_overhead_s": mb["step_s"],
+               "microbatch_fit": tuple(tuple(f) for f in mb["fits"])}
+    profile["measured"] = {**comp, "all_reduce_grads_s": reduce_s, "microbatches": mb["cases"]}
+    if spec_path is not None:
+        trainer = fit_trainer_runs(spec_path, overrides, profile, trainer_steps)
+        scale = trainer["scale"]
+        profile["microbatch_fit"] = tuple((size, m, *(scale[m] * c for c in cs)) for size, m, *cs in mb["fits"])
+        profile["step_overhead_s"] = trainer["step_s"]
+        profile["measured"]["trainer_fit"] = trainer
     return profile
 
 

@@ -168,12 +168,14 @@ def train_step(run: Run, step: int) -> dict:
     with shared_failure("step plan"):
         local = list(run.scatter(batch))
     real = equal_micro_batches(engine, local, run.scatter.padding)
+    loop_start = time.perf_counter()
     for i, (tokens, labels, positions, ctx) in enumerate(local):
         with autocast:
             loss = engine.forward(tokens.to(run.device), positions.to(run.device), ctx, labels.to(run.device))
         engine.backward((loss if real[i] else loss * 0) / n_loss, last=i == len(local) - 1)
         if real[i]:
             loss_sum += loss.detach().double().cpu()
+    micro_batch_s = time.perf_counter() - loop_start
     grad_norm = engine.step()
     if dist.get_world_size() > 1:  # one process sends nothing (its comm accounting stays 0)
         with record("all_reduce.loss", 8):
@@ -182,7 +184,8 @@ def train_step(run: Run, step: int) -> dict:
     comm = COMM_LOG.snapshot()
     return {"step": step, "loss": loss_sum.item() / n_loss, "tokens": batch.num_tokens,
             "loss_tokens": n_loss, "lr": lr, "grad_norm": grad_norm, "step_time_s": elapsed,
-            "tokens_per_s": batch.num_tokens / elapsed, "peak_mem_mb": peak_memory_mb(run.device),
+            "tokens_per_s": batch.num_tokens / elapsed, "micro_batch_s": micro_batch_s,
+            "peak_mem_mb": peak_memory_mb(run.device),
             "comm_bytes": comm["total"]["bytes"], "comm_time_s": comm["total"]["seconds"],
             "compute_time_s": elapsed - comm["total"]["seconds"],
             "comm": {op: {"bytes": v["bytes"], "seconds": v["seconds"], "calls": v["calls"]}

@@ -167,3 +167,21 @@ def test_one_million_lengths_under_two_seconds(method):
     elapsed = time.perf_counter() - start
     assert elapsed < 2.0, elapsed
     assert result.bin_lengths().max() <= CAPACITY
+
+
+def test_adaptive_group_packing_keeps_every_document_within_budget_and_beats_packing_in_order():
+    from seqshard.parallel.adaptive import pack_group
+
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 1024, 200).tolist()
+    ids = list(range(3, 200, 2))
+    bins = pack_group(ids, lengths, 1024)
+    assert sorted(i for b in bins for i in b) == ids
+    assert all(sum(lengths[i] for i in b) <= 1024 for b in bins)
+    in_order, used = 1, 0  # what packing consecutive documents needs
+    for i in ids:
+        if used + lengths[i] > 1024:
+            in_order, used = in_order + 1, 0
+        used += lengths[i]
+    assert len(bins) < in_order
+    assert pack_group([], lengths, 1024) == []

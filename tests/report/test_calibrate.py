@@ -74,15 +74,23 @@ def test_cost_model_uses_the_fit_per_group_size():
     assert cm.microbatch_time([300, 200], 2, "ulysses") < apart + 0.05
 
 
-@pytest.mark.slow  # spawns 2 processes and trains the model a few times
+@pytest.mark.slow  # spawns 2 processes, times micro-batches, then trains the spec three times
 def test_calibrate_model_fits_group_sizes_one_and_two(tmp_path):
+    from seqshard.launch.spec import load_spec
     from seqshard.parallel.hardware import get_profile as profile_of
     from seqshard.report.calibrate import calibrate_model, save_profile
+    from tests.helpers.training import ROOT, SMALL
 
-    cfg = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=4, ffn_dim=192, vocab_size=256)
-    profile = calibrate_model(cfg)
+    sets = [*SMALL, "model.n_kv_heads=4", "train.steps=4"]
+    cfg = load_spec(ROOT / "examples/tiny.yaml", sets).model
+    profile = calibrate_model(cfg, spec_path=ROOT / "examples/tiny.yaml", overrides=sets, trainer_steps=4)
     assert profile["bw_by_group_size"][0][0] == 2 and profile["bw_by_group_size"][0][1] > 0
     assert profile["latency_by_group_size"][0][0] == 2 and profile["step_overhead_s"] > 0
+    assert [f[:2] for f in profile["microbatch_fit"]] == [(1, "local"), (2, "ulysses"), (2, "ring")]
+    trainer = profile["measured"]["trainer_fit"]
+    assert [r["method"] for r in trainer["runs"]] == ["local", "ulysses", "ring"]
+    for run in trainer["runs"]:  # 3 steps each after the first, every one measured and predicted
+        assert len(run["micro_batch_s"]) == len(run["predicted_s"]) == 3 and run["scale"] > 0
     save_profile(profile, tmp_path / "cal.json", cfg)
     loaded = profile_of(str(tmp_path / "cal.json"))
     assert loaded.latency_by_group_size == ((2, profile["collective_latency_s"]),)
@@ -106,3 +114,30 @@ def test_spec_names_a_calibration_file_and_is_refused_when_it_does_not_match(tmp
     path.write_text(json.dumps(record))
     with pytest.raises(SpecError, match="parallel.planner.profile.*calibrated on 'cuda:NVIDIA H100"):
         small_spec(tmp_path, 2, adaptive)
+
+
+def test_microbatch_fit_recovers_known_costs_and_drives_the_cost_model():
+    from seqshard.report.calibrate import MICROBATCH_CASES, fit_microbatches
+
+    true = {"local": (0.003, 2e-5, 2e-8), "ulysses": (0.01, 1.5e-5, 1e-8), "ring": (0.008, 2.5e-5, 5e-9)}
+    times = {(m, n, doc): c[0] + c[1] * n + c[2] * n * doc for m, c in true.items() for n, doc in MICROBATCH_CASES}
+    fits = fit_microbatches(times)
+    assert [f[:2] for f in fits] == [[1, "local"], [2, "ulysses"], [2, "ring"]]
+    for size, method, *coef in fits:
+        assert coef == pytest.approx(true[method], rel=1e-6)
+    profile = get_profile("cpu_gloo").with_(microbatch_fit=tuple(tuple(f) for f in fits))
+    cfg = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=4, ffn_dim=192)
+    cm = CostModel.from_model_config(cfg, profile, bytes_per_element=4)
+    assert cm.methods(2) == ["ulysses", "ring"] and cm.methods(1) == ["local"]
+    # one micro-batch of documents 300 + 200: c0 + c1 T + c2 sum(L^2)
+    c = true["ulysses"]
+    assert cm.microbatch_time([300, 200], 2, "ulysses") == pytest.approx(c[0] + c[1] * 500 + c[2] * (300**2 + 200**2))
+    # a sequence alone pays a whole micro-batch's fixed cost, packed (pack_tokens) its share
+    assert cm.method_time(300, 2, "ring") == pytest.approx(0.008 + 2.5e-5 * 300 + 5e-9 * 300**2)
+    from dataclasses import replace
+
+    packed = replace(cm, pack_tokens=1000)
+    assert packed.method_time(300, 2, "ring") == pytest.approx(0.008 * 300 / 2000 + 2.5e-5 * 300 + 5e-9 * 300**2)
+    assert packed.method_for(300, 2) == min(("ulysses", "ring"), key=lambda m: float(packed.method_time(300, 2, m)))
+    # a size without fits keeps the analytic terms
+    assert cm.methods(4) == ["ulysses", "ring"] and cm.time(1000, 4) > 0
