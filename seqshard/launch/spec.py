@@ -61,6 +61,7 @@ class PlannerSpec:
     time_limit_s: float = 0.05
     profile: str = "cpu_gloo"
     memory_tokens: int = 0  # tokens one device holds; 0 = by the memory model (train.device_memory_gb) or data.max_seq_len
+    max_phases: int = 2  # 2: a step may run its long sequences first, then the rest (parallel/phases.py)
 
 
 @dataclass(frozen=True)

@@ -97,6 +97,8 @@ def _check_parallel(p, m, world_size):
     _one_of("parallel.layout", p.layout, LAYOUTS)
     _one_of("parallel.softmax_method", p.softmax_method, SOFTMAX_SP)
     _one_of("parallel.planner.solver", p.planner.solver, ("greedy", "milp"))
+    if p.planner.max_phases not in (1, 2):
+        raise SpecError("parallel.planner.max_phases", f"{p.planner.max_phases!r} is not 1 or 2")
     _positive("parallel.sp", p.sp)
     if world_size % p.sp:
         raise SpecError("parallel.sp", f"{p.sp} does not divide world size {world_size}")

@@ -141,6 +141,7 @@ class AdaptiveScatter:
         p = spec.parallel
         self.world, self.rank, self.pad_id = world_size, rank, pad_id
         self.max_sp, self.solver, self.time_limit = p.max_sp, p.planner.solver, p.planner.time_limit_s
+        self.max_phases = p.planner.max_phases
         self.memory_tokens = planner_memory_tokens(spec, world_size)
         self.sizes = allowed_group_sizes(world_size, p.max_sp, spec.model.n_heads)
         self.groups = {}  # (first, size) -> ProcessGroup, created when a plan first uses them
@@ -153,36 +154,43 @@ class AdaptiveScatter:
 
     def plan(self, lengths):
         """Rank 0 plans (a timed MILP may differ between ranks) and broadcasts the plan."""
-        from .planner import plan_step
+        from .phases import plan_phased
 
         box = [None]
         with shared_failure("adaptive plan"):  # a plan error on rank 0 reaches every rank
             if self.rank == 0:
-                box[0] = plan_step(lengths, self.world, max_sp=self.max_sp, memory_tokens=self.memory_tokens,
-                                   cost_model=self.cost_model, solver=self.solver,
-                                   time_limit_s=self.time_limit, allowed_sizes=self.sizes)
+                box[0] = plan_phased(lengths, self.world, max_phases=self.max_phases, max_sp=self.max_sp,
+                                     memory_tokens=self.memory_tokens, cost_model=self.cost_model,
+                                     solver=self.solver, time_limit_s=self.time_limit, allowed_sizes=self.sizes)
         with record("adaptive.plan.broadcast", 0):
             dist.broadcast_object_list(box, src=0)
         return box[0]
 
     def __call__(self, batch):
-        from .plan import ShardPlan
-
         docs = split_documents(batch.rows)
         lengths = [len(d[0]) for d in docs]
-        plan = self.plan(lengths)
+        phased = self.plan(lengths)
+        first = phased.phases[0]
+        tokens_per_group = [0] * len(first.groups)
+        for i, g in zip(phased.doc_ids[0], first.assignment):
+            tokens_per_group[g] += lengths[i]
+        self.last = {"plan_group_sizes": [s for _, s in first.groups], "plan_tokens_per_group": tokens_per_group,
+                     "plan_predicted_s": phased.predicted_time_s, "plan_solve_s": phased.solve_time_s,
+                     "plan_solver": first.solver, "plan_methods": list(first.methods),
+                     "plan_phases": [[s for _, s in p.groups] for p in phased.phases]}
+        for plan, ids in zip(phased.phases, phased.doc_ids):
+            yield from self._phase(plan, [docs[i] for i in ids], [lengths[i] for i in ids])
+
+    def _phase(self, plan, docs, lengths):
+        """This rank's micro-batches of one phase (``plan`` over these documents)."""
+        from .plan import ShardPlan
+
         ensure_groups(self.groups, plan.groups)  # same plan on every rank: same order
         for (first, size), method in zip(plan.groups, plan.methods):
             if method == "usp" and (first, size) not in self.usp_groups:
                 self.usp_groups[(first, size)] = usp_groups_for(first, size, self.cost_model.n_heads)
         work = my_work(plan, lengths, self.rank)
         group = self.groups[(work.first, work.size)]
-        tokens_per_group = [0] * len(plan.groups)
-        for i, g in enumerate(plan.assignment):
-            tokens_per_group[g] += lengths[i]
-        self.last = {"plan_group_sizes": [s for _, s in plan.groups], "plan_tokens_per_group": tokens_per_group,
-                     "plan_predicted_s": plan.predicted_time_s, "plan_solve_s": plan.solve_time_s,
-                     "plan_solver": plan.solver, "plan_methods": list(plan.methods)}
         method = plan.methods[plan.group_of_rank(self.rank)]
         for ids in pack_group(work.doc_ids, lengths, work.size * self.memory_tokens):
             tokens, labels, positions = (torch.cat([docs[i][k] for i in ids]) for k in range(3))

@@ -28,6 +28,7 @@ BAD = [
     (["train.dtype=float8"], "train.dtype: 'float8' is not one of"),
     (["launch.launcher=pbs"], "launch.launcher: 'pbs' is not one of"),
     (["model=3"], "model: expected a mapping"),
+    (["parallel.sp_method=adaptive", "parallel.planner.max_phases=3"], "parallel.planner.max_phases: 3 is not 1 or 2"),
 ]
 
 
