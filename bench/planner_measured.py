@@ -128,7 +128,8 @@ def main():
             measured[name] = {"step_s": float(np.mean([r["step_time_s"] for r in metrics[1:]])),
                               "losses": [r["loss"] for r in metrics],
                               "peak_mem_mb": max(r.get("peak_mem_mb", 0) or 0 for r in metrics),
-                              "group_sizes": [r.get("plan_group_sizes") for r in metrics]}
+                              "micro_batch_s": float(np.mean([r["micro_batch_s"] for r in metrics[1:]])),
+                              "plans": [r.get("plan_phases") for r in metrics]}
         spec = load_spec(ROOT / "examples/tiny.yaml", base(args.steps, max_len, source) + runs(memory, calibration)["adaptive"])
         cm = CostModel.from_model_config(spec.model, get_profile(str(calibration)), bytes_per_element=4)
         pred = predictions(spec, cm, args.steps)
@@ -137,11 +138,12 @@ def main():
             m, p = measured[name]["step_s"], pred[name]
             rows.append({"mix": mix, "max_len": max_len, "memory_tokens": memory, "run": name, "measured_s": m,
                          "predicted_s": p, "error": p / m - 1, "peak_mem_mb": measured[name]["peak_mem_mb"],
-                         "group_sizes": measured[name]["group_sizes"], "losses": measured[name]["losses"]})
+                         "plans": measured[name]["plans"], "losses": measured[name]["losses"]})
             print(f"{mix:<14}{name:<12} measured {m:7.3f} s  predicted {p:7.3f} s  error {100 * (p / m - 1):+6.1f}%  "
                   f"peak {measured[name]['peak_mem_mb']:.0f} MB", flush=True)
-        plans = [tuple(g) for g in measured["adaptive"]["group_sizes"]]
-        print(f"{mix:<14}adaptive plans: " + ", ".join(f"{list(g)} x{plans.count(g)}" for g in sorted(set(plans))))
+        plans = [" then ".join(str(g) for g in p) for p in measured["adaptive"]["plans"]]
+        print(f"{mix:<14}adaptive plans (group sizes, phases): "
+              + ", ".join(f"{p} x{plans.count(p)}" for p in sorted(set(plans))))
         print(f"{mix:<14}adaptive / static sp=2: {measured['adaptive']['step_s'] / measured['static_sp2']['step_s']:.3f}"
               f"  largest loss rel. difference {float(np.max(np.abs(a - b) / np.abs(b))):.2e}", flush=True)
     load = os.getloadavg()

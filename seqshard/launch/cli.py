@@ -156,13 +156,14 @@ def cmd_eval(args) -> int:
 def cmd_calibrate(args) -> int:
     import json
 
-    from seqshard.report.calibrate import calibrate, calibrate_model, save_profile
+    from seqshard.report.calibrate import calibrate, calibrate_model, save_profile, summarize
 
     model = load_spec(args.spec).model if args.spec else None
     profile = calibrate_model(model, spec_path=args.spec) if model else calibrate()
-    print(json.dumps(profile, indent=1))
+    print(summarize(profile) if model else json.dumps(profile, indent=1))
     if args.out:
         save_profile(profile, args.out, model)
+        print(f"wrote {args.out} (set parallel.planner.profile: {args.out})")
     return 0
 
 

@@ -319,6 +319,22 @@ def calibrate_model(model_cfg, name: str = "calibrated", devices_per_node: int =
     return profile
 
 
+def summarize(profile: dict) -> str:
+    """A few readable lines about a ``calibrate_model`` profile (what ``seqshard calibrate --spec`` prints)."""
+    lines = ["one micro-batch, seconds = c0 + c1 x tokens + c2 x sum of squared document lengths:"]
+    lines += [f"  group of {size} {method:<8} c0 {1e3 * c0:7.2f} ms  c1 {1e6 * c1:7.2f} us/token  c2 {1e9 * c2:7.3f} ns/token^2"
+              for size, method, c0, c1, c2 in profile.get("microbatch_fit", ())]
+    trainer = (profile.get("measured") or {}).get("trainer_fit")
+    if trainer:
+        scales = ", ".join(f"{m} x{k:.2f}" for m, k in trainer["scale"].items())
+        steps = len(trainer["runs"][0]["step_s"]) + 1
+        lines.append(f"scaled by {steps}-step 2-rank training runs of the spec ({scales}); "
+                     f"per-step cost {1e3 * profile['step_overhead_s']:.1f} ms")
+    lines.append(f"all-to-all over 2 processes: {profile['intra_node_bw'] / 1e9:.2f} GB/s, "
+                 f"{1e3 * profile['collective_latency_s']:.3f} ms per call")
+    return "\n".join(lines)
+
+
 def calibrate(name: str = "calibrated", devices_per_node: int = 4) -> dict:
     """A profile dict (the fields of :class:`seqshard.parallel.hardware.HardwareProfile`)."""
     flops = measure_flops()
