@@ -141,3 +141,14 @@ def test_microbatch_fit_recovers_known_costs_and_drives_the_cost_model():
     assert packed.method_for(300, 2) == min(("ulysses", "ring"), key=lambda m: float(packed.method_time(300, 2, m)))
     # a size without fits keeps the analytic terms
     assert cm.methods(4) == ["ulysses", "ring"] and cm.time(1000, 4) > 0
+
+
+def test_summary_names_every_fit_and_the_trainer_scales():
+    from seqshard.report.calibrate import summarize
+
+    profile = {**get_profile("cpu_gloo").__dict__, "step_overhead_s": 0.0125,
+               "microbatch_fit": ((1, "local", 0.003, 2e-5, 2e-8), (2, "ring", 0.008, 3e-5, 5e-9)),
+               "measured": {"trainer_fit": {"scale": {"local": 1.1, "ring": 0.9}, "runs": [{"step_s": [0.1] * 9}]}}}
+    text = summarize(profile)
+    assert "group of 1 local" in text and "group of 2 ring" in text and "c0    8.00 ms" in text
+    assert "10-step 2-rank training runs" in text and "local x1.10, ring x0.90" in text and "12.5 ms" in text
