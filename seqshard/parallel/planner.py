@@ -520,6 +520,7 @@ def _greedy(table, sizes, num_devices, keep=2, node=None, deadline=math.inf):
     return plan
 
 
+MILP_MIN_ROUND_S = 0.006  # no MILP round starts with less time left (HiGHS setup, then the assignment)
 IMPROVE_BEST = 2  # candidate plans that get the local search
 
 
@@ -592,28 +593,33 @@ def _milp(table, sizes, num_devices, lengths, deadline, upper, node=None):
     picks the group mix; each mix is assigned exactly (class plan at the target, then local
     search). Returns (best plan or None, status, gap to the fractional lower bound).
 
-    ``deadline`` (a ``time.perf_counter()`` value) bounds the whole search: HiGHS gets the time
-    left, and no new MILP starts when less time is left than the slowest one so far took (HiGHS
-    overshoots small limits by its fixed setup cost)."""
+    ``deadline`` (a ``time.perf_counter()`` value, the caller's reserve for what follows
+    already taken off) bounds the whole search: a round (HiGHS, then the assignment of its mix)
+    starts only when the time left exceeds 1.5 times the slowest round so far and at least
+    ``MILP_MIN_ROUND_S`` (HiGHS overshoots small limits by its fixed setup cost), and HiGHS gets
+    the time left less the slowest assignment so far."""
     bucket, nb = _buckets(lengths)
     bwork = np.array([table[bucket == b].sum(axis=0) for b in range(nb)])
     bmax = np.array([table[bucket == b].max(axis=0) for b in range(nb)])
     device_time = (table * np.asarray(sizes)).min(axis=1)
     bound = lo = max(table.min(axis=1).max(), device_time.sum() / num_devices)
-    hi, best, status, slowest = upper, None, "optimal", 0.0
+    hi, best, status, slowest, slowest_assign = upper, None, "optimal", 0.0, 0.0
     while hi - lo > 0.01 * lo:
         now = time.perf_counter()
-        if deadline - now <= slowest:
+        if deadline - now <= max(1.5 * slowest, MILP_MIN_ROUND_S):
             status = "time limit"
             break
         target = (lo + hi) / 2
-        mix = _work_milp(bwork, bmax, sizes, num_devices, target, deadline - now)
+        mix = _work_milp(bwork, bmax, sizes, num_devices, target, deadline - now - max(slowest_assign, 1e-3))
+        solved = time.perf_counter()
         plan = _evaluate(table, sizes, mix, "milp", node, target) if mix else None
+        if plan is not None:
+            plan = _improve(table, sizes, plan)
+        slowest_assign = max(slowest_assign, time.perf_counter() - solved)
         slowest = max(slowest, time.perf_counter() - now)
         if plan is None:
             lo = target
             continue
-        plan = _improve(table, sizes, plan)
         if best is None or plan.predicted_time_s < best.predicted_time_s:
             best = plan
         hi = target
@@ -628,9 +634,11 @@ def plan_step(lengths, num_devices: int, *, max_sp: int, memory_tokens: int, cos
     With ``solver="milp"``, ``time_limit_s`` bounds the whole call (table, greedy seed and MILP):
     when the MILP cannot finish, the best plan so far is returned with ``status="time limit"``
     and its ``gap`` to the lower bound; the greedy seed then skips its optional refinements
-    past the limit too. ``solver="greedy"`` ignores the limit (same plan on every call)."""
+    past the limit too. The search stops at 90% of the limit, keeping the rest as a margin for
+    the last steps and a loaded machine. ``solver="greedy"`` ignores the limit (same plan on
+    every call)."""
     start = time.perf_counter()
-    deadline = start + time_limit_s
+    deadline = start + 0.9 * time_limit_s  # a tenth is kept for what follows the search (methods)
     lengths = np.asarray(lengths, dtype=np.int64)
     sizes = list(allowed_sizes or allowed_group_sizes(num_devices, max_sp, getattr(cost_model, "n_heads", None)))
     table = _time_table(lengths, sizes, memory_tokens, cost_model)
