@@ -1,17 +1,20 @@
 """Per-step planner for heterogeneity-adaptive scattering (after FlexSP, Wang et al., ASPLOS 2025).
 
-Given the step's sequence lengths and the devices, choose SP groups of power-of-two sizes
-(aligned rank ranges covering the devices) and assign every sequence to one group, minimizing the
+Given the step's sequence lengths and the devices, choose SP groups (contiguous rank ranges of
+the allowed sizes covering the devices) and assign every sequence to one group, minimizing the
 step's makespan (the slowest group's summed sequence times under the cost model) subject to
 memory: a sequence of length L fits a group of d devices when ``L <= d * memory_tokens``.
 
 Solvers:
-- ``greedy``: for a handful of group mixes (every static degree, and mixes built from a
-  makespan target by giving each sequence the smallest group that finishes it in time), assign
-  sequences longest-first to the group that would finish them earliest; keep the best mix.
-- ``milp``: ``scipy.optimize.milp`` (HiGHS) over length buckets, one binary per candidate group
-  and integer counts of each bucket per group, minimizing the makespan within a time limit; the
-  result is never worse than greedy (the better plan is returned, with the MILP status and gap).
+- ``greedy``: the smallest makespan target for which the long sequences, packed whole into whole
+  groups (:meth:`_Packer.pack`), plus the others in the groups' spare time and in singles, fit
+  the devices (bisection); that mix assigned two ways (packed groups kept, or everything
+  longest-first to the earliest finish), the static degrees that can still win, then local
+  search. Deterministic.
+- ``milp``: ``scipy.optimize.milp`` (HiGHS) over length buckets, one integer per group size and
+  each bucket's work shared among sizes, in a bisection on the makespan, within a time limit
+  that bounds the whole call; the result is never worse than greedy (the better plan is
+  returned, with the MILP status and gap).
 Pure functions of lengths and sizes: no torch.distributed.
 """
 from __future__ import annotations
@@ -640,7 +643,7 @@ def plan_step(lengths, num_devices: int, *, max_sp: int, memory_tokens: int, cos
     start = time.perf_counter()
     deadline = start + 0.9 * time_limit_s  # a tenth is kept for what follows the search (methods)
     lengths = np.asarray(lengths, dtype=np.int64)
-    sizes = list(allowed_sizes or allowed_group_sizes(num_devices, max_sp, getattr(cost_model, "n_heads", None)))
+    sizes = sorted(set(allowed_sizes or allowed_group_sizes(num_devices, max_sp, getattr(cost_model, "n_heads", None))))
     table = _time_table(lengths, sizes, memory_tokens, cost_model)
     node = getattr(getattr(cost_model, "profile", None), "devices_per_node", None)
     # the greedy alone is deterministic (no deadline); as the MILP's seed it yields to the limit
