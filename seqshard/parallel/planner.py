@@ -433,6 +433,7 @@ class _Packer:
         counts[sizes[0]] = counts.get(sizes[0], 0) + smallest + (self.num_devices - used) // sizes[0]
         return {s: c for s, c in counts.items() if c}, list(zip(gsize, gitems))
 
+
 def _assign_packed(table, sizes, groups, packed):
     """The packed long sequences stay together (each packed group on a laid-out group of its
     size); every other sequence, longest first, goes to the group finishing it earliest."""
@@ -465,18 +466,21 @@ def _packed_plans(packer, lo, hi, node, rel_tol=1.5e-3):
     (both kept)."""
     edges = [lo, 1.08 * lo, 1.25 * lo, max(hi, 1.25 * lo)]
     edges.append(1.5 * edges[-1])
+    found = {}  # target -> its pack
     for k in range(1, len(edges)):
-        if packer.pack(edges[k]) is not None:
+        found[edges[k]] = packer.pack(edges[k])
+        if found[edges[k]] is not None:
             break
     else:
         return []
     a, b = edges[k - 1], edges[k]
     for _ in range(max(1, math.ceil(math.log2((b - a) / (rel_tol * lo))))):
         m = (a + b) / 2
-        a, b = (a, m) if packer.pack(m) else (m, b)
+        found[m] = packer.pack(m)
+        a, b = (a, m) if found[m] else (m, b)
     plans, table, sizes = [], packer.table, packer.sizes
     for t in (b, b * 1.02, b * 1.05):  # above the smallest target only when its mix cannot be laid out
-        packed = packer.pack(t)
+        packed = found[t] if t in found else packer.pack(t)
         groups = _layout(packed[0], node) if packed else None
         if groups is None:
             continue
@@ -486,6 +490,7 @@ def _packed_plans(packer, lo, hi, node, rel_tol=1.5e-3):
         if plans:
             break
     return plans
+
 
 FULL_SEARCH = False  # True: greedy also evaluates the older mixes (for comparisons in benchmarks)
 
