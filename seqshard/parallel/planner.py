@@ -509,7 +509,10 @@ def _greedy(table, sizes, num_devices, keep=2, node=None, deadline=math.inf):
     plans = _packed_plans(_Packer(table, sizes, num_devices, lo), lo, hi, node)
     if not plans or FULL_SEARCH:
         plans += _class_plans(table, sizes, num_devices, lo, hi, node, keep)
-    best = min((p.predicted_time_s for p in plans), default=np.inf)
+    # without size 1 among the sizes, leftover devices may not form a group: such a mix leaves
+    # devices idle; keep it only when no plan covers every device
+    plans = [p for p in plans if _covers(p, num_devices)] or plans
+    best = min((p.predicted_time_s for p in plans if _covers(p, num_devices)), default=np.inf)
     # a static mix has one class, so its estimate is a true lower bound (mean load, longest
     # item): skip the statics that cannot beat the best plan so far
     for m in sorted(statics, key=lambda m: _fractional_makespan(table, sizes, m)):
@@ -519,6 +522,7 @@ def _greedy(table, sizes, num_devices, keep=2, node=None, deadline=math.inf):
         if p:
             plans.append(p)
             best = min(best, p.predicted_time_s)
+    plans = [p for p in plans if _covers(p, num_devices)] or plans
     plans.sort(key=lambda p: p.predicted_time_s)
     plan = min((_improve(table, sizes, p) for p in plans[:1 if time.perf_counter() > deadline else IMPROVE_BEST]),
                key=lambda p: p.predicted_time_s)
@@ -529,6 +533,13 @@ def _greedy(table, sizes, num_devices, keep=2, node=None, deadline=math.inf):
 
 
 MILP_MIN_ROUND_S = 0.006  # no MILP round starts with less time left (HiGHS setup, then the assignment)
+
+
+def _covers(plan, num_devices):
+    """Do the plan's groups use every device? (Always, when size 1 is allowed.)"""
+    return sum(size for _, size in plan.groups) == num_devices
+
+
 IMPROVE_BEST = 2  # candidate plans that get the local search
 
 
@@ -655,7 +666,8 @@ def plan_step(lengths, num_devices: int, *, max_sp: int, memory_tokens: int, cos
     plan = _greedy(table, sizes, num_devices, node=node, deadline=deadline if solver == "milp" else math.inf)
     if solver == "milp":
         milp_plan, status, gap = _milp(table, sizes, num_devices, lengths, deadline, plan.predicted_time_s, node)
-        if milp_plan is not None and milp_plan.predicted_time_s < plan.predicted_time_s:
+        if milp_plan is not None and milp_plan.predicted_time_s < plan.predicted_time_s and (
+                _covers(milp_plan, num_devices) or not _covers(plan, num_devices)):
             plan = milp_plan
         plan.solver = "milp" if plan is milp_plan else "milp (greedy kept)"
         plan.status, plan.gap = status, gap if gap is not None else plan.gap

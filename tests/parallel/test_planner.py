@@ -255,3 +255,16 @@ def test_whole_call_cpu_time_under_the_goals():
         assert mid - start < 0.025, mid - start
         assert end - mid < 0.05, end - mid
         assert milp.predicted_time_s <= greedy.predicted_time_s * (1 + 1e-12)
+
+
+@pytest.mark.parametrize("n_dev,sizes", [(5, [5, 4, 2]), (16, [16, 8, 5, 3]), (16, [16, 6, 5, 2])])
+def test_sizes_without_one_still_cover_every_device(n_dev, sizes):
+    """Without size 1, devices left over by a mix cannot form a group: the planner then keeps a
+    plan that uses every device (a static degree or another mix), for greedy and milp."""
+    rng = np.random.default_rng(n_dev + len(sizes))
+    lengths = rng.integers(1, 2000, 80)
+    for solver in ("greedy", "milp"):
+        plan = plan_step(lengths, n_dev, max_sp=n_dev, memory_tokens=4096, cost_model=CM, solver=solver,
+                         time_limit_s=0.5, allowed_sizes=sizes)
+        assert_valid(plan, lengths, n_dev, 4096)
+        assert {s for _, s in plan.groups} <= set(sizes)
