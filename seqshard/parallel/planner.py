@@ -1,17 +1,20 @@
 """Per-step planner for heterogeneity-adaptive scattering (after FlexSP, Wang et al., ASPLOS 2025).
 
-Given the step's sequence lengths and the devices, choose SP groups of power-of-two sizes
-(aligned rank ranges covering the devices) and assign every sequence to one group, minimizing the
+Given the step's sequence lengths and the devices, choose SP groups (contiguous rank ranges of
+the allowed sizes covering the devices) and assign every sequence to one group, minimizing the
 step's makespan (the slowest group's summed sequence times under the cost model) subject to
 memory: a sequence of length L fits a group of d devices when ``L <= d * memory_tokens``.
 
 Solvers:
-- ``greedy``: for a handful of group mixes (every static degree, and mixes built from a
-  makespan target by giving each sequence the smallest group that finishes it in time), assign
-  sequences longest-first to the group that would finish them earliest; keep the best mix.
-- ``milp``: ``scipy.optimize.milp`` (HiGHS) over length buckets, one binary per candidate group
-  and integer counts of each bucket per group, minimizing the makespan within a time limit; the
-  result is never worse than greedy (the better plan is returned, with the MILP status and gap).
+- ``greedy``: the smallest makespan target for which the long sequences, packed whole into whole
+  groups (:meth:`_Packer.pack`), plus the others in the groups' spare time and in singles, fit
+  the devices (bisection); that mix assigned two ways (packed groups kept, or everything
+  longest-first to the earliest finish), the static degrees that can still win, then local
+  search. Deterministic.
+- ``milp``: ``scipy.optimize.milp`` (HiGHS) over length buckets, one integer per group size and
+  each bucket's work shared among sizes, in a bisection on the makespan, within a time limit
+  that bounds the whole call; the result is never worse than greedy (the better plan is
+  returned, with the MILP status and gap).
 Pure functions of lengths and sizes: no torch.distributed.
 """
 from __future__ import annotations
@@ -123,21 +126,46 @@ def _assign(table, sizes, groups, target=None):
     Plain Python floats in the loop: it runs once per candidate mix, several mixes per step."""
     present = list(dict.fromkeys(size for _, size in groups))  # sizes in layout order
     heaps = [[(0.0, g) for g, (_, size) in enumerate(groups) if size == s] for s in present]
-    order = np.argsort(-np.nanmin(np.where(np.isinf(table), np.nan, table), axis=1), kind="stable")
+    order = np.argsort(-table.min(axis=1), kind="stable")  # longest first (every row has a finite time)
     cols = [table[order, sizes.index(s)].tolist() for s in present]  # [size][position in order]
     assignment = [0] * table.shape[0]
     loads = [0.0] * len(groups)
+    if target is None:
+        return _earliest_finish(order.tolist(), cols, heaps, assignment, loads)
     for pos, i in enumerate(order.tolist()):
         best_t, best_k, best_key = math.inf, -1, (2, math.inf)
         for k, heap in enumerate(heaps):
             t = heap[0][0] + cols[k][pos]  # inf where sequence i does not fit size k
-            key = (0, cols[k][pos] * present[k]) if target is not None and t <= target else (1, t)
+            key = (0, cols[k][pos] * present[k]) if t <= target else (1, t)
             if key < best_key:
                 best_t, best_k, best_key = t, k, key
         if best_k < 0:
             return None  # no group in this mix can hold sequence i
         _, g = heapq.heapreplace(heaps[best_k], (best_t, heaps[best_k][0][1]))
         assignment[i], loads[g] = g, best_t
+    return assignment, loads
+
+
+def _earliest_finish(items, cols, heaps, assignment, loads):
+    """The longest-first loop: ``items[pos]`` to the least-loaded group of the size k where it
+    finishes first (``cols[k][pos]`` its time there, inf where it does not fit; ``heaps[k]`` the
+    (load, group) heap of size k). Fills ``assignment`` and ``loads``; ``None`` if an item fits
+    no group."""
+    replace = heapq.heapreplace
+    ks = range(len(heaps))
+    for pos, i in enumerate(items):
+        best_t, best_k = math.inf, -1
+        for k in ks:
+            t = heaps[k][0][0] + cols[k][pos]
+            if t < best_t:
+                best_t, best_k = t, k
+        if best_k < 0:
+            return None
+        heap = heaps[best_k]
+        g = heap[0][1]
+        replace(heap, (best_t, g))
+        assignment[i] = g
+        loads[g] = best_t
     return assignment, loads
 
 
@@ -314,46 +342,177 @@ def _grow_bottleneck(table, sizes, plan, node, tries=3):
     return plan
 
 
+class _Packer:
+    """Group mixes built around the long sequences (:meth:`pack`), with what every target needs
+    precomputed once per step: the sequences longest first (every column of the table is
+    monotone in the length, so "does not fit a single group within the target" is a prefix of
+    that order and the rest a suffix), and per size the running sums of the sequences' times in
+    that order (a fill of a group's spare time is then one ``searchsorted``)."""
+
+    def __init__(self, table, sizes, num_devices, lo=0.0):
+        self.table, self.sizes, self.num_devices = table, sizes, num_devices
+        self.fastest = table.min(axis=1)  # increasing in the length, as every column is
+        self.order = np.argsort(-self.fastest, kind="stable")
+        ordered = table[self.order]
+        self.sorted_small = ordered[:, 0]  # non-increasing; inf where a single cannot hold it
+        self.cum = np.zeros((len(table) + 1, len(sizes)))  # [n + 1, sizes] running sums in that order
+        np.cumsum(np.where(np.isfinite(ordered), ordered, 0.0), axis=0, out=self.cum[1:])
+        # the sequences a target >= lo may leave out of the singles: per sequence its (time,
+        # device-seconds, size index) per size, cheapest device-seconds first, as plain floats
+        top = int(np.searchsorted(-self.sorted_small, -lo, side="left"))
+        eff = ordered[:top] * np.asarray(sizes)
+        by_eff = np.argsort(eff, axis=1, kind="stable")
+        self.choices = [list(zip(t, e, j)) for t, e, j in zip(np.take_along_axis(ordered[:top], by_eff, 1).tolist(),
+                                                               np.take_along_axis(eff, by_eff, 1).tolist(),
+                                                               by_eff.tolist())]
+        self.rows, self.effs = ordered[:top].tolist(), eff.tolist()
+        self.order_list = self.order.tolist()
+
+    def pack(self, target):
+        """``(counts, packed)`` for a makespan ``target``, or ``None`` when it needs more devices
+        than there are; ``packed`` is every group but those of the smallest size as (size index,
+        sequences).
+
+        The sequences no group of the smallest size finishes within ``target`` are packed,
+        longest first, into an open group where they still finish in time (the one spending
+        the fewest device-seconds on them), else into a new group of the size spending the
+        fewest device-seconds on them within ``target`` (the smallest of near-ties). Whole
+        sequences go to whole groups: the integer placement that decides a heavy-tailed step.
+        The groups' spare time, largest groups first, takes the longest other sequences; the
+        rest needs ``ceil(work / target)`` groups of the smallest size."""
+        table, sizes, order = self.table, self.sizes, self.order
+        if self.fastest.max() > target:
+            return None
+        k = int(np.searchsorted(-self.sorted_small, -target, side="left"))  # first one a single finishes
+        if k > len(self.rows):
+            raise ValueError(f"target {target} below the packer's lower bound")
+        gsize, gload, gitems = [], [], []
+        open_ = {}  # size index -> heap of (load, group): an item fits that size iff it fits its least loaded
+        for pos in range(k):
+            row, eff = self.rows[pos], self.effs[pos]
+            best, cost = -1, math.inf
+            for j, heap in open_.items():
+                if heap[0][0] + row[j] <= target and eff[j] < cost:
+                    best, cost = j, eff[j]
+            if best < 0:  # a new group: the smallest size within 0.5% of the cheapest that finishes it
+                cheapest = None
+                for t, e, j in self.choices[pos]:
+                    if t <= target:
+                        if cheapest is None:
+                            cheapest, best = e, j
+                        elif e > cheapest * 1.005:
+                            break
+                        elif j < best:
+                            best = j
+                gsize.append(best)
+                gload.append(0.0)
+                gitems.append([])
+                heapq.heappush(open_.setdefault(best, []), (0.0, len(gsize) - 1))
+            g = open_[best][0][1]
+            gload[g] += row[best]
+            gitems[g].append(self.order_list[pos])
+            heapq.heapreplace(open_[best], (gload[g], g))
+        used = sum(sizes[j] for j in gsize)
+        if used > self.num_devices:
+            return None
+        p, n = k, len(order)  # the sequences order[p:] are not placed yet
+        for g in sorted(range(len(gsize)), key=lambda g: -sizes[gsize[g]]):
+            if p < n and gload[g] < target:
+                col = self.cum[:, gsize[g]]
+                q = int(np.searchsorted(col, col[p] + target - gload[g], side="right")) - 1
+                gitems[g] += order[p:q].tolist()
+                p = max(p, q)
+        work = float(self.cum[n, 0] - self.cum[p, 0])
+        smallest = math.ceil(work / target - 1e-9) if work > 0 else 0
+        used += smallest * sizes[0]
+        if used > self.num_devices:
+            return None
+        counts = {}
+        for j in gsize:
+            counts[sizes[j]] = counts.get(sizes[j], 0) + 1
+        counts[sizes[0]] = counts.get(sizes[0], 0) + smallest + (self.num_devices - used) // sizes[0]
+        return {s: c for s, c in counts.items() if c}, list(zip(gsize, gitems))
+
+
+def _assign_packed(table, sizes, groups, packed):
+    """The packed long sequences stay together (each packed group on a laid-out group of its
+    size); every other sequence, longest first, goes to the group finishing it earliest."""
+    n = table.shape[0]
+    assignment = np.full(n, -1)
+    loads = [0.0] * len(groups)
+    free = {}
+    for g, (_, size) in enumerate(groups):
+        free.setdefault(size, []).append(g)
+    for j, items in packed:
+        g = free[sizes[j]].pop(0)
+        assignment[items] = g
+        loads[g] = float(table[items, j].sum())
+    present = list(dict.fromkeys(size for _, size in groups))
+    heaps = [[(loads[g], g) for g, (_, size) in enumerate(groups) if size == s] for s in present]
+    for heap in heaps:
+        heapq.heapify(heap)
+    rest = np.flatnonzero(assignment < 0)
+    rest = rest[np.argsort(-table[rest].min(axis=1), kind="stable")]
+    cols = [table[rest, sizes.index(s)].tolist() for s in present]
+    result = _earliest_finish(rest.tolist(), cols, heaps, assignment.tolist(), loads)
+    return result
+
+
+def _packed_plans(packer, lo, hi, node, rel_tol=1.5e-3):
+    """Plans from :meth:`_Packer.pack` at the smallest target it fits: the first of the edges
+    1.08 lo, 1.25 lo, hi, 1.5 hi where it fits, then bisection between that edge and the one
+    before it down to ``rel_tol * lo``. Each plan keeps the packed groups and sends the other
+    sequences longest-first to the earliest finish, or sends every sequence longest-first
+    (both kept)."""
+    edges = [lo, 1.08 * lo, 1.25 * lo, max(hi, 1.25 * lo)]
+    edges.append(1.5 * edges[-1])
+    found = {}  # target -> its pack
+    for k in range(1, len(edges)):
+        found[edges[k]] = packer.pack(edges[k])
+        if found[edges[k]] is not None:
+            break
+    else:
+        return []
+    a, b = edges[k - 1], edges[k]
+    for _ in range(max(1, math.ceil(math.log2((b - a) / (rel_tol * lo))))):
+        m = (a + b) / 2
+        found[m] = packer.pack(m)
+        a, b = (a, m) if found[m] else (m, b)
+    plans, table, sizes = [], packer.table, packer.sizes
+    for t in (b, b * 1.02, b * 1.05):  # above the smallest target only when its mix cannot be laid out
+        packed = found[t] if t in found else packer.pack(t)
+        groups = _layout(packed[0], node) if packed else None
+        if groups is None:
+            continue
+        for result in (_assign_packed(table, sizes, groups, packed[1]), _assign(table, sizes, groups)):
+            if result is not None:
+                plans.append(StepPlan(groups, result[0], max(result[1]), result[1], solver="greedy"))
+        if plans:
+            break
+    return plans
+
+
 FULL_SEARCH = False  # True: greedy also evaluates the older mixes (for comparisons in benchmarks)
 
 
 def _greedy(table, sizes, num_devices, keep=2, node=None, deadline=math.inf):
-    """Class mixes at the smallest target that fits (see :func:`_class_mix`), assigned to that
-    target, the best static degrees that can still win, then local search (moves, growing the
-    slowest group). Past ``deadline`` the optional stages are skipped."""
+    """Packed mixes at the smallest target that fits (see :meth:`_Packer.pack`): whole long
+    sequences in whole groups, the others longest-first; the class mixes of
+    :func:`_class_mix` only when no packed mix can be laid out (or ``FULL_SEARCH``); the static
+    degrees that can still win; then local search (moves, growing the slowest group) on the
+    best few. Past ``deadline`` the optional stages are skipped."""
     statics = [{s: num_devices // s} for s in sizes
                if num_devices % s == 0 and np.isfinite(table[:, sizes.index(s)]).all()]
     device_time = (table * np.asarray(sizes)).min(axis=1)  # cheapest device-seconds per sequence
     lo = max(table.min(axis=1).max(), device_time.sum() / num_devices)
     hi = max(lo, min(_fractional_makespan(table, sizes, c) for c in statics)) if statics else lo * 8
-    # the smallest target whose class mix fits the devices (bisection, numpy only), then a few
-    # targets above it: these mixes put short sequences in singles and long ones in the
-    # cheapest group that finishes them in time
-    a, b = lo, hi
-    if _class_mix(table, sizes, num_devices, b) is None:
-        b = None
-    else:
-        for _ in range(8):
-            m = (a + b) / 2
-            a, b = (a, m) if _class_mix(table, sizes, num_devices, m) else (m, b)
-    targets = [b, b * 1.05] if b else []
-    mixes = [_class_mix(table, sizes, num_devices, t) for t in targets]
-    mixes += [_class_mix(table, sizes, num_devices, lo, "floor")]
-    targets += [lo]
-    planned = []
-    for m, t in zip(mixes, targets):
-        if m and not (planned and time.perf_counter() > deadline):
-            planned += [p for p in [_evaluate(table, sizes, m, "greedy", node, t)] if p]
-    mixes = []
-    if not planned or FULL_SEARCH:  # the older candidates: targets spread to the best static, ladders
-        mixes += [m for m in (_mix_for_target(table, sizes, num_devices, t) for t in np.geomspace(lo, hi, 6)) if m]
-        mixes += sorted(_ladders(table, sizes, num_devices), key=lambda m: _fractional_makespan(table, sizes, m))[:keep]
-    unique = {tuple(sorted(m.items())): m for m in mixes}.values()
-    plans = planned + [p for p in (_evaluate(table, sizes, m, "greedy", node) for m in unique) if p]
-    if not plans and not FULL_SEARCH:  # none of the class mixes could be laid out
-        older = [m for m in (_mix_for_target(table, sizes, num_devices, t) for t in np.geomspace(lo, hi, 6)) if m]
-        plans = [p for p in (_evaluate(table, sizes, m, "greedy", node) for m in older + _ladders(table, sizes, num_devices)) if p]
-    best = min((p.predicted_time_s for p in plans), default=np.inf)
+    plans = _packed_plans(_Packer(table, sizes, num_devices, lo), lo, hi, node)
+    if not plans or FULL_SEARCH:
+        plans += _class_plans(table, sizes, num_devices, lo, hi, node, keep)
+    # without size 1 among the sizes, leftover devices may not form a group: such a mix leaves
+    # devices idle; keep it only when no plan covers every device
+    plans = [p for p in plans if _covers(p, num_devices)] or plans
+    best = min((p.predicted_time_s for p in plans if _covers(p, num_devices)), default=np.inf)
     # a static mix has one class, so its estimate is a true lower bound (mean load, longest
     # item): skip the statics that cannot beat the best plan so far
     for m in sorted(statics, key=lambda m: _fractional_makespan(table, sizes, m)):
@@ -363,13 +522,47 @@ def _greedy(table, sizes, num_devices, keep=2, node=None, deadline=math.inf):
         if p:
             plans.append(p)
             best = min(best, p.predicted_time_s)
+    plans = [p for p in plans if _covers(p, num_devices)] or plans
     plans.sort(key=lambda p: p.predicted_time_s)
-    plan = min((_improve(table, sizes, p) for p in plans[:1 if time.perf_counter() > deadline else 2]),
+    plan = min((_improve(table, sizes, p) for p in plans[:1 if time.perf_counter() > deadline else IMPROVE_BEST]),
                key=lambda p: p.predicted_time_s)
     if time.perf_counter() < deadline:
         plan = _grow_bottleneck(table, sizes, plan, node)
     plan.gap = plan.predicted_time_s / lo - 1  # distance to a lower bound of any plan
     return plan
+
+
+MILP_MIN_ROUND_S = 0.006  # no MILP round starts with less time left (HiGHS setup, then the assignment)
+
+
+def _covers(plan, num_devices):
+    """Do the plan's groups use every device? (Always, when size 1 is allowed.)"""
+    return sum(size for _, size in plan.groups) == num_devices
+
+
+IMPROVE_BEST = 2  # candidate plans that get the local search
+
+
+def _class_plans(table, sizes, num_devices, lo, hi, node, keep=2):
+    """The previous greedy's candidates: class mixes at the smallest target that fits (numpy
+    bisection), assigned to that target; failing those, mixes for targets spread up to the best
+    static and ladders."""
+    a, b = lo, hi
+    if _class_mix(table, sizes, num_devices, b) is None:
+        b = None
+    else:
+        for _ in range(8):
+            m = (a + b) / 2
+            a, b = (a, m) if _class_mix(table, sizes, num_devices, m) else (m, b)
+    targets = ([b, b * 1.05] if b else []) + [lo]
+    mixes = [_class_mix(table, sizes, num_devices, t, "ceil" if t != lo else "floor") for t in targets]
+    plans = [p for m, t in zip(mixes, targets) if m for p in [_evaluate(table, sizes, m, "greedy", node, t)] if p]
+    if not plans or FULL_SEARCH:
+        older = [m for m in (_mix_for_target(table, sizes, num_devices, t) for t in np.geomspace(lo, hi, 6)) if m]
+        older += sorted(_ladders(table, sizes, num_devices), key=lambda m: _fractional_makespan(table, sizes, m))[:keep]
+        unique = {tuple(sorted(m.items())): m for m in older}.values()
+        plans += [p for p in (_evaluate(table, sizes, m, "greedy", node) for m in unique) if p]
+    return plans
 
 
 def _buckets(lengths, max_buckets=10):
@@ -419,28 +612,33 @@ def _milp(table, sizes, num_devices, lengths, deadline, upper, node=None):
     picks the group mix; each mix is assigned exactly (class plan at the target, then local
     search). Returns (best plan or None, status, gap to the fractional lower bound).
 
-    ``deadline`` (a ``time.perf_counter()`` value) bounds the whole search: HiGHS gets the time
-    left, and no new MILP starts when less time is left than the slowest one so far took (HiGHS
-    overshoots small limits by its fixed setup cost)."""
+    ``deadline`` (a ``time.perf_counter()`` value, the caller's reserve for what follows
+    already taken off) bounds the whole search: a round (HiGHS, then the assignment of its mix)
+    starts only when the time left exceeds 1.5 times the slowest round so far and at least
+    ``MILP_MIN_ROUND_S`` (HiGHS overshoots small limits by its fixed setup cost), and HiGHS gets
+    the time left less the slowest assignment so far."""
     bucket, nb = _buckets(lengths)
     bwork = np.array([table[bucket == b].sum(axis=0) for b in range(nb)])
     bmax = np.array([table[bucket == b].max(axis=0) for b in range(nb)])
     device_time = (table * np.asarray(sizes)).min(axis=1)
     bound = lo = max(table.min(axis=1).max(), device_time.sum() / num_devices)
-    hi, best, status, slowest = upper, None, "optimal", 0.0
+    hi, best, status, slowest, slowest_assign = upper, None, "optimal", 0.0, 0.0
     while hi - lo > 0.01 * lo:
         now = time.perf_counter()
-        if deadline - now <= slowest:
+        if deadline - now <= max(1.5 * slowest, MILP_MIN_ROUND_S):
             status = "time limit"
             break
         target = (lo + hi) / 2
-        mix = _work_milp(bwork, bmax, sizes, num_devices, target, deadline - now)
+        mix = _work_milp(bwork, bmax, sizes, num_devices, target, deadline - now - max(slowest_assign, 1e-3))
+        solved = time.perf_counter()
         plan = _evaluate(table, sizes, mix, "milp", node, target) if mix else None
+        if plan is not None:
+            plan = _improve(table, sizes, plan)
+        slowest_assign = max(slowest_assign, time.perf_counter() - solved)
         slowest = max(slowest, time.perf_counter() - now)
         if plan is None:
             lo = target
             continue
-        plan = _improve(table, sizes, plan)
         if best is None or plan.predicted_time_s < best.predicted_time_s:
             best = plan
         hi = target
@@ -455,18 +653,21 @@ def plan_step(lengths, num_devices: int, *, max_sp: int, memory_tokens: int, cos
     With ``solver="milp"``, ``time_limit_s`` bounds the whole call (table, greedy seed and MILP):
     when the MILP cannot finish, the best plan so far is returned with ``status="time limit"``
     and its ``gap`` to the lower bound; the greedy seed then skips its optional refinements
-    past the limit too. ``solver="greedy"`` ignores the limit (same plan on every call)."""
+    past the limit too. The search stops at 90% of the limit, keeping the rest as a margin for
+    the last steps and a loaded machine. ``solver="greedy"`` ignores the limit (same plan on
+    every call)."""
     start = time.perf_counter()
-    deadline = start + time_limit_s
+    deadline = start + 0.9 * time_limit_s  # a tenth is kept for what follows the search (methods)
     lengths = np.asarray(lengths, dtype=np.int64)
-    sizes = list(allowed_sizes or allowed_group_sizes(num_devices, max_sp, getattr(cost_model, "n_heads", None)))
+    sizes = sorted(set(allowed_sizes or allowed_group_sizes(num_devices, max_sp, getattr(cost_model, "n_heads", None))))
     table = _time_table(lengths, sizes, memory_tokens, cost_model)
     node = getattr(getattr(cost_model, "profile", None), "devices_per_node", None)
     # the greedy alone is deterministic (no deadline); as the MILP's seed it yields to the limit
     plan = _greedy(table, sizes, num_devices, node=node, deadline=deadline if solver == "milp" else math.inf)
     if solver == "milp":
         milp_plan, status, gap = _milp(table, sizes, num_devices, lengths, deadline, plan.predicted_time_s, node)
-        if milp_plan is not None and milp_plan.predicted_time_s < plan.predicted_time_s:
+        if milp_plan is not None and milp_plan.predicted_time_s < plan.predicted_time_s and (
+                _covers(milp_plan, num_devices) or not _covers(plan, num_devices)):
             plan = milp_plan
         plan.solver = "milp" if plan is milp_plan else "milp (greedy kept)"
         plan.status, plan.gap = status, gap if gap is not None else plan.gap
