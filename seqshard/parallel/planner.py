@@ -679,11 +679,20 @@ def plan_step(lengths, num_devices: int, *, max_sp: int, memory_tokens: int, cos
 
 
 def _set_methods(plan, lengths, cost_model):
-    """Each group's method: the cost model's fastest for the longest sequence it was given."""
-    longest = np.zeros(len(plan.groups), dtype=np.int64)
-    np.maximum.at(longest, np.asarray(plan.assignment, dtype=np.int64), lengths)
-    plan.methods = [cost_model.method_for(max(int(n), 1), size) if size > 1 else "local"
-                    for n, (_, size) in zip(longest, plan.groups)]
+    """Each group's method: the cost model's fastest over the sequences it was given (least summed
+    time: a group of many short sequences may want another method than its longest alone)."""
+    assignment = np.asarray(plan.assignment, dtype=np.int64)
+    lengths = np.asarray(lengths, dtype=np.float64)
+    group_size = np.array([size for _, size in plan.groups])
+    plan.methods = ["local"] * len(plan.groups)
+    for size in set(group_size[group_size > 1].tolist()):  # one vectorized call per size and method
+        mine = group_size[assignment] == size
+        methods = cost_model.methods(size)
+        sums = np.stack([np.bincount(assignment[mine], weights=cost_model.method_time(lengths[mine], size, m)
+                                     * np.ones(int(mine.sum())), minlength=len(plan.groups)) for m in methods])
+        for g in np.flatnonzero(group_size == size):
+            empty = not sums[:, g].any()  # a group given nothing: the method of a one-token sequence
+            plan.methods[g] = cost_model.method_for(1, size) if empty else methods[int(sums[:, g].argmin())]
 
 
 def static_plan(lengths, num_devices: int, sp: int, *, memory_tokens: int, cost_model) -> StepPlan:
