@@ -87,9 +87,10 @@ class CostModel:
         return p.collective_latency_s
 
     def fit(self, d: int, method: str):
-        """The calibrated ``(c0, c1, c2)`` of one micro-batch on d devices running ``method``
-        (``HardwareProfile.microbatch_fit``), or None."""
-        return next((tuple(f[2:]) for f in self.profile.microbatch_fit if f[0] == d and f[1] == method), None)
+        """The calibrated ``(c0, c1, c2, c3)`` of one micro-batch on d devices running ``method``
+        (``HardwareProfile.microbatch_fit``; c3 0 when the file has none), or None."""
+        coef = next((tuple(f[2:]) for f in self.profile.microbatch_fit if f[0] == d and f[1] == method), None)
+        return None if coef is None else (coef + (0.0,))[:4]
 
     def methods(self, d: int) -> list[str]:
         """SP methods a group of d devices can run: ulysses when d <= the head count (uneven heads
@@ -127,7 +128,7 @@ class CostModel:
         fit = self.fit(d, method)
         if fit is not None:
             share = np.asarray(length, dtype=np.float64) / (d * self.pack_tokens) if self.pack_tokens else 1.0
-            return fit[0] * share + fit[1] * length + fit[2] * np.asarray(length, dtype=np.float64) ** 2
+            return fit[0] * share + fit[1] * length + fit[2] * np.asarray(length, dtype=np.float64) ** 2 + fit[3]
         if method == "local":
             return self.compute_time(length, d)
         if method == "ulysses":  # the rank with the most heads sets the pace: ceil(H/d) of H
@@ -181,7 +182,7 @@ class CostModel:
         total = float(docs.sum())
         fit = self.fit(d, method)
         if fit is not None:
-            return fit[0] + fit[1] * total + fit[2] * float((docs ** 2).sum())
+            return fit[0] + fit[1] * total + fit[2] * float((docs ** 2).sum()) + fit[3] * len(docs)
         attn = float(self.attention_compute_time(docs, d).sum())
         linear = float(self.compute_time(docs, d).sum()) - attn
         overhead = self.profile.microbatch_overhead_s

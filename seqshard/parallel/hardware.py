@@ -32,8 +32,9 @@ class HardwareProfile:
     # fitted fixed costs: per micro-batch (launch, Python), and per step (optimizer, grad sync)
     microbatch_overhead_s: float = 0.0
     step_overhead_s: float = 0.0
-    # measured seconds of one micro-batch per group size and method, ((size, method, c0, c1, c2),
-    # ...): c0 + c1 * tokens + c2 * sum of squared document lengths (``seqshard calibrate --spec``);
+    # measured seconds of one micro-batch per group size and method, ((size, method, c0, c1, c2, c3),
+    # ...): c0 + c1 * tokens + c2 * sum of squared document lengths + c3 * documents
+    # (``seqshard calibrate --spec``);
     # where present it replaces the FLOP/s and bandwidth terms for that size and method
     microbatch_fit: tuple = ()
 

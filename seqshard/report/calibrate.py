@@ -146,8 +146,10 @@ def measure_compute_side_by_side(model_cfg, ranks: int = 2) -> dict:
 
 
 # (tokens, document length) of the micro-batches timed per group size and method: single documents
-# give the per-token and fixed terms, packed short ones separate the attention (sum of L^2) term
-MICROBATCH_CASES = ((256, 256), (512, 512), (1024, 1024), (2048, 2048), (1024, 128), (2048, 256))
+# give the per-token and fixed terms, packed short ones separate the attention (sum of L^2) and the
+# per-document terms (attention runs document by document)
+MICROBATCH_CASES = ((256, 256), (512, 512), (1024, 1024), (2048, 2048), (1024, 128), (2048, 256), (1024, 32),
+                    (2048, 64))
 
 
 def _time_microbatches(model, args, repeat: int) -> float:
@@ -209,21 +211,22 @@ def _microbatch_worker(rank, init_file, model_cfg, cases, repeat, queue):
 
 
 def fit_microbatches(times: dict) -> list:
-    """``[size, method, c0, c1, c2]`` per method: least squares of the RELATIVE error of
-    ``t = c0 + c1 T + c2 sum(L^2)`` over the cases (T tokens of documents of length L; relative,
-    so the short micro-batches count as much as the long ones), coefficients kept >= 0."""
+    """``[size, method, c0, c1, c2, c3]`` per method: least squares of the RELATIVE error of
+    ``t = c0 + c1 T + c2 sum(L^2) + c3 docs`` over the cases (T tokens in T / L documents of
+    length L; relative, so the short micro-batches count as much as the long ones), coefficients
+    kept >= 0."""
     fits = []
     for method, size in (("local", 1), ("ulysses", 2), ("ring", 2)):
-        rows = [(tokens, tokens * doc, t) for (m, tokens, doc), t in times.items() if m == method]
+        rows = [(tokens, doc, t) for (m, tokens, doc), t in times.items() if m == method]
         t = np.array([r[2] for r in rows])
-        a = np.array([[1.0, n, sq] for n, sq, _ in rows]) / t[:, None]
+        a = np.array([[1.0, n, n * doc, n / doc] for n, doc, _ in rows]) / t[:, None]
         t = np.ones(len(rows))
         coef = np.linalg.lstsq(a, t, rcond=None)[0]
-        if (coef < 0).any():  # refit without the terms that came out negative (noise)
-            keep = coef >= 0
-            coef = np.zeros(3)
+        while (coef < 0).any():  # refit without the terms that came out negative (noise)
+            keep = coef > 0
+            coef = np.zeros(4)
             coef[keep] = np.linalg.lstsq(a[:, keep], t, rcond=None)[0]
-        fits.append([size, method, *np.maximum(coef, 0.0).tolist()])
+        fits.append([size, method, *coef.tolist()])
     return fits
 
 
@@ -321,9 +324,10 @@ def calibrate_model(model_cfg, name: str = "calibrated", devices_per_node: int =
 
 def summarize(profile: dict) -> str:
     """A few readable lines about a ``calibrate_model`` profile (what ``seqshard calibrate --spec`` prints)."""
-    lines = ["one micro-batch, seconds = c0 + c1 x tokens + c2 x sum of squared document lengths:"]
-    lines += [f"  group of {size} {method:<8} c0 {1e3 * c0:7.2f} ms  c1 {1e6 * c1:7.2f} us/token  c2 {1e9 * c2:7.3f} ns/token^2"
-              for size, method, c0, c1, c2 in profile.get("microbatch_fit", ())]
+    lines = ["one micro-batch, seconds = c0 + c1 x tokens + c2 x sum of squared document lengths + c3 x documents:"]
+    lines += [f"  group of {size} {method:<8} c0 {1e3 * c[0]:7.2f} ms  c1 {1e6 * c[1]:7.2f} us/token  "
+              f"c2 {1e9 * c[2]:7.3f} ns/token^2  c3 {1e3 * (c[3:] or (0.0,))[0]:6.3f} ms/document"
+              for size, method, *c in profile.get("microbatch_fit", ())]
     trainer = (profile.get("measured") or {}).get("trainer_fit")
     if trainer:
         scales = ", ".join(f"{m} x{k:.2f}" for m, k in trainer["scale"].items())

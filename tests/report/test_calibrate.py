@@ -119,8 +119,9 @@ def test_spec_names_a_calibration_file_and_is_refused_when_it_does_not_match(tmp
 def test_microbatch_fit_recovers_known_costs_and_drives_the_cost_model():
     from seqshard.report.calibrate import MICROBATCH_CASES, fit_microbatches
 
-    true = {"local": (0.003, 2e-5, 2e-8), "ulysses": (0.01, 1.5e-5, 1e-8), "ring": (0.008, 2.5e-5, 5e-9)}
-    times = {(m, n, doc): c[0] + c[1] * n + c[2] * n * doc for m, c in true.items() for n, doc in MICROBATCH_CASES}
+    true = {"local": (0.003, 2e-5, 2e-8, 1e-4), "ulysses": (0.01, 1.5e-5, 1e-8, 3e-4), "ring": (0.008, 2.5e-5, 5e-9, 5e-4)}
+    times = {(m, n, doc): c[0] + c[1] * n + c[2] * n * doc + c[3] * n / doc
+             for m, c in true.items() for n, doc in MICROBATCH_CASES}
     fits = fit_microbatches(times)
     assert [f[:2] for f in fits] == [[1, "local"], [2, "ulysses"], [2, "ring"]]
     for size, method, *coef in fits:
@@ -131,13 +132,18 @@ def test_microbatch_fit_recovers_known_costs_and_drives_the_cost_model():
     assert cm.methods(2) == ["ulysses", "ring"] and cm.methods(1) == ["local"]
     # one micro-batch of documents 300 + 200: c0 + c1 T + c2 sum(L^2)
     c = true["ulysses"]
-    assert cm.microbatch_time([300, 200], 2, "ulysses") == pytest.approx(c[0] + c[1] * 500 + c[2] * (300**2 + 200**2))
+    assert cm.microbatch_time([300, 200], 2, "ulysses") == pytest.approx(
+        c[0] + c[1] * 500 + c[2] * (300**2 + 200**2) + 2 * c[3])
     # a sequence alone pays a whole micro-batch's fixed cost, packed (pack_tokens) its share
-    assert cm.method_time(300, 2, "ring") == pytest.approx(0.008 + 2.5e-5 * 300 + 5e-9 * 300**2)
+    assert cm.method_time(300, 2, "ring") == pytest.approx(0.008 + 2.5e-5 * 300 + 5e-9 * 300**2 + 5e-4)
     from dataclasses import replace
 
     packed = replace(cm, pack_tokens=1000)
-    assert packed.method_time(300, 2, "ring") == pytest.approx(0.008 * 300 / 2000 + 2.5e-5 * 300 + 5e-9 * 300**2)
+    assert packed.method_time(300, 2, "ring") == pytest.approx(0.008 * 300 / 2000 + 2.5e-5 * 300 + 5e-9 * 300**2
+                                                               + 5e-4)
+    # a profile written before the per-document term (5-tuples) reads it as 0
+    old = CostModel.from_model_config(cfg, profile.with_(microbatch_fit=((2, "ring", 0.008, 2.5e-5, 5e-9),)), 4)
+    assert old.microbatch_time([300], 2, "ring") == pytest.approx(0.008 + 2.5e-5 * 300 + 5e-9 * 300**2)
     assert packed.method_for(300, 2) == min(("ulysses", "ring"), key=lambda m: float(packed.method_time(300, 2, m)))
     # a size without fits keeps the analytic terms
     assert cm.methods(4) == ["ulysses", "ring"] and cm.time(1000, 4) > 0
