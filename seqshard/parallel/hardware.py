@@ -37,6 +37,9 @@ class HardwareProfile:
     # (``seqshard calibrate --spec``);
     # where present it replaces the FLOP/s and bandwidth terms for that size and method
     microbatch_fit: tuple = ()
+    # measured extra seconds of an adaptive step over a static one (planning, regrouping, the ranks
+    # waiting for each other after unequal groups): from ``seqshard calibrate --spec``'s adaptive run
+    adaptive_step_s: float = 0.0
 
     def with_(self, **changes) -> "HardwareProfile":
         return replace(self, **changes)

@@ -293,7 +293,45 @@ def fit_trainer_runs(spec_path, overrides, profile: dict, steps: int = 10) -> di
             runs.append({"method": method, "step_s": [m["step_time_s"] for m in metrics], "micro_batch_s": loop,
                          "predicted_s": predicted, "scale": sum(loop) / sum(predicted)})
             rest += [m["step_time_s"] - m["micro_batch_s"] for m in metrics]
-    return {"scale": {r["method"]: r["scale"] for r in runs}, "step_s": float(np.mean(rest)), "runs": runs}
+        fit = {"scale": {r["method"]: r["scale"] for r in runs}, "step_s": float(np.mean(rest)), "runs": runs}
+        fit["adaptive_step_s"] = _fit_adaptive_run(spec_path, overrides, profile, fit, steps, tmp, env)
+    return fit
+
+
+def _fit_adaptive_run(spec_path, overrides, profile: dict, fit: dict, steps: int, tmp: str, env) -> float:
+    """The adaptive runtime's own per-step cost (planning on rank 0, the plan's broadcast, regrouping,
+    the ranks' gradient all-reduce after unequal groups): the spec trained adaptively on 2 ranks
+    (max_sp 2, memory_tokens half of max_seq_len, so the longest documents need a group of two),
+    planned with the scaled fits; the mean of measured minus predicted step time."""
+    import subprocess
+    import sys
+
+    from seqshard.launch.spec import load_spec
+    from seqshard.parallel.cost_model import CostModel
+    from seqshard.parallel.hardware import HardwareProfile
+
+    from .step_model import predict_steps
+
+    scaled = {k: v for k, v in profile.items() if k != "measured"}
+    scaled["microbatch_fit"] = tuple((size, m, *(fit["scale"][m] * c for c in cs))
+                                     for size, m, *cs in profile["microbatch_fit"])
+    scaled["step_overhead_s"] = fit["step_s"]
+    path, out = os.path.join(tmp, "scaled.json"), os.path.join(tmp, "adaptive")
+    spec = load_spec(spec_path, list(overrides))
+    save_profile(scaled, path, spec.model)
+    sets = [*overrides, "parallel.sp_method=adaptive", "parallel.sp=1", "parallel.max_sp=2",
+            f"parallel.planner.memory_tokens={max(1, spec.data.max_seq_len // 2)}", f"parallel.planner.profile={path}",
+            f"train.steps={steps}", "train.checkpoint_every=0", "launch.nproc_per_node=2", "train.log_every=1000000",
+            f"train.output_dir={out}"]
+    subprocess.run([sys.executable, "-m", "seqshard", "launch", str(spec_path), *[f"--set={x}" for x in sets]],
+                   env=env, check=True, capture_output=True)
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        measured = [json.loads(line)["step_time_s"] for line in f][1:]
+    spec = load_spec(spec_path, sets)
+    cm = CostModel.from_model_config(spec.model, HardwareProfile(**scaled), 2 if spec.train.dtype == "bfloat16" else 4)
+    predicted = predict_steps(spec, cm, 2, steps)[1:]
+    fit["runs"].append({"method": "adaptive", "step_s": measured, "predicted_s": predicted})
+    return float(np.mean(measured) - np.mean(predicted))
 
 
 def calibrate_model(model_cfg, name: str = "calibrated", devices_per_node: int = 2, bytes_per_element: int = 4,
@@ -318,6 +356,7 @@ def calibrate_model(model_cfg, name: str = "calibrated", devices_per_node: int =
         scale = trainer["scale"]
         profile["microbatch_fit"] = tuple((size, m, *(scale[m] * c for c in cs)) for size, m, *cs in mb["fits"])
         profile["step_overhead_s"] = trainer["step_s"]
+        profile["adaptive_step_s"] = trainer["adaptive_step_s"]
         profile["measured"]["trainer_fit"] = trainer
     return profile
 
@@ -333,7 +372,8 @@ def summarize(profile: dict) -> str:
         scales = ", ".join(f"{m} x{k:.2f}" for m, k in trainer["scale"].items())
         steps = len(trainer["runs"][0]["step_s"]) + 1
         lines.append(f"scaled by {steps}-step 2-rank training runs of the spec ({scales}); "
-                     f"per-step cost {1e3 * profile['step_overhead_s']:.1f} ms")
+                     f"per-step cost {1e3 * profile['step_overhead_s']:.1f} ms, "
+                     f"{1e3 * profile.get('adaptive_step_s', 0.0):+.1f} ms more per adaptive step")
     lines.append(f"all-to-all over 2 processes: {profile['intra_node_bw'] / 1e9:.2f} GB/s, "
                  f"{1e3 * profile['collective_latency_s']:.3f} ms per call")
     return "\n".join(lines)

@@ -8,7 +8,8 @@ For every step of the spec's data (rebuilt from its seed), each rank's micro-bat
 - adaptive: rank 0's plan (:func:`~seqshard.parallel.phases.plan_phased`), each group's documents
   packed as :class:`~seqshard.parallel.adaptive.AdaptiveScatter` packs them.
 Each micro-batch is priced by :meth:`CostModel.microbatch_time`; a step is its slowest replica or
-group (summed over an adaptive step's phases) plus the profile's per-step cost.
+group (summed over an adaptive step's phases) plus the profile's per-step cost (and its
+``adaptive_step_s`` for an adaptive step).
 """
 from __future__ import annotations
 
@@ -53,8 +54,10 @@ def predict_steps(spec, cost_model, world: int, steps: int | None = None, corpus
     from seqshard.train.trainer import build_batch_builder
 
     builder = build_batch_builder(spec, corpus if corpus is not None else load_data(spec, 0)[0])
+    per_step = cost_model.profile.step_overhead_s
+    per_step += cost_model.profile.adaptive_step_s if spec.parallel.sp_method == "adaptive" else 0.0
     out = []
     for _ in range(steps or spec.train.steps):
         phases = step_phases(spec, builder.next_batch(), cost_model, world)
-        out.append(sum(max(sum(g) for g in groups) for groups in phases) + cost_model.profile.step_overhead_s)
+        out.append(sum(max(sum(g) for g in groups) for groups in phases) + per_step)
     return out

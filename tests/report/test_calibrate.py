@@ -1,5 +1,6 @@
 import math
 
+import numpy as np
 import pytest
 
 from seqshard.report.calibrate import calibrate
@@ -88,9 +89,12 @@ def test_calibrate_model_fits_group_sizes_one_and_two(tmp_path):
     assert profile["latency_by_group_size"][0][0] == 2 and profile["step_overhead_s"] > 0
     assert [f[:2] for f in profile["microbatch_fit"]] == [(1, "local"), (2, "ulysses"), (2, "ring")]
     trainer = profile["measured"]["trainer_fit"]
-    assert [r["method"] for r in trainer["runs"]] == ["local", "ulysses", "ring"]
-    for run in trainer["runs"]:  # 3 steps each after the first, every one measured and predicted
+    assert [r["method"] for r in trainer["runs"]] == ["local", "ulysses", "ring", "adaptive"]
+    for run in trainer["runs"][:3]:  # 3 steps each after the first, every one measured and predicted
         assert len(run["micro_batch_s"]) == len(run["predicted_s"]) == 3 and run["scale"] > 0
+    adaptive = trainer["runs"][3]
+    assert len(adaptive["step_s"]) == len(adaptive["predicted_s"]) == 3
+    assert profile["adaptive_step_s"] == pytest.approx(np.mean(adaptive["step_s"]) - np.mean(adaptive["predicted_s"]))
     save_profile(profile, tmp_path / "cal.json", cfg)
     loaded = profile_of(str(tmp_path / "cal.json"))
     assert loaded.latency_by_group_size == ((2, profile["collective_latency_s"]),)
