@@ -230,7 +230,7 @@ def fit_microbatches(times: dict) -> list:
     return fits
 
 
-def measure_microbatches(model_cfg, repeat: int = 3, cases=MICROBATCH_CASES) -> dict:
+def measure_microbatches(model_cfg, repeat: int = 5, cases=MICROBATCH_CASES) -> dict:
     """Per group size and method, the fit of one micro-batch's seconds (:func:`fit_microbatches`)
     from 2 processes running the adaptive runtime's path, and the per-step seconds."""
     ctx = mp.get_context("spawn")
@@ -335,7 +335,7 @@ def _fit_adaptive_run(spec_path, overrides, profile: dict, fit: dict, steps: int
 
 
 def calibrate_model(model_cfg, name: str = "calibrated", devices_per_node: int = 2, bytes_per_element: int = 4,
-                    spec_path=None, overrides=(), trainer_steps: int = 10):
+                    spec_path=None, overrides=(), trainer_steps: int = 20):
     """A profile fitted on the model itself (see the module docstring), plus the raw
     measurements under ``"measured"`` (not a profile field: pop it before building one). With
     ``spec_path``, the micro-batch fits are then scaled and the per-step cost set by
