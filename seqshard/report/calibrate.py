@@ -5,14 +5,16 @@ over a real 2-process gloo/NCCL group on this host, all-to-all bandwidth and per
 latency (the communication terms).
 
 With a model (``seqshard calibrate --spec SPEC``), every term is fitted by measuring that model:
-- group size 1 (compute): forward + backward of the model on one process (one thread, as one
-  rank of a launch) over single documents of several lengths; least squares of
-  ``t = overhead + FLOPs(L) / F`` (FLOPs from the cost model) gives the effective FLOP/s F
-  (``peak_flops`` with ``mfu`` 1) and the fixed cost per micro-batch;
-- group size 2 (communication): all-to-all over 2 processes at a small and a large message,
-  giving that size's per-call latency and bandwidth (``latency_by_group_size``,
+- the analytic terms, for group sizes the machine cannot run: effective FLOP/s and a fixed cost
+  per micro-batch from forward + backward on one process (``t = overhead + FLOPs(L) / F``), and
+  all-to-all latency and bandwidth over 2 processes (``latency_by_group_size``,
   ``bw_by_group_size``);
-- per step: the AdamW step over the model's parameters plus an all-reduce of their gradients.
+- per group size and method the machine can run (1: local; 2: Ulysses, Ring), one micro-batch's
+  seconds ``c0 + c1 T + c2 sum(L^2) + c3 docs`` (``microbatch_fit``), timed on 2 processes through
+  the adaptive runtime's own attention path (:func:`measure_microbatches`);
+- those fits scaled, and the per-step cost set, from short 2-rank training runs of the spec itself
+  (:func:`fit_trainer_runs`), and the adaptive runtime's extra per-step cost from an adaptive run
+  (``adaptive_step_s``).
 Saved with ``--out FILE.json``, ``parallel.planner.profile: FILE.json`` makes the adaptive
 planner use the fit (refused on another machine kind or model shape).
 """
