@@ -130,7 +130,8 @@ def main():
                               "peak_mem_mb": max(r.get("peak_mem_mb", 0) or 0 for r in metrics),
                               "micro_batch_s": float(np.mean([r["micro_batch_s"] for r in metrics[1:]])),
                               "plans": [r.get("plan_phases") for r in metrics]}
-        spec = load_spec(ROOT / "examples/tiny.yaml", base(args.steps, max_len, source) + runs(memory, calibration)["adaptive"])
+        sets = base(args.steps, max_len, source) + runs(memory, calibration)["adaptive"]
+        spec = load_spec(ROOT / "examples/tiny.yaml", sets)
         cm = CostModel.from_model_config(spec.model, get_profile(str(calibration)), bytes_per_element=4)
         pred = predictions(spec, cm, args.steps)
         a, b = np.array(measured["adaptive"]["losses"]), np.array(measured["static_sp2"]["losses"])

@@ -3,7 +3,8 @@
 Every rank holds a full replica. Group sizes need not be powers of two (3, 6, 12, ...; FCP-style
 arbitrary degrees) and groups need not be aligned: a plan's groups are contiguous rank ranges.
 Each step, rank 0 plans from the step's document lengths
-(:func:`seqshard.parallel.planner.plan_step`) and broadcasts the plan; every rank then creates
+(:func:`seqshard.parallel.phases.plan_phased`: one phase of groups, or the long documents' groups
+then the rest, one after the other) and broadcasts the plan; every rank then creates
 the process groups of that plan it has not seen yet, in plan order (``dist.new_group`` is
 collective, and the broadcast plan is the same everywhere), keeps them for later steps, finds
 the group it belongs to, packs that group's
@@ -146,8 +147,8 @@ class AdaptiveScatter:
         self.sizes = allowed_group_sizes(world_size, p.max_sp, spec.model.n_heads)
         self.groups = {}  # (first, size) -> ProcessGroup, created when a plan first uses them
         bytes_per_element = 2 if spec.train.dtype == "bfloat16" else 4
-        self.cost_model = replace(CostModel.from_model_config(spec.model, get_profile(p.planner.profile), bytes_per_element),
-                                  pack_tokens=self.memory_tokens)  # each group packs d x memory_tokens per micro-batch
+        cost_model = CostModel.from_model_config(spec.model, get_profile(p.planner.profile), bytes_per_element)
+        self.cost_model = replace(cost_model, pack_tokens=self.memory_tokens)  # d x memory_tokens per micro-batch
         self.usp_groups = {}
         self.last = {}
         install_adaptive(model)

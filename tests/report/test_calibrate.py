@@ -123,7 +123,8 @@ def test_spec_names_a_calibration_file_and_is_refused_when_it_does_not_match(tmp
 def test_microbatch_fit_recovers_known_costs_and_drives_the_cost_model():
     from seqshard.report.calibrate import MICROBATCH_CASES, fit_microbatches
 
-    true = {"local": (0.003, 2e-5, 2e-8, 1e-4), "ulysses": (0.01, 1.5e-5, 1e-8, 3e-4), "ring": (0.008, 2.5e-5, 5e-9, 5e-4)}
+    true = {"local": (0.003, 2e-5, 2e-8, 1e-4), "ulysses": (0.01, 1.5e-5, 1e-8, 3e-4),
+            "ring": (0.008, 2.5e-5, 5e-9, 5e-4)}
     times = {(m, n, doc): c[0] + c[1] * n + c[2] * n * doc + c[3] * n / doc
              for m, c in true.items() for n, doc in MICROBATCH_CASES}
     fits = fit_microbatches(times)
