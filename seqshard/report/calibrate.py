@@ -255,6 +255,35 @@ TRAINER_RUNS = (("local", ["parallel.sp_method=none", "parallel.sp=1"]),
                 ("ring", ["parallel.sp_method=ring", "parallel.sp=2"]))
 
 
+def _scale_fits(fits, scale: dict) -> tuple:
+    """``microbatch_fit`` entries with every coefficient of a method multiplied by ``scale[method]``."""
+    return tuple((size, m, *(scale[m] * c for c in cs)) for size, m, *cs in fits)
+
+
+def _train_and_predict(spec_path, sets, profile_fields: dict, steps: int, out: str):
+    """Train the spec with ``sets`` for ``steps`` steps on 2 ranks (``seqshard launch``, one thread
+    per rank); (its metrics, the predicted step seconds from ``profile_fields``), first step left out."""
+    import subprocess
+    import sys
+
+    from seqshard.launch.spec import load_spec
+    from seqshard.parallel.cost_model import CostModel
+    from seqshard.parallel.hardware import HardwareProfile
+
+    from .step_model import predict_steps
+
+    sets = [*sets, f"train.steps={steps}", "train.checkpoint_every=0", "launch.nproc_per_node=2",
+            "train.log_every=1000000", f"train.output_dir={out}"]
+    subprocess.run([sys.executable, "-m", "seqshard", "launch", str(spec_path), *[f"--set={x}" for x in sets]],
+                   env=dict(os.environ, OMP_NUM_THREADS="1"), check=True, capture_output=True)
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        metrics = [json.loads(line) for line in f][1:]
+    spec = load_spec(spec_path, sets)
+    cm = CostModel.from_model_config(spec.model, HardwareProfile(**profile_fields),
+                                     2 if spec.train.dtype == "bfloat16" else 4)
+    return metrics, predict_steps(spec, cm, 2, steps)[1:]
+
+
 def fit_trainer_runs(spec_path, overrides, profile: dict, steps: int = 10) -> dict:
     """End-to-end fit on real training: the spec trained for ``steps`` steps on 2 ranks
     (``seqshard launch``) once per layout of :data:`TRAINER_RUNS`, each step's measured time
@@ -264,76 +293,37 @@ def fit_trainer_runs(spec_path, overrides, profile: dict, steps: int = 10) -> di
       trainer's ``micro_batch_s``), which takes up what timing micro-batches alone misses (the
       trainer's loop, allocator and cache state, the ranks waiting for each other);
     - ``step_s``: the mean of the rest of a step (batch building, planning, optimizer, loss
-      all-reduce, logging), over all runs.
-    Returns ``{"scale": {method: k}, "step_s": s, "runs": [...]}``."""
-    import subprocess
-    import sys
-
+      all-reduce, logging), over all runs;
+    - ``adaptive_step_s``: the adaptive runtime's own per-step cost (planning on rank 0, the plan's
+      broadcast, regrouping, the ranks' gradient all-reduce after unequal groups): the spec
+      trained adaptively (max_sp 2, memory_tokens half of max_seq_len, so the longest documents
+      need a group of two), planned with the scaled fits; its mean measured minus predicted step.
+    Returns ``{"scale": {method: k}, "step_s": s, "adaptive_step_s": a, "runs": [...]}``."""
     from seqshard.launch.spec import load_spec
-    from seqshard.parallel.cost_model import CostModel
-    from seqshard.parallel.hardware import HardwareProfile
-
-    from .step_model import predict_steps
 
     fields = {k: v for k, v in profile.items() if k != "measured"}
-    hw = HardwareProfile(**{**fields, "step_overhead_s": 0.0})
     runs, rest = [], []
-    env = dict(os.environ, OMP_NUM_THREADS="1")
     with tempfile.TemporaryDirectory() as tmp:
         for method, sets in TRAINER_RUNS:
-            out = os.path.join(tmp, method)
-            sets = [*overrides, *sets, f"train.steps={steps}", "train.checkpoint_every=0", "launch.nproc_per_node=2",
-                    "train.log_every=1000000", f"train.output_dir={out}"]
-            subprocess.run([sys.executable, "-m", "seqshard", "launch", str(spec_path), *[f"--set={x}" for x in sets]],
-                           env=env, check=True, capture_output=True)
-            with open(os.path.join(out, "metrics.jsonl")) as f:
-                metrics = [json.loads(line) for line in f][1:]
-            spec = load_spec(spec_path, sets)
-            cm = CostModel.from_model_config(spec.model, hw, 2 if spec.train.dtype == "bfloat16" else 4)
-            predicted = predict_steps(spec, cm, 2, steps)[1:]
+            metrics, predicted = _train_and_predict(spec_path, [*overrides, *sets], {**fields, "step_overhead_s": 0.0},
+                                                    steps, os.path.join(tmp, method))
             loop = [m["micro_batch_s"] for m in metrics]
             runs.append({"method": method, "step_s": [m["step_time_s"] for m in metrics], "micro_batch_s": loop,
                          "predicted_s": predicted, "scale": sum(loop) / sum(predicted)})
             rest += [m["step_time_s"] - m["micro_batch_s"] for m in metrics]
-        fit = {"scale": {r["method"]: r["scale"] for r in runs}, "step_s": float(np.mean(rest)), "runs": runs}
-        fit["adaptive_step_s"] = _fit_adaptive_run(spec_path, overrides, profile, fit, steps, tmp, env)
-    return fit
-
-
-def _fit_adaptive_run(spec_path, overrides, profile: dict, fit: dict, steps: int, tmp: str, env) -> float:
-    """The adaptive runtime's own per-step cost (planning on rank 0, the plan's broadcast, regrouping,
-    the ranks' gradient all-reduce after unequal groups): the spec trained adaptively on 2 ranks
-    (max_sp 2, memory_tokens half of max_seq_len, so the longest documents need a group of two),
-    planned with the scaled fits; the mean of measured minus predicted step time."""
-    import subprocess
-    import sys
-
-    from seqshard.launch.spec import load_spec
-    from seqshard.parallel.cost_model import CostModel
-    from seqshard.parallel.hardware import HardwareProfile
-
-    from .step_model import predict_steps
-
-    scaled = {k: v for k, v in profile.items() if k != "measured"}
-    scaled["microbatch_fit"] = tuple((size, m, *(fit["scale"][m] * c for c in cs))
-                                     for size, m, *cs in profile["microbatch_fit"])
-    scaled["step_overhead_s"] = fit["step_s"]
-    path, out = os.path.join(tmp, "scaled.json"), os.path.join(tmp, "adaptive")
-    spec = load_spec(spec_path, list(overrides))
-    save_profile(scaled, path, spec.model)
-    sets = [*overrides, "parallel.sp_method=adaptive", "parallel.sp=1", "parallel.max_sp=2",
-            f"parallel.planner.memory_tokens={max(1, spec.data.max_seq_len // 2)}", f"parallel.planner.profile={path}",
-            f"train.steps={steps}", "train.checkpoint_every=0", "launch.nproc_per_node=2", "train.log_every=1000000",
-            f"train.output_dir={out}"]
-    subprocess.run([sys.executable, "-m", "seqshard", "launch", str(spec_path), *[f"--set={x}" for x in sets]],
-                   env=env, check=True, capture_output=True)
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        measured = [json.loads(line)["step_time_s"] for line in f][1:]
-    spec = load_spec(spec_path, sets)
-    cm = CostModel.from_model_config(spec.model, HardwareProfile(**scaled), 2 if spec.train.dtype == "bfloat16" else 4)
-    predicted = predict_steps(spec, cm, 2, steps)[1:]
-    fit["runs"].append({"method": "adaptive", "step_s": measured, "predicted_s": predicted})
-    return float(np.mean(measured) - np.mean(predicted))
+        scale, step_s = {r["method"]: r["scale"] for r in runs}, float(np.mean(rest))
+        scaled = {**fields, "step_overhead_s": step_s, "microbatch_fit": _scale_fits(fields["microbatch_fit"], scale)}
+        path = os.path.join(tmp, "scaled.json")
+        spec = load_spec(spec_path, list(overrides))
+        save_profile(scaled, path, spec.model)
+        adaptive = [*overrides, "parallel.sp_method=adaptive", "parallel.sp=1", "parallel.max_sp=2",
+                    f"parallel.planner.memory_tokens={max(1, spec.data.max_seq_len // 2)}",
+                    f"parallel.planner.profile={path}"]
+        metrics, predicted = _train_and_predict(spec_path, adaptive, scaled, steps, os.path.join(tmp, "adaptive"))
+    measured = [m["step_time_s"] for m in metrics]
+    runs.append({"method": "adaptive", "step_s": measured, "predicted_s": predicted})
+    return {"scale": scale, "step_s": step_s, "adaptive_step_s": float(np.mean(measured) - np.mean(predicted)),
+            "runs": runs}
 
 
 def calibrate_model(model_cfg, name: str = "calibrated", devices_per_node: int = 2, bytes_per_element: int = 4,
@@ -355,8 +345,7 @@ def calibrate_model(model_cfg, name: str = "calibrated", devices_per_node: int =
     profile["measured"] = {**comp, "all_reduce_grads_s": reduce_s, "microbatches": mb["cases"]}
     if spec_path is not None:
         trainer = fit_trainer_runs(spec_path, overrides, profile, trainer_steps)
-        scale = trainer["scale"]
-        profile["microbatch_fit"] = tuple((size, m, *(scale[m] * c for c in cs)) for size, m, *cs in mb["fits"])
+        profile["microbatch_fit"] = _scale_fits(mb["fits"], trainer["scale"])
         profile["step_overhead_s"] = trainer["step_s"]
         profile["adaptive_step_s"] = trainer["adaptive_step_s"]
         profile["measured"]["trainer_fit"] = trainer
