@@ -66,8 +66,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="write the profile as JSON to this path")
     p.add_argument("--spec", help="fit the cost of one micro-batch per group size and method (1: local, "
                    "2: ulysses and ring) by timing this spec's model on 2 processes, then scale it and fit "
-                   "the per-step cost from three short 2-rank training runs of the spec itself (about a "
-                   "minute for a small model); --out FILE.json then serves as parallel.planner.profile")
+                   "the per-step cost from short 2-rank training runs of the spec itself (dp 2, ulysses 2, ring 2, "
+                   "adaptive; about 2 minutes for a small model); --out FILE.json then serves as "
+                   "parallel.planner.profile")
     p = sub.add_parser("summary", help="one-paragraph summary of a run folder's metrics.jsonl",
                        description="Print first/last loss, throughput and memory of a finished run.")
     p.add_argument("run_dir", help="a train.output_dir holding metrics.jsonl")
