@@ -290,9 +290,10 @@ def fit_trainer_runs(spec_path, overrides, profile: dict, steps: int = 10) -> di
     set against the prediction of :mod:`seqshard.report.step_model` from ``profile``'s micro-batch
     fits (first step left out):
     - ``scale[method]``: measured over predicted seconds of the steps' micro-batch loops (the
-      trainer's ``micro_batch_s``), which takes up what timing micro-batches alone misses (the
-      trainer's loop, allocator and cache state, the ranks waiting for each other);
-    - ``step_s``: the mean of the rest of a step (batch building, planning, optimizer, loss
+      trainer's ``slowest_micro_batch_s``, the slowest rank's), which takes up what timing
+      micro-batches alone misses (the trainer's loop, allocator and cache state, the ranks
+      waiting for each other);
+    - ``step_s``: the mean of the rest of a step after the slowest loop (batch building, planning, optimizer, loss
       all-reduce, logging), over all runs;
     - ``adaptive_step_s``: the adaptive runtime's own per-step cost (planning on rank 0, the plan's
       broadcast, regrouping, the ranks' gradient all-reduce after unequal groups): the spec
@@ -307,10 +308,10 @@ def fit_trainer_runs(spec_path, overrides, profile: dict, steps: int = 10) -> di
         for method, sets in TRAINER_RUNS:
             metrics, predicted = _train_and_predict(spec_path, [*overrides, *sets], {**fields, "step_overhead_s": 0.0},
                                                     steps, os.path.join(tmp, method))
-            loop = [m["micro_batch_s"] for m in metrics]
+            loop = [m["slowest_micro_batch_s"] for m in metrics]  # a step waits for its slowest rank
             runs.append({"method": method, "step_s": [m["step_time_s"] for m in metrics], "micro_batch_s": loop,
                          "predicted_s": predicted, "scale": sum(loop) / sum(predicted)})
-            rest += [m["step_time_s"] - m["micro_batch_s"] for m in metrics]
+            rest += [m["step_time_s"] - m["slowest_micro_batch_s"] for m in metrics]
         scale, step_s = {r["method"]: r["scale"] for r in runs}, float(np.mean(rest))
         scaled = {**fields, "step_overhead_s": step_s, "microbatch_fit": _scale_fits(fields["microbatch_fit"], scale)}
         path = os.path.join(tmp, "scaled.json")

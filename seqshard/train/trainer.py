@@ -177,14 +177,22 @@ def train_step(run: Run, step: int) -> dict:
             loss_sum += loss.detach().double().cpu()
     micro_batch_s = time.perf_counter() - loop_start
     grad_norm = engine.step()
+    slowest_loop_s = micro_batch_s
     if dist.get_world_size() > 1:  # one process sends nothing (its comm accounting stays 0)
-        with record("all_reduce.loss", 8):
-            dist.all_reduce(loss_sum)
+        # one gather: the summed loss, and the slowest rank's micro-batch loop (step predictions
+        # take the slowest group, metrics are rank 0's)
+        mine = torch.stack([loss_sum, torch.tensor(micro_batch_s, dtype=torch.float64)])
+        every = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+        with record("all_gather.loss", 16 * len(every)):
+            dist.all_gather(every, mine)
+        loss_sum = torch.stack(every)[:, 0].sum()
+        slowest_loop_s = float(torch.stack(every)[:, 1].max())
     elapsed = time.perf_counter() - start
     comm = COMM_LOG.snapshot()
     return {"step": step, "loss": loss_sum.item() / n_loss, "tokens": batch.num_tokens,
             "loss_tokens": n_loss, "lr": lr, "grad_norm": grad_norm, "step_time_s": elapsed,
             "tokens_per_s": batch.num_tokens / elapsed, "micro_batch_s": micro_batch_s,
+            "slowest_micro_batch_s": slowest_loop_s,
             "peak_mem_mb": peak_memory_mb(run.device),
             "comm_bytes": comm["total"]["bytes"], "comm_time_s": comm["total"]["seconds"],
             "compute_time_s": elapsed - comm["total"]["seconds"],
