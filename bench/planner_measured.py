@@ -76,10 +76,13 @@ def base(steps, max_len, source="stdlib"):
                     "launch.nproc_per_node=2", "train.log_every=100"]
 
 
+STATIC_SP2 = ["parallel.sp=2", "parallel.sp_method=ulysses"]
+
+
 def runs(memory, calibration):
     return {"adaptive": ["parallel.sp_method=adaptive", "parallel.max_sp=2", f"parallel.planner.memory_tokens={memory}",
                          f"parallel.planner.profile={calibration}"],
-            "static_sp2": ["parallel.sp=2", "parallel.sp_method=ulysses"]}
+            "static_sp2": STATIC_SP2}
 
 
 def predictions(spec, cm, steps):
@@ -87,7 +90,7 @@ def predictions(spec, cm, steps):
     from seqshard.report.step_model import predict_steps
 
     static = load_spec(ROOT / "examples/tiny.yaml", base(steps, spec.data.max_seq_len, spec.data.source)
-                       + runs(0, "")["static_sp2"])
+                       + STATIC_SP2)
     return {"adaptive": float(np.mean(predict_steps(spec, cm, 2)[1:])),
             "static_sp2": float(np.mean(predict_steps(static, cm, 2)[1:]))}
 

@@ -168,10 +168,9 @@ class CostModel:
         return times[0] if len(times) == 1 else np.minimum.reduce(times)
 
     def method_for(self, length, d: int) -> str:
-        """The method :meth:`time` uses for a sequence of ``length`` tokens on d devices; for an
-        array of lengths (a group's sequences), the method with the least summed time."""
+        """The method :meth:`time` uses for a sequence of ``length`` tokens on d devices."""
         ms = self.methods(d)
-        return min(ms, key=lambda m: float(np.sum(self.method_time(np.asarray(length, dtype=np.float64), d, m))))
+        return min(ms, key=lambda m: float(self.method_time(length, d, m)))
 
     def microbatch_time(self, doc_lengths, d: int, method: str) -> float:
         """Predicted seconds of one packed micro-batch (documents ``doc_lengths``, one varlen

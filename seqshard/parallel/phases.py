@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .planner import StepPlan, allowed_group_sizes, plan_step
+from .planner import StepPlan, _time_table, allowed_group_sizes, plan_step
 
 
 @dataclass
@@ -31,13 +31,11 @@ class PhasedPlan:
 
 def long_sequences(lengths, num_devices: int, *, max_sp: int, memory_tokens: int, cost_model,
                    allowed_sizes=None) -> np.ndarray:
-    """Mask of the sequences one device cannot hold, or that a group spends fewer device-seconds
-    on than a device alone (``cost_model.time(L, d) x d`` smallest at d > 1)."""
-    lengths = np.asarray(lengths, dtype=np.float64)
-    sizes = list(allowed_sizes or allowed_group_sizes(num_devices, max_sp))
-    device_s = np.stack([np.where(lengths <= s * memory_tokens, cost_model.time(lengths, s) * s, np.inf)
-                         for s in sizes], axis=1).reshape(len(lengths), len(sizes))
-    return (lengths > memory_tokens) | (np.asarray(sizes)[device_s.argmin(axis=1)] > 1)
+    """Mask of the sequences that a group spends the fewest device-seconds on (``time(L, d) x d``
+    smallest at d > 1), which includes those one device cannot hold (their d = 1 time is inf)."""
+    sizes = np.asarray(sorted(allowed_sizes or allowed_group_sizes(num_devices, max_sp)))
+    table = _time_table(np.asarray(lengths, dtype=np.int64), sizes.tolist(), memory_tokens, cost_model)
+    return sizes[(table * sizes).argmin(axis=1)] > 1
 
 
 def plan_phased(lengths, num_devices: int, *, max_phases: int = 2, **kw) -> PhasedPlan:

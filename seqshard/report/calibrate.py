@@ -309,7 +309,7 @@ def fit_trainer_runs(spec_path, overrides, profile: dict, steps: int = 10) -> di
             metrics, predicted = _train_and_predict(spec_path, [*overrides, *sets], {**fields, "step_overhead_s": 0.0},
                                                     steps, os.path.join(tmp, method))
             loop = [m["slowest_micro_batch_s"] for m in metrics]  # a step waits for its slowest rank
-            runs.append({"method": method, "step_s": [m["step_time_s"] for m in metrics], "micro_batch_s": loop,
+            runs.append({"method": method, "step_s": [m["step_time_s"] for m in metrics], "slowest_micro_batch_s": loop,
                          "predicted_s": predicted, "scale": sum(loop) / sum(predicted)})
             rest += [m["step_time_s"] - m["slowest_micro_batch_s"] for m in metrics]
         scale, step_s = {r["method"]: r["scale"] for r in runs}, float(np.mean(rest))

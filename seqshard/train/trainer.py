@@ -185,8 +185,8 @@ def train_step(run: Run, step: int) -> dict:
         every = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
         with record("all_gather.loss", 16 * len(every)):
             dist.all_gather(every, mine)
-        loss_sum = torch.stack(every)[:, 0].sum()
-        slowest_loop_s = float(torch.stack(every)[:, 1].max())
+        every = torch.stack(every)
+        loss_sum, slowest_loop_s = every[:, 0].sum(), float(every[:, 1].max())
     elapsed = time.perf_counter() - start
     comm = COMM_LOG.snapshot()
     return {"step": step, "loss": loss_sum.item() / n_loss, "tokens": batch.num_tokens,

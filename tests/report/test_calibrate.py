@@ -91,7 +91,7 @@ def test_calibrate_model_fits_group_sizes_one_and_two(tmp_path):
     trainer = profile["measured"]["trainer_fit"]
     assert [r["method"] for r in trainer["runs"]] == ["local", "ulysses", "ring", "adaptive"]
     for run in trainer["runs"][:3]:  # 3 steps each after the first, every one measured and predicted
-        assert len(run["micro_batch_s"]) == len(run["predicted_s"]) == 3 and run["scale"] > 0
+        assert len(run["slowest_micro_batch_s"]) == len(run["predicted_s"]) == 3 and run["scale"] > 0
     adaptive = trainer["runs"][3]
     assert len(adaptive["step_s"]) == len(adaptive["predicted_s"]) == 3
     assert profile["adaptive_step_s"] == pytest.approx(np.mean(adaptive["step_s"]) - np.mean(adaptive["predicted_s"]))
