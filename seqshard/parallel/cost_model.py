@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -123,24 +124,66 @@ class CostModel:
         hops = 3 * self.n_layers * (ring - 1)
         return hops * hop / self.link_bandwidth(d) + hops * self.latency(d)
 
-    def method_time(self, length, d: int, method: str):
-        """Predicted seconds of a sequence on a group of d devices running ``method``."""
+    def terms(self, d: int, method: str) -> tuple[float, ...]:
+        """``(a0, a1, a2, b2, p0, p1)``: a sequence of L tokens on d devices running ``method``
+        takes ``a0 + a1 L + a2 L^2 + max(b2 L^2, p0 + p1 L)`` seconds (the max: ring attention
+        overlapping its P2P hops; 0 for the others). Read off the per-term functions above at
+        L = 0 and 1, so they stay the one statement of the model; cached per (d, method) (and
+        :meth:`method_times` caches its stacked form per tuple of sizes)."""
+        key = (d, method)
+        if key not in self._terms:
+            self._terms[key] = self._derive_terms(d, method)
+        return self._terms[key]
+
+    @cached_property
+    def _terms(self) -> dict:
+        return {}
+
+    def _derive_terms(self, d: int, method: str) -> tuple[float, ...]:
         fit = self.fit(d, method)
-        if fit is not None:
-            share = np.asarray(length, dtype=np.float64) / (d * self.pack_tokens) if self.pack_tokens else 1.0
-            return fit[0] * share + fit[1] * length + fit[2] * np.asarray(length, dtype=np.float64) ** 2 + fit[3]
+        if fit is not None:  # the fixed cost shared by a packed micro-batch's sequences (pack_tokens)
+            c0, c1, c2, c3 = fit
+            share = c0 / (d * self.pack_tokens) if self.pack_tokens else 0.0
+            return (c3 + (0.0 if self.pack_tokens else c0), c1 + share, c2, 0.0, 0.0, 0.0)
+        att = float(self.attention_compute_time(1.0, d))
+        lin = float(self.compute_time(1.0, d)) - att
         if method == "local":
-            return self.compute_time(length, d)
+            return (0.0, lin, att, 0.0, 0.0, 0.0)
         if method == "ulysses":  # the rank with the most heads sets the pace: ceil(H/d) of H
             heavy = math.ceil(self.n_heads / d) * d / self.n_heads
-            attn = self.attention_compute_time(length, d)
-            return self.compute_time(length, d) + (heavy - 1) * attn + heavy * self.comm_time(length, d)
+            c0 = float(self.comm_time(0.0, d))
+            return (heavy * c0, lin + heavy * (float(self.comm_time(1.0, d)) - c0), heavy * att, 0.0, 0.0, 0.0)
         u = math.gcd(self.n_heads, d) if method == "usp" else 1
-        ring = d // u
-        attn = self.attention_compute_time(length, d)
-        linear = self.compute_time(length, d) - attn
-        a2a = self.comm_time_over(length, d, u) if u > 1 else 0.0 * length
-        return linear + a2a + np.maximum(attn, self.ring_p2p_time(length, d, ring))
+        c0 = float(self.comm_time_over(0.0, d, u))
+        p0 = float(self.ring_p2p_time(0.0, d, d // u))
+        return (c0, lin + float(self.comm_time_over(1.0, d, u)) - c0, 0.0, att,
+                p0, float(self.ring_p2p_time(1.0, d, d // u)) - p0)
+
+    @staticmethod
+    def _evaluate(coef, length):
+        a0, a1, a2, b2, p0, p1 = coef
+        squared = length * length
+        return a0 + a1 * length + a2 * squared + np.maximum(b2 * squared, p0 + p1 * length)
+
+    def method_time(self, length, d: int, method: str):
+        """Predicted seconds of a sequence on a group of d devices running ``method``."""
+        return self._evaluate(self.terms(d, method), np.asarray(length, dtype=np.float64))
+
+    def method_times(self, lengths, sizes) -> tuple[list[list[str]], np.ndarray]:
+        """Every length on every size and method at once: per size its :meth:`methods`, and the
+        times ``[most methods, n, len(sizes)]`` (inf past a size's own methods), which equal
+        :meth:`method_time` exactly (the planner's hot path: one broadcast, not a call per pair)."""
+        key = ("table",) + tuple(sizes)
+        if key not in self._terms:
+            names = [self.methods(d) for d in sizes]
+            coef = np.zeros((6, max(map(len, names)), len(sizes)))
+            coef[0] = np.inf
+            for k, (d, ms) in enumerate(zip(sizes, names)):
+                for m, method in enumerate(ms):
+                    coef[:, m, k] = self.terms(d, method)
+            self._terms[key] = names, coef[:, :, None]  # [6, methods, 1, sizes]: broadcast over lengths
+        names, coef = self._terms[key]
+        return names, self._evaluate(coef, np.asarray(lengths, dtype=np.float64)[:, None])
 
     def comm_bytes(self, length, d: int):
         """Bytes one device sends for a sequence: 8 all-to-alls per layer (fwd + bwd)."""

@@ -70,8 +70,8 @@ def dividing_sizes(num_devices: int, max_sp: int) -> list[int]:
 def _time_table(lengths, sizes, memory_tokens, cost_model):
     """[n, |sizes|] predicted seconds, inf where the sequence does not fit the group's memory."""
     lengths_f = np.asarray(lengths, dtype=np.float64)
-    table = np.stack([np.where(lengths_f <= s * memory_tokens, cost_model.time(lengths_f, s), np.inf)
-                      for s in sizes], axis=1).reshape(len(lengths), len(sizes))
+    fits = lengths_f[:, None] <= np.asarray(sizes) * float(memory_tokens)
+    table = np.where(fits, cost_model.method_times(lengths_f, sizes)[1].min(axis=0), np.inf)
     unfit = np.isinf(table).all(axis=1)
     if unfit.any():
         i = int(np.flatnonzero(unfit)[0])
@@ -357,16 +357,20 @@ class _Packer:
         self.sorted_small = ordered[:, 0]  # non-increasing; inf where a single cannot hold it
         self.cum = np.zeros((len(table) + 1, len(sizes)))  # [n + 1, sizes] running sums in that order
         np.cumsum(np.where(np.isfinite(ordered), ordered, 0.0), axis=0, out=self.cum[1:])
-        # the sequences a target >= lo may leave out of the singles: per sequence its (time,
-        # device-seconds, size index) per size, cheapest device-seconds first, as plain floats
+        # the sequences a target >= lo may leave out of the singles: their times and device-seconds
+        # per size as plain floats (their sizes by device-seconds: :meth:`_choices`, on demand)
         top = int(np.searchsorted(-self.sorted_small, -lo, side="left"))
-        eff = ordered[:top] * np.asarray(sizes)
-        by_eff = np.argsort(eff, axis=1, kind="stable")
-        self.choices = [list(zip(t, e, j)) for t, e, j in zip(np.take_along_axis(ordered[:top], by_eff, 1).tolist(),
-                                                               np.take_along_axis(eff, by_eff, 1).tolist(),
-                                                               by_eff.tolist())]
-        self.rows, self.effs = ordered[:top].tolist(), eff.tolist()
+        self.rows = ordered[:top].tolist()
+        self.effs = (ordered[:top] * np.asarray(sizes)).tolist()
+        self._by_eff = {}
         self.order_list = self.order.tolist()
+
+    def _choices(self, pos):
+        """(time, device-seconds, size index) of sequence ``pos`` per size, cheapest first."""
+        if pos not in self._by_eff:
+            self._by_eff[pos] = sorted(zip(self.rows[pos], self.effs[pos], range(len(self.sizes))),
+                                       key=lambda c: c[1])
+        return self._by_eff[pos]
 
     def pack(self, target):
         """``(counts, packed)`` for a makespan ``target``, or ``None`` when it needs more devices
@@ -388,6 +392,7 @@ class _Packer:
             raise ValueError(f"target {target} below the packer's lower bound")
         gsize, gload, gitems = [], [], []
         open_ = {}  # size index -> heap of (load, group): an item fits that size iff it fits its least loaded
+        used = 0
         for pos in range(k):
             row, eff = self.rows[pos], self.effs[pos]
             best, cost = -1, math.inf
@@ -396,7 +401,7 @@ class _Packer:
                     best, cost = j, eff[j]
             if best < 0:  # a new group: the smallest size within 0.5% of the cheapest that finishes it
                 cheapest = None
-                for t, e, j in self.choices[pos]:
+                for t, e, j in self._choices(pos):
                     if t <= target:
                         if cheapest is None:
                             cheapest, best = e, j
@@ -404,6 +409,9 @@ class _Packer:
                             break
                         elif j < best:
                             best = j
+                used += sizes[best]
+                if used > self.num_devices:
+                    return None  # groups only grow from here
                 gsize.append(best)
                 gload.append(0.0)
                 gitems.append([])
@@ -412,9 +420,6 @@ class _Packer:
             gload[g] += row[best]
             gitems[g].append(self.order_list[pos])
             heapq.heapreplace(open_[best], (gload[g], g))
-        used = sum(sizes[j] for j in gsize)
-        if used > self.num_devices:
-            return None
         p, n = k, len(order)  # the sequences order[p:] are not placed yet
         for g in sorted(range(len(gsize)), key=lambda g: -sizes[gsize[g]]):
             if p < n and gload[g] < target:
@@ -460,11 +465,11 @@ def _assign_packed(table, sizes, groups, packed):
 
 def _packed_plans(packer, lo, hi, node, rel_tol=1.5e-3):
     """Plans from :meth:`_Packer.pack` at the smallest target it fits: the first of the edges
-    1.08 lo, 1.25 lo, hi, 1.5 hi where it fits, then bisection between that edge and the one
-    before it down to ``rel_tol * lo``. Each plan keeps the packed groups and sends the other
-    sequences longest-first to the earliest finish, or sends every sequence longest-first
-    (both kept)."""
-    edges = [lo, 1.08 * lo, 1.25 * lo, max(hi, 1.25 * lo)]
+    1.02 lo, 1.06 lo, 1.25 lo, hi, 1.5 hi where it fits (most steps fit within 2% of lo), then
+    bisection between that edge and the one before it down to ``rel_tol * lo``. Each plan keeps
+    the packed groups and sends the other sequences longest-first to the earliest finish, or
+    sends every sequence longest-first (both kept)."""
+    edges = [lo, 1.02 * lo, 1.06 * lo, 1.25 * lo, max(hi, 1.25 * lo)]
     edges.append(1.5 * edges[-1])
     found = {}  # target -> its pack
     for k in range(1, len(edges)):
@@ -681,18 +686,16 @@ def plan_step(lengths, num_devices: int, *, max_sp: int, memory_tokens: int, cos
 def _set_methods(plan, lengths, cost_model):
     """Each group's method: the cost model's fastest over the sequences it was given (least summed
     time: a group of many short sequences may want another method than its longest alone)."""
+    sizes = sorted({size for _, size in plan.groups})
+    names, times = cost_model.method_times(lengths, sizes)  # [methods, n, sizes]
+    of_group = np.array([sizes.index(size) for _, size in plan.groups])
     assignment = np.asarray(plan.assignment, dtype=np.int64)
-    lengths = np.asarray(lengths, dtype=np.float64)
-    group_size = np.array([size for _, size in plan.groups])
-    plan.methods = ["local"] * len(plan.groups)
-    for size in set(group_size[group_size > 1].tolist()):  # one vectorized call per size and method
-        mine = group_size[assignment] == size
-        methods = cost_model.methods(size)
-        sums = np.stack([np.bincount(assignment[mine], weights=cost_model.method_time(lengths[mine], size, m)
-                                     * np.ones(int(mine.sum())), minlength=len(plan.groups)) for m in methods])
-        for g in np.flatnonzero(group_size == size):
-            empty = not sums[:, g].any()  # a group given nothing: the method of a one-token sequence
-            plan.methods[g] = cost_model.method_for(1, size) if empty else methods[int(sums[:, g].argmin())]
+    mine = times[:, np.arange(len(assignment)), of_group[assignment]]  # each sequence on its own group's size
+    sums = np.stack([np.bincount(assignment, weights=w, minlength=len(plan.groups)) for w in mine], axis=1)
+    counts = np.bincount(assignment, minlength=len(plan.groups))
+    plan.methods = ["local" if size == 1 else names[k][int(sums[g].argmin())] if counts[g]
+                    else cost_model.method_for(1, size)  # a group given nothing: a one-token sequence's
+                    for g, (k, (_, size)) in enumerate(zip(of_group, plan.groups))]
 
 
 def static_plan(lengths, num_devices: int, sp: int, *, memory_tokens: int, cost_model) -> StepPlan:

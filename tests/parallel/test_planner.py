@@ -109,8 +109,9 @@ def test_cost_model_methods_per_group_size():
 
 def test_milp_time_limit_bounds_the_whole_call():
     """The limit covers table, greedy seed and MILP: a hard 512-sequence step returns in time,
-    with the best plan so far and its gap."""
-    rng = np.random.default_rng(7)
+    with the best plan so far and its gap. (A step whose greedy seed is already within 1% of the
+    bound needs no MILP round and reports "optimal": seed 8's is 2% off.)"""
+    rng = np.random.default_rng(8)
     lengths = np.minimum((rng.pareto(1.05, 512) + 1) * 2000, 500_000).astype(int)
     plan_step(lengths, 64, max_sp=32, memory_tokens=16384, cost_model=CM, solver="milp", time_limit_s=0.01)  # warm
     for limit in (0.0, 0.03):
