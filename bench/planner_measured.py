@@ -3,24 +3,26 @@ over a sweep of length mixes, with the cost model calibrated on this machine.
 
 1. Calibrates (``seqshard.report.calibrate.calibrate_model``, what ``seqshard calibrate --spec``
    runs): per group size and method (1: local, 2: Ulysses, 2: Ring), one micro-batch's seconds
-   as ``c0 + c1 tokens + c2 sum(L^2)`` fitted on forward + backward of the bench's model through
-   the adaptive runtime's own attention path, both ranks running; the per-step work (gradient
-   all-reduce, clipping, AdamW). Saved to bench/results/calibration_cpu.json
-   (``--calibration FILE`` reuses one).
+   as a fixed cost plus each document's tokens x a per-token cost measured at its length, on
+   forward + backward of the bench's model through the adaptive runtime's own attention path,
+   both ranks running; scaled by 2-rank training runs of examples/tiny.yaml (3 per layout,
+   medians). Saved to bench/results/calibration_cpu.json (``--calibration FILE`` reuses one).
 2. For every mix, trains the same spec (a small Llama, packed documents) through
    ``seqshard launch`` (torchrun, 2 ranks, one per core) two ways: ``adaptive`` (max_sp 2,
    planner profile = the calibration file) and static Ulysses ``sp: 2``, for ``--steps`` steps.
    The mixes: two long-tailed ones (``tail_*``: short documents, and about 3% of documents longer
    than one rank's memory_tokens, so they need sp=2 by memory; written to a JSONL file from the
    stdlib's text) and the stdlib itself cut at max_seq_len (most steps hold a document that
-   needs sp=2). Measured: mean step time (first step left out), losses, peak memory.
+   needs sp=2). Measured: mean step time (first step left out), losses, peak memory; each run
+   ``--repeats`` times, interleaved, and the median run kept (identical runs differ by up to
+   15% on this machine).
 3. Predicted, for the same step batches (rebuilt from the seed): the plan rank 0 makes with the
    fitted cost model; each group's documents packed as the runtime packs them, every micro-batch
    priced by ``CostModel.microbatch_time``, the slowest group plus the per-step cost. The static
    run likewise (its micro-batches are the packed rows, Ulysses over 2).
 Writes bench/results/planner_measured.json; prints the table and the load average.
 
-    python bench/planner_measured.py [--steps 20] [--calibration bench/results/calibration_cpu.json]
+    python bench/planner_measured.py [--steps 20] [--repeats 3] [--calibration bench/results/calibration_cpu.json]
 """
 from __future__ import annotations
 
@@ -107,6 +109,8 @@ def calibrate(path):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--repeats", type=int, default=3, help="runs of each (mix, layout), interleaved; the median "
+                    "run's mean step time is reported (identical runs differ by up to 15%% here)")
     ap.add_argument("--mixes", nargs="+", choices=[m[0] for m in MIXES], help="run only these mixes")
     ap.add_argument("--calibration", help="a calibration file to reuse (default: calibrate now)")
     args = ap.parse_args()
@@ -122,17 +126,19 @@ def main():
     for mix, source, max_len, memory in (m for m in MIXES if not args.mixes or m[0] in args.mixes):
         source = tail_source(max_len, memory) if source == "tail" else source
         measured = {}
-        for name, extra in runs(memory, calibration).items():
-            out = ROOT / "runs" / "bench-planner" / mix / name
-            sets = [f"--set={s}" for s in base(args.steps, max_len, source) + extra + [f"train.output_dir={out}"]]
-            subprocess.run([sys.executable, "-m", "seqshard", "launch", str(ROOT / "examples/tiny.yaml"), *sets],
-                           env=env, check=True, capture_output=True)
-            metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-            measured[name] = {"step_s": float(np.mean([r["step_time_s"] for r in metrics[1:]])),
-                              "losses": [r["loss"] for r in metrics],
-                              "peak_mem_mb": max(r.get("peak_mem_mb", 0) or 0 for r in metrics),
-                              "micro_batch_s": float(np.mean([r["micro_batch_s"] for r in metrics[1:]])),
-                              "plans": [r.get("plan_phases") for r in metrics]}
+        for r in range(args.repeats):  # interleaved: a slow spell of the machine touches both runs alike
+            for name, extra in runs(memory, calibration).items():
+                out = ROOT / "runs" / "bench-planner" / mix / f"{name}{r}"
+                sets = [f"--set={s}" for s in base(args.steps, max_len, source) + extra + [f"train.output_dir={out}"]]
+                subprocess.run([sys.executable, "-m", "seqshard", "launch", str(ROOT / "examples/tiny.yaml"), *sets],
+                               env=env, check=True, capture_output=True)
+                metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+                m = measured.setdefault(name, {"runs_s": [], "peak_mem_mb": 0.0, "losses": [r["loss"] for r in metrics],
+                                               "plans": [r.get("plan_phases") for r in metrics]})
+                m["runs_s"].append(float(np.mean([r["step_time_s"] for r in metrics[1:]])))
+                m["peak_mem_mb"] = max(m["peak_mem_mb"], *(r.get("peak_mem_mb", 0) or 0 for r in metrics))
+        for m in measured.values():
+            m["step_s"] = float(np.median(m["runs_s"]))
         sets = base(args.steps, max_len, source) + runs(memory, calibration)["adaptive"]
         spec = load_spec(ROOT / "examples/tiny.yaml", sets)
         cm = CostModel.from_model_config(spec.model, get_profile(str(calibration)), bytes_per_element=4)
@@ -140,11 +146,13 @@ def main():
         a, b = np.array(measured["adaptive"]["losses"]), np.array(measured["static_sp2"]["losses"])
         for name in measured:
             m, p = measured[name]["step_s"], pred[name]
+            each = measured[name]["runs_s"]
             rows.append({"mix": mix, "max_len": max_len, "memory_tokens": memory, "run": name, "measured_s": m,
-                         "predicted_s": p, "error": p / m - 1, "peak_mem_mb": measured[name]["peak_mem_mb"],
-                         "plans": measured[name]["plans"], "losses": measured[name]["losses"]})
-            print(f"{mix:<14}{name:<12} measured {m:7.3f} s  predicted {p:7.3f} s  error {100 * (p / m - 1):+6.1f}%  "
-                  f"peak {measured[name]['peak_mem_mb']:.0f} MB", flush=True)
+                         "runs_s": each, "predicted_s": p, "error": p / m - 1,
+                         "peak_mem_mb": measured[name]["peak_mem_mb"], "plans": measured[name]["plans"],
+                         "losses": measured[name]["losses"]})
+            print(f"{mix:<14}{name:<12} measured {m:7.3f} s (runs {min(each):.3f}-{max(each):.3f})  predicted {p:7.3f} s"
+                  f"  error {100 * (p / m - 1):+6.1f}%  peak {measured[name]['peak_mem_mb']:.0f} MB", flush=True)
         plans = [" then ".join(str(g) for g in p) for p in measured["adaptive"]["plans"]]
         print(f"{mix:<14}adaptive plans (group sizes, phases): "
               + ", ".join(f"{p} x{plans.count(p)}" for p in sorted(set(plans))))
@@ -154,7 +162,8 @@ def main():
     worst = max(abs(r["error"]) for r in rows)
     print(f"largest |predicted/measured - 1|: {100 * worst:.1f}% (goal 20%); {time.perf_counter() - start:.0f} s; "
           f"load average (1/5/15 min) {load}")
-    result = {"machine": "2 CPU cores, 2 gloo ranks", "calibration": record, "steps": args.steps, "rows": rows,
+    result = {"machine": "2 CPU cores, 2 gloo ranks", "calibration": record, "steps": args.steps,
+              "repeats": args.repeats, "rows": rows,
               "largest_abs_error": worst, "load_average_after": load}
     (ROOT / "bench/results/planner_measured.json").write_text(json.dumps(result, indent=1, default=str))
 

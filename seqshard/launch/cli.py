@@ -64,11 +64,11 @@ def parser() -> argparse.ArgumentParser:
                        description="Measure matmul FLOP/s and 2-process all-to-all bandwidth/latency here "
                        "and print (or save) a hardware profile for the adaptive planner and simulate.")
     p.add_argument("--out", help="write the profile as JSON to this path")
-    p.add_argument("--spec", help="fit the cost of one micro-batch per group size and method (1: local, "
-                   "2: ulysses and ring) by timing this spec's model on 2 processes, then scale it and fit "
-                   "the per-step cost from short 2-rank training runs of the spec itself (dp 2, ulysses 2, ring 2, "
-                   "adaptive; about 2 minutes for a small model); --out FILE.json then serves as "
-                   "parallel.planner.profile")
+    p.add_argument("--spec", help="measure the cost of one micro-batch per group size and method (1: local, "
+                   "2: ulysses and ring) by timing this spec's model on 2 processes, documents of 32-2048 "
+                   "tokens, then scale it and fit the per-step cost from short 2-rank training runs of the spec "
+                   "itself (dp 2, ulysses 2, ring 2, adaptive; 3 runs each, medians; about 4 minutes for a small "
+                   "model); --out FILE.json then serves as parallel.planner.profile")
     p = sub.add_parser("summary", help="one-paragraph summary of a run folder's metrics.jsonl",
                        description="Print first/last loss, throughput and memory of a finished run.")
     p.add_argument("run_dir", help="a train.output_dir holding metrics.jsonl")

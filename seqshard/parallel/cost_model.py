@@ -87,17 +87,34 @@ class CostModel:
             return covering[0] if covering else p.latency_by_group_size[-1][1]
         return p.collective_latency_s
 
-    def fit(self, d: int, method: str):
-        """The calibrated ``(c0, c1, c2, c3)`` of one micro-batch on d devices running ``method``
-        (``HardwareProfile.microbatch_fit``; c3 0 when the file has none), or None."""
-        coef = next((tuple(f[2:]) for f in self.profile.microbatch_fit if f[0] == d and f[1] == method), None)
-        return None if coef is None else (coef + (0.0,))[:4]
+    def curve(self, d: int, method: str):
+        """The calibrated ``(c0, lengths, per_token)`` of one micro-batch on d devices running
+        ``method`` (``HardwareProfile.microbatch_curve``, as arrays), or None."""
+        key = ("curve", d, method)
+        if key not in self._terms:
+            entry = next((e for e in self.profile.microbatch_curve if e[0] == d and e[1] == method), None)
+            self._terms[key] = None if entry is None else (
+                float(entry[2]), np.array([x for x, _ in entry[3]], dtype=np.float64),
+                np.array([h for _, h in entry[3]], dtype=np.float64))
+        return self._terms[key]
+
+    @staticmethod
+    def _curve_seconds(curve, lengths):
+        """``L x`` the per-token seconds of documents of length L: linear between the measured
+        lengths, the first value below them, the last segment's slope continued past them (the
+        attention's share of a token grows with L)."""
+        _, xs, hs = curve
+        per_token = np.interp(lengths, xs, hs)
+        if len(xs) > 1:
+            slope = max((hs[-1] - hs[-2]) / (xs[-1] - xs[-2]), 0.0)
+            per_token = np.where(lengths > xs[-1], hs[-1] + slope * (lengths - xs[-1]), per_token)
+        return lengths * per_token
 
     def methods(self, d: int) -> list[str]:
         """SP methods a group of d devices can run: ulysses when d <= the head count (uneven heads
         per rank when d does not divide it), usp when a factor > 1 of d divides it, ring always.
-        Where the profile has calibrated fits for d, only the methods it measured."""
-        fitted = [f[1] for f in self.profile.microbatch_fit if f[0] == d]
+        Where the profile has calibrated curves for d, only the methods it measured."""
+        fitted = [e[1] for e in self.profile.microbatch_curve if e[0] == d]
         if fitted:
             return fitted
         if d == 1:
@@ -125,11 +142,12 @@ class CostModel:
         return hops * hop / self.link_bandwidth(d) + hops * self.latency(d)
 
     def terms(self, d: int, method: str) -> tuple[float, ...]:
-        """``(a0, a1, a2, b2, p0, p1)``: a sequence of L tokens on d devices running ``method``
-        takes ``a0 + a1 L + a2 L^2 + max(b2 L^2, p0 + p1 L)`` seconds (the max: ring attention
-        overlapping its P2P hops; 0 for the others). Read off the per-term functions above at
-        L = 0 and 1, so they stay the one statement of the model; cached per (d, method) (and
-        :meth:`method_times` caches its stacked form per tuple of sizes)."""
+        """``(a0, a1, a2, b2, p0, p1)`` of the analytic model (no calibrated curve): a sequence of
+        L tokens on d devices running ``method`` takes ``a0 + a1 L + a2 L^2 + max(b2 L^2, p0 + p1 L)``
+        seconds (the max: ring attention overlapping its P2P hops; 0 for the others). Read off
+        the per-term functions above at L = 0 and 1, so they stay the one statement of the model;
+        cached per (d, method) (and :meth:`method_times` caches its stacked form per tuple of
+        sizes)."""
         key = (d, method)
         if key not in self._terms:
             self._terms[key] = self._derive_terms(d, method)
@@ -140,11 +158,6 @@ class CostModel:
         return {}
 
     def _derive_terms(self, d: int, method: str) -> tuple[float, ...]:
-        fit = self.fit(d, method)
-        if fit is not None:  # the fixed cost shared by a packed micro-batch's sequences (pack_tokens)
-            c0, c1, c2, c3 = fit
-            share = c0 / (d * self.pack_tokens) if self.pack_tokens else 0.0
-            return (c3 + (0.0 if self.pack_tokens else c0), c1 + share, c2, 0.0, 0.0, 0.0)
         att = float(self.attention_compute_time(1.0, d))
         lin = float(self.compute_time(1.0, d)) - att
         if method == "local":
@@ -166,24 +179,41 @@ class CostModel:
         return a0 + a1 * length + a2 * squared + np.maximum(b2 * squared, p0 + p1 * length)
 
     def method_time(self, length, d: int, method: str):
-        """Predicted seconds of a sequence on a group of d devices running ``method``."""
-        return self._evaluate(self.terms(d, method), np.asarray(length, dtype=np.float64))
+        """Predicted seconds of a sequence on a group of d devices running ``method``. With a
+        calibrated curve, the sequence pays the micro-batch's fixed cost ``c0`` whole, or with
+        ``pack_tokens`` its share ``L / (d x pack_tokens)`` of a packed micro-batch's."""
+        length = np.asarray(length, dtype=np.float64)
+        curve = self.curve(d, method)
+        if curve is None:
+            return self._evaluate(self.terms(d, method), length)
+        share = length / (d * self.pack_tokens) if self.pack_tokens else 1.0
+        return curve[0] * share + self._curve_seconds(curve, length)
 
     def method_times(self, lengths, sizes) -> tuple[list[list[str]], np.ndarray]:
         """Every length on every size and method at once: per size its :meth:`methods`, and the
         times ``[most methods, n, len(sizes)]`` (inf past a size's own methods), which equal
-        :meth:`method_time` exactly (the planner's hot path: one broadcast, not a call per pair)."""
+        :meth:`method_time` exactly (the planner's hot path: the analytic pairs in one broadcast,
+        not a call per pair)."""
         key = ("table",) + tuple(sizes)
         if key not in self._terms:
             names = [self.methods(d) for d in sizes]
             coef = np.zeros((6, max(map(len, names)), len(sizes)))
             coef[0] = np.inf
+            curves = []  # (method index, size index, d, method) of the calibrated pairs
             for k, (d, ms) in enumerate(zip(sizes, names)):
                 for m, method in enumerate(ms):
-                    coef[:, m, k] = self.terms(d, method)
-            self._terms[key] = names, coef[:, :, None]  # [6, methods, 1, sizes]: broadcast over lengths
-        names, coef = self._terms[key]
-        return names, self._evaluate(coef, np.asarray(lengths, dtype=np.float64)[:, None])
+                    if self.curve(d, method) is None:
+                        coef[:, m, k] = self.terms(d, method)
+                    else:
+                        coef[0, m, k] = 0.0
+                        curves.append((m, k, d, method))
+            self._terms[key] = names, coef[:, :, None], curves  # coef [6, methods, 1, sizes]
+        names, coef, curves = self._terms[key]
+        lengths = np.asarray(lengths, dtype=np.float64)
+        times = self._evaluate(coef, lengths[:, None])
+        for m, k, d, method in curves:
+            times[m, :, k] = self.method_time(lengths, d, method)
+        return names, times
 
     def comm_bytes(self, length, d: int):
         """Bytes one device sends for a sequence: 8 all-to-alls per layer (fwd + bwd)."""
@@ -222,9 +252,9 @@ class CostModel:
         document's K/V), plus the profile's fixed cost per micro-batch."""
         docs = np.asarray(doc_lengths, dtype=np.float64)
         total = float(docs.sum())
-        fit = self.fit(d, method)
-        if fit is not None:
-            return fit[0] + fit[1] * total + fit[2] * float((docs ** 2).sum()) + fit[3] * len(docs)
+        curve = self.curve(d, method)
+        if curve is not None:
+            return curve[0] + float(self._curve_seconds(curve, docs).sum())
         attn = float(self.attention_compute_time(docs, d).sum())
         linear = float(self.compute_time(docs, d).sum()) - attn
         overhead = self.profile.microbatch_overhead_s

@@ -32,11 +32,12 @@ class HardwareProfile:
     # fitted fixed costs: per micro-batch (launch, Python), and per step (optimizer, grad sync)
     microbatch_overhead_s: float = 0.0
     step_overhead_s: float = 0.0
-    # measured seconds of one micro-batch per group size and method, ((size, method, c0, c1, c2, c3),
-    # ...): c0 + c1 * tokens + c2 * sum of squared document lengths + c3 * documents
-    # (``seqshard calibrate --spec``);
-    # where present it replaces the FLOP/s and bandwidth terms for that size and method
-    microbatch_fit: tuple = ()
+    # measured seconds of one micro-batch per group size and method, ((size, method, c0,
+    # ((L, s), ...)), ...): c0 + the sum over its documents of L x the per-token seconds s of
+    # documents of length L (between the measured lengths linear, past the last extrapolated;
+    # ``seqshard calibrate --spec``); where present it replaces the FLOP/s and bandwidth terms for
+    # that size and method
+    microbatch_curve: tuple = ()
     # measured extra seconds of an adaptive step over a static one (planning, regrouping, the ranks
     # waiting for each other after unequal groups): from ``seqshard calibrate --spec``'s adaptive run
     adaptive_step_s: float = 0.0
@@ -80,8 +81,13 @@ def get_profile(name: str) -> HardwareProfile:
 
         with open(name) as f:
             fields = json.load(f)["profile"]
-        for key in ("bw_by_group_size", "latency_by_group_size", "microbatch_fit"):
+        if "microbatch_fit" in fields:
+            raise ValueError(f"{name}: written by an older seqshard (its micro-batch fits are polynomials, now "
+                             "measured curves); recalibrate: seqshard calibrate --spec SPEC --out FILE")
+        for key in ("bw_by_group_size", "latency_by_group_size"):
             fields[key] = tuple(tuple(pair) for pair in fields.get(key, ()))
+        fields["microbatch_curve"] = tuple((size, method, c0, tuple(tuple(p) for p in points))
+                                           for size, method, c0, points in fields.get("microbatch_curve", ()))
         return HardwareProfile(**fields)
     if name not in PROFILES:
         raise ValueError(f"unknown hardware profile {name!r}; known: {', '.join(sorted(PROFILES))}")

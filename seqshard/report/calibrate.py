@@ -10,13 +10,15 @@ With a model (``seqshard calibrate --spec SPEC``), every term is fitted by measu
   all-to-all latency and bandwidth over 2 processes (``latency_by_group_size``,
   ``bw_by_group_size``);
 - per group size and method the machine can run (1: local; 2: Ulysses, Ring), one micro-batch's
-  seconds ``c0 + c1 T + c2 sum(L^2) + c3 docs`` (``microbatch_fit``), timed on 2 processes through
-  the adaptive runtime's own attention path (:func:`measure_microbatches`);
-- those fits scaled, and the per-step cost set, from short 2-rank training runs of the spec itself
+  seconds as a fixed cost plus, per document of length L, L x a per-token cost measured at that
+  length (``microbatch_curve``), timed on 2 processes through the adaptive runtime's own
+  attention path (:func:`measure_microbatches`). A curve, not a polynomial: the CPU flash
+  kernel's cost per token jumps where its tiling changes;
+- those curves scaled, and the per-step cost set, from short 2-rank training runs of the spec itself
   (:func:`fit_trainer_runs`), and the adaptive runtime's extra per-step cost from an adaptive run
   (``adaptive_step_s``).
 Saved with ``--out FILE.json``, ``parallel.planner.profile: FILE.json`` makes the adaptive
-planner use the fit (refused on another machine kind or model shape).
+planner use the curves (refused on another machine kind or model shape).
 """
 from __future__ import annotations
 
@@ -49,7 +51,32 @@ def _fastest(call, repeat: int) -> float:
     return best
 
 
-def _all_to_all_worker(rank, init_file, nbytes, repeat, queue, grad_bytes=0):
+def _in_processes(target, args, timeout_s: float, what: str) -> list:
+    """``target(rank, rendezvous_file, *args, queue)`` in 2 spawned processes (the ranks of a
+    launch on this machine); what they put in the queue. A process that fails, or is still running
+    after ``timeout_s``, is an error naming the measurement (its traceback is printed above)."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.SimpleQueue()
+    with tempfile.TemporaryDirectory() as tmp:
+        procs = [ctx.Process(target=target, args=(r, os.path.join(tmp, "rdv"), *args, queue)) for r in range(2)]
+        for p in procs:
+            p.start()
+        deadline = time.monotonic() + timeout_s
+        for p in procs:
+            p.join(timeout=max(0.0, deadline - time.monotonic()))
+        for rank, p in enumerate(procs):
+            if p.exitcode != 0:
+                for q in procs:
+                    q.kill()
+                why = "did not finish in {:.0f} s".format(timeout_s) if p.exitcode is None else f"exited with {p.exitcode}"
+                raise RuntimeError(f"calibration ({what}): process {rank} {why}")
+        out = []
+        while not queue.empty():
+            out.append(queue.get())
+        return out
+
+
+def _all_to_all_worker(rank, init_file, nbytes, repeat, grad_bytes, queue):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     x = torch.zeros(nbytes // 4)
     out = torch.empty_like(x)
@@ -75,18 +102,8 @@ def _all_to_all_worker(rank, init_file, nbytes, repeat, queue, grad_bytes=0):
 def measure_all_to_all(nbytes: int = 16 * 2**20, repeat: int = 5, grad_bytes: int = 0):
     """(bandwidth B/s, latency s) of all-to-all over 2 processes; with ``grad_bytes`` also the
     seconds of an all-reduce of that many bytes, as a third value."""
-    ctx = mp.get_context("spawn")
-    queue = ctx.SimpleQueue()
-    with tempfile.TemporaryDirectory() as tmp:
-        procs = [ctx.Process(target=_all_to_all_worker,
-                             args=(r, os.path.join(tmp, "rdv"), nbytes, repeat, queue, grad_bytes))
-                 for r in range(2)]
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.join(timeout=120)
-        bw, latency, reduce_s = queue.get()
-        return (bw, latency, reduce_s) if grad_bytes else (bw, latency)
+    (bw, latency, reduce_s), = _in_processes(_all_to_all_worker, (nbytes, repeat, grad_bytes), 120, "all-to-all")
+    return (bw, latency, reduce_s) if grad_bytes else (bw, latency)
 
 
 def measure_compute(model_cfg, lengths=(128, 256, 512, 1024), repeat: int = 3) -> dict:
@@ -129,29 +146,24 @@ def measure_compute(model_cfg, lengths=(128, 256, 512, 1024), repeat: int = 3) -
             "adam_s": adam_s, "n_params": n_params, "lengths": list(lengths), "seconds": times}
 
 
-def _compute_worker(rank, model_cfg, queue):
-    queue.put((rank, measure_compute(model_cfg)))
+def _compute_worker(rank, init_file, model_cfg, queue):
+    queue.put(measure_compute(model_cfg))
 
 
-def measure_compute_side_by_side(model_cfg, ranks: int = 2) -> dict:
-    """:func:`measure_compute` in ``ranks`` processes at once, as the ranks of a launch run
-    (sharing the cores' caches and memory bandwidth); the slowest process's fit."""
-    ctx = mp.get_context("spawn")
-    queue = ctx.SimpleQueue()
-    procs = [ctx.Process(target=_compute_worker, args=(r, model_cfg, queue)) for r in range(ranks)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=300)
-    fits = [queue.get()[1] for _ in range(ranks)]
+def measure_compute_side_by_side(model_cfg) -> dict:
+    """:func:`measure_compute` in 2 processes at once, as the ranks of a launch run (sharing the
+    cores' caches and memory bandwidth); the slowest process's fit."""
+    fits = _in_processes(_compute_worker, (model_cfg,), 300, "compute")
     return min(fits, key=lambda f: f["flops_per_s"])
 
 
-# (tokens, document length) of the micro-batches timed per group size and method: single documents
-# give the per-token and fixed terms, packed short ones separate the attention (sum of L^2) and the
-# per-document terms (attention runs document by document)
-MICROBATCH_CASES = ((256, 256), (512, 512), (1024, 1024), (2048, 2048), (1024, 128), (2048, 256), (1024, 32),
-                    (2048, 64))
+# the micro-batches timed per group size and method: documents of each length in CURVE_LENGTHS
+# packed into up to CURVE_TOKENS tokens. The lengths are dense where PyTorch's CPU flash kernel
+# changes its tiling (a document's attention cost is not smooth in L: its query and key blocks
+# change size at a few lengths), the token counts separate the fixed cost from the per-token one
+CURVE_LENGTHS = (32, 64, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048)
+CURVE_TOKENS = (512, 1024, 2048)
+MICROBATCH_CASES = tuple((tokens, doc) for tokens in CURVE_TOKENS for doc in CURVE_LENGTHS if doc <= tokens)
 
 
 def _time_microbatches(model, args, repeat: int) -> float:
@@ -185,7 +197,7 @@ def _microbatch_worker(rank, init_file, model_cfg, cases, repeat, queue):
     for method in ("local", "ulysses", "ring"):
         for tokens, doc in cases:
             lens = [doc] * (tokens // doc)
-            ids = torch.randint(0, model_cfg.vocab_size, (tokens,))
+            ids = torch.randint(0, model_cfg.vocab_size, (sum(lens),))
             pos = torch.cat([torch.arange(n) for n in lens])
             if method == "local":
                 args = (ids, pos, VarlenContext.from_lengths(lens), ids)
@@ -213,39 +225,32 @@ def _microbatch_worker(rank, init_file, model_cfg, cases, repeat, queue):
 
 
 def fit_microbatches(times: dict) -> list:
-    """``[size, method, c0, c1, c2, c3]`` per method: least squares of the RELATIVE error of
-    ``t = c0 + c1 T + c2 sum(L^2) + c3 docs`` over the cases (T tokens in T / L documents of
-    length L; relative, so the short micro-batches count as much as the long ones), coefficients
-    kept >= 0."""
+    """``(size, method, c0, ((L, s), ...))`` per method (``HardwareProfile.microbatch_curve``):
+    one micro-batch of ``n`` documents of
+    length L (``tokens // L`` of them) takes ``c0 + n L s(L)``; least squares of the RELATIVE
+    error over the cases (so the short micro-batches count as much as the long ones), one ``c0``
+    per method and one per-token ``s`` per length, all kept >= 0."""
     fits = []
     for method, size in (("local", 1), ("ulysses", 2), ("ring", 2)):
-        rows = [(tokens, doc, t) for (m, tokens, doc), t in times.items() if m == method]
-        t = np.array([r[2] for r in rows])
-        a = np.array([[1.0, n, n * doc, n / doc] for n, doc, _ in rows]) / t[:, None]
-        t = np.ones(len(rows))
-        coef = np.linalg.lstsq(a, t, rcond=None)[0]
+        rows = [(tokens // doc * doc, doc, t) for (m, tokens, doc), t in times.items() if m == method]
+        lengths = sorted({doc for _, doc, _ in rows})
+        a = np.zeros((len(rows), 1 + len(lengths)))
+        for k, (n, doc, t) in enumerate(rows):
+            a[k, 0], a[k, 1 + lengths.index(doc)] = 1.0 / t, n / t
+        coef = np.linalg.lstsq(a, np.ones(len(rows)), rcond=None)[0]
         while (coef < 0).any():  # refit without the terms that came out negative (noise)
             keep = coef > 0
-            coef = np.zeros(4)
-            coef[keep] = np.linalg.lstsq(a[:, keep], t, rcond=None)[0]
-        fits.append([size, method, *coef.tolist()])
-    return fits
+            coef = np.zeros(len(coef))
+            coef[keep] = np.linalg.lstsq(a[:, keep], np.ones(len(rows)), rcond=None)[0]
+        fits.append((size, method, float(coef[0]), tuple((doc, float(h)) for doc, h in zip(lengths, coef[1:]))))
+    return tuple(fits)
 
 
 def measure_microbatches(model_cfg, repeat: int = 5, cases=MICROBATCH_CASES) -> dict:
-    """Per group size and method, the fit of one micro-batch's seconds (:func:`fit_microbatches`)
+    """Per group size and method, the curve of one micro-batch's seconds (:func:`fit_microbatches`)
     from 2 processes running the adaptive runtime's path, and the per-step seconds."""
-    ctx = mp.get_context("spawn")
-    queue = ctx.SimpleQueue()
-    with tempfile.TemporaryDirectory() as tmp:
-        procs = [ctx.Process(target=_microbatch_worker,
-                             args=(r, os.path.join(tmp, "rdv"), model_cfg, cases, repeat, queue)) for r in range(2)]
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.join(timeout=600)
-        times, step_s = queue.get()
-    return {"fits": fit_microbatches(times), "step_s": step_s,
+    (times, step_s), = _in_processes(_microbatch_worker, (model_cfg, cases, repeat), 900, "micro-batches")
+    return {"curves": fit_microbatches(times), "step_s": step_s,
             "cases": [[m, n, doc, t] for (m, n, doc), t in times.items()]}
 
 
@@ -255,9 +260,10 @@ TRAINER_RUNS = (("local", ["parallel.sp_method=none", "parallel.sp=1"]),
                 ("ring", ["parallel.sp_method=ring", "parallel.sp=2"]))
 
 
-def _scale_fits(fits, scale: dict) -> tuple:
-    """``microbatch_fit`` entries with every coefficient of a method multiplied by ``scale[method]``."""
-    return tuple((size, m, *(scale[m] * c for c in cs)) for size, m, *cs in fits)
+def _scale_curves(curves, scale: dict) -> tuple:
+    """``microbatch_curve`` entries with a method's fixed and per-token seconds multiplied by ``scale[method]``."""
+    return tuple((size, m, scale[m] * c0, tuple((doc, scale[m] * h) for doc, h in points))
+                 for size, m, c0, points in curves)
 
 
 def _train_and_predict(spec_path, sets, profile_fields: dict, steps: int, out: str):
@@ -284,54 +290,62 @@ def _train_and_predict(spec_path, sets, profile_fields: dict, steps: int, out: s
     return metrics, predict_steps(spec, cm, 2, steps)[1:]
 
 
-def fit_trainer_runs(spec_path, overrides, profile: dict, steps: int = 10) -> dict:
+def fit_trainer_runs(spec_path, overrides, profile: dict, steps: int = 10, repeats: int = 3) -> dict:
     """End-to-end fit on real training: the spec trained for ``steps`` steps on 2 ranks
-    (``seqshard launch``) once per layout of :data:`TRAINER_RUNS`, each step's measured time
-    set against the prediction of :mod:`seqshard.report.step_model` from ``profile``'s micro-batch
-    fits (first step left out):
+    (``seqshard launch``) ``repeats`` times per layout of :data:`TRAINER_RUNS` (interleaved, so a
+    slow spell of the machine touches every layout alike), each step's measured time set against
+    the prediction of :mod:`seqshard.report.step_model` from ``profile``'s micro-batch curves
+    (first step left out). Identical runs differ by up to 15% on a shared 2-core machine, so each
+    figure is the median over the repeats:
     - ``scale[method]``: measured over predicted seconds of the steps' micro-batch loops (the
       trainer's ``slowest_micro_batch_s``, the slowest rank's), which takes up what timing
       micro-batches alone misses (the trainer's loop, allocator and cache state, the ranks
       waiting for each other);
-    - ``step_s``: the mean of the rest of a step after the slowest loop (batch building, planning, optimizer, loss
-      all-reduce, logging), over all runs;
+    - ``step_s``: the rest of a step after the slowest loop (batch building, planning, optimizer,
+      loss gather, logging), the median over all static runs of each run's mean;
     - ``adaptive_step_s``: the adaptive runtime's own per-step cost (planning on rank 0, the plan's
       broadcast, regrouping, the ranks' gradient all-reduce after unequal groups): the spec
       trained adaptively (max_sp 2, memory_tokens half of max_seq_len, so the longest documents
-      need a group of two), planned with the scaled fits; its mean measured minus predicted step.
+      need a group of two), planned with the scaled curves; measured minus predicted mean step.
     Returns ``{"scale": {method: k}, "step_s": s, "adaptive_step_s": a, "runs": [...]}``."""
     from seqshard.launch.spec import load_spec
 
     fields = {k: v for k, v in profile.items() if k != "measured"}
-    runs, rest = [], []
+    runs = []
     with tempfile.TemporaryDirectory() as tmp:
-        for method, sets in TRAINER_RUNS:
-            metrics, predicted = _train_and_predict(spec_path, [*overrides, *sets], {**fields, "step_overhead_s": 0.0},
-                                                    steps, os.path.join(tmp, method))
-            loop = [m["slowest_micro_batch_s"] for m in metrics]  # a step waits for its slowest rank
-            runs.append({"method": method, "step_s": [m["step_time_s"] for m in metrics], "slowest_micro_batch_s": loop,
-                         "predicted_s": predicted, "scale": sum(loop) / sum(predicted)})
-            rest += [m["step_time_s"] - m["slowest_micro_batch_s"] for m in metrics]
-        scale, step_s = {r["method"]: r["scale"] for r in runs}, float(np.mean(rest))
-        scaled = {**fields, "step_overhead_s": step_s, "microbatch_fit": _scale_fits(fields["microbatch_fit"], scale)}
+        for r in range(repeats):
+            for method, sets in TRAINER_RUNS:
+                metrics, predicted = _train_and_predict(spec_path, [*overrides, *sets],
+                                                        {**fields, "step_overhead_s": 0.0}, steps,
+                                                        os.path.join(tmp, f"{method}{r}"))
+                loop = [m["slowest_micro_batch_s"] for m in metrics]  # a step waits for its slowest rank
+                step = [m["step_time_s"] for m in metrics]
+                runs.append({"method": method, "step_s": step, "slowest_micro_batch_s": loop,
+                             "predicted_s": predicted, "scale": sum(loop) / sum(predicted),
+                             "rest_s": float(np.mean(step) - np.mean(loop))})
+        scale = {m: float(np.median([r["scale"] for r in runs if r["method"] == m])) for m, _ in TRAINER_RUNS}
+        step_s = float(np.median([r["rest_s"] for r in runs]))
+        scaled = {**fields, "step_overhead_s": step_s, "microbatch_curve": _scale_curves(fields["microbatch_curve"], scale)}
         path = os.path.join(tmp, "scaled.json")
         spec = load_spec(spec_path, list(overrides))
         save_profile(scaled, path, spec.model)
         adaptive = [*overrides, "parallel.sp_method=adaptive", "parallel.sp=1", "parallel.max_sp=2",
                     f"parallel.planner.memory_tokens={max(1, spec.data.max_seq_len // 2)}",
                     f"parallel.planner.profile={path}"]
-        metrics, predicted = _train_and_predict(spec_path, adaptive, scaled, steps, os.path.join(tmp, "adaptive"))
-    measured = [m["step_time_s"] for m in metrics]
-    runs.append({"method": "adaptive", "step_s": measured, "predicted_s": predicted})
-    return {"scale": scale, "step_s": step_s, "adaptive_step_s": float(np.mean(measured) - np.mean(predicted)),
-            "runs": runs}
+        extra = []
+        for r in range(repeats):
+            metrics, predicted = _train_and_predict(spec_path, adaptive, scaled, steps, os.path.join(tmp, f"adaptive{r}"))
+            measured = [m["step_time_s"] for m in metrics]
+            runs.append({"method": "adaptive", "step_s": measured, "predicted_s": predicted})
+            extra.append(float(np.mean(measured) - np.mean(predicted)))
+    return {"scale": scale, "step_s": step_s, "adaptive_step_s": float(np.median(extra)), "runs": runs}
 
 
 def calibrate_model(model_cfg, name: str = "calibrated", devices_per_node: int = 2, bytes_per_element: int = 4,
-                    spec_path=None, overrides=(), trainer_steps: int = 20):
+                    spec_path=None, overrides=(), trainer_steps: int = 20, repeats: int = 3):
     """A profile fitted on the model itself (see the module docstring), plus the raw
     measurements under ``"measured"`` (not a profile field: pop it before building one). With
-    ``spec_path``, the micro-batch fits are then scaled and the per-step cost set by
+    ``spec_path``, the micro-batch curves are then scaled and the per-step cost set by
     :func:`fit_trainer_runs` on the spec (with ``overrides``) itself."""
     comp = measure_compute_side_by_side(model_cfg)
     bandwidth, latency, reduce_s = measure_all_to_all(grad_bytes=4 * comp["n_params"])
@@ -342,11 +356,11 @@ def calibrate_model(model_cfg, name: str = "calibrated", devices_per_node: int =
                "collective_latency_s": latency, "source": "seqshard calibrate --spec: fitted on this machine",
                "bw_by_group_size": ((2, bandwidth),), "latency_by_group_size": ((2, latency),),
                "microbatch_overhead_s": comp["microbatch_overhead_s"], "step_overhead_s": mb["step_s"],
-               "microbatch_fit": tuple(tuple(f) for f in mb["fits"])}
+               "microbatch_curve": mb["curves"]}
     profile["measured"] = {**comp, "all_reduce_grads_s": reduce_s, "microbatches": mb["cases"]}
     if spec_path is not None:
-        trainer = fit_trainer_runs(spec_path, overrides, profile, trainer_steps)
-        profile["microbatch_fit"] = _scale_fits(mb["fits"], trainer["scale"])
+        trainer = fit_trainer_runs(spec_path, overrides, profile, trainer_steps, repeats)
+        profile["microbatch_curve"] = _scale_curves(mb["curves"], trainer["scale"])
         profile["step_overhead_s"] = trainer["step_s"]
         profile["adaptive_step_s"] = trainer["adaptive_step_s"]
         profile["measured"]["trainer_fit"] = trainer
@@ -355,15 +369,18 @@ def calibrate_model(model_cfg, name: str = "calibrated", devices_per_node: int =
 
 def summarize(profile: dict) -> str:
     """A few readable lines about a ``calibrate_model`` profile (what ``seqshard calibrate --spec`` prints)."""
-    lines = ["one micro-batch, seconds = c0 + c1 x tokens + c2 x sum of squared document lengths + c3 x documents:"]
-    lines += [f"  group of {size} {method:<8} c0 {1e3 * c[0]:7.2f} ms  c1 {1e6 * c[1]:7.2f} us/token  "
-              f"c2 {1e9 * c[2]:7.3f} ns/token^2  c3 {1e3 * (c[3:] or (0.0,))[0]:6.3f} ms/document"
-              for size, method, *c in profile.get("microbatch_fit", ())]
+    lines = ["one micro-batch, seconds = c0 + per document, its tokens x the per-token cost at its length:"]
+    for size, method, c0, points in profile.get("microbatch_curve", ()):
+        shown = [(doc, h) for doc, h in points if doc in (32, 256, 512, 1024, 2048)] or list(points)
+        lines.append(f"  group of {size} {method:<8} c0 {1e3 * c0:6.2f} ms  us/token at L = "
+                     + ", ".join(f"{doc}: {1e6 * h:.1f}" for doc, h in shown))
     trainer = (profile.get("measured") or {}).get("trainer_fit")
     if trainer:
         scales = ", ".join(f"{m} x{k:.2f}" for m, k in trainer["scale"].items())
         steps = len(trainer["runs"][0]["step_s"]) + 1
-        lines.append(f"scaled by {steps}-step 2-rank training runs of the spec ({scales}); "
+        repeats = sum(r["method"] == trainer["runs"][0]["method"] for r in trainer["runs"])
+        lines.append(f"scaled by {steps}-step 2-rank training runs of the spec, the median of {repeats} per layout "
+                     f"({scales}); "
                      f"per-step cost {1e3 * profile['step_overhead_s']:.1f} ms, "
                      f"{1e3 * profile.get('adaptive_step_s', 0.0):+.1f} ms more per adaptive step")
     lines.append(f"all-to-all over 2 processes: {profile['intra_node_bw'] / 1e9:.2f} GB/s, "
@@ -423,4 +440,9 @@ def load_calibration(path, model=None):
                                "recalibrate for this model")
     from seqshard.parallel.hardware import get_profile
 
-    return get_profile(str(path)) if str(path).endswith(".json") else HardwareProfile(**record["profile"])
+    if not str(path).endswith(".json"):
+        return HardwareProfile(**record["profile"])
+    try:
+        return get_profile(str(path))
+    except ValueError as err:  # a file from an older seqshard: one line, as the checks above
+        raise CalibrationError(str(err)) from None

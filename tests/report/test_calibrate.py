@@ -84,10 +84,10 @@ def test_calibrate_model_fits_group_sizes_one_and_two(tmp_path):
 
     sets = [*SMALL, "model.n_kv_heads=4", "train.steps=4"]
     cfg = load_spec(ROOT / "examples/tiny.yaml", sets).model
-    profile = calibrate_model(cfg, spec_path=ROOT / "examples/tiny.yaml", overrides=sets, trainer_steps=4)
+    profile = calibrate_model(cfg, spec_path=ROOT / "examples/tiny.yaml", overrides=sets, trainer_steps=4, repeats=1)
     assert profile["bw_by_group_size"][0][0] == 2 and profile["bw_by_group_size"][0][1] > 0
     assert profile["latency_by_group_size"][0][0] == 2 and profile["step_overhead_s"] > 0
-    assert [f[:2] for f in profile["microbatch_fit"]] == [(1, "local"), (2, "ulysses"), (2, "ring")]
+    assert [c[:2] for c in profile["microbatch_curve"]] == [(1, "local"), (2, "ulysses"), (2, "ring")]
     trainer = profile["measured"]["trainer_fit"]
     assert [r["method"] for r in trainer["runs"]] == ["local", "ulysses", "ring", "adaptive"]
     for run in trainer["runs"][:3]:  # 3 steps each after the first, every one measured and predicted
@@ -120,46 +120,75 @@ def test_spec_names_a_calibration_file_and_is_refused_when_it_does_not_match(tmp
         small_spec(tmp_path, 2, adaptive)
 
 
-def test_microbatch_fit_recovers_known_costs_and_drives_the_cost_model():
-    from seqshard.report.calibrate import MICROBATCH_CASES, fit_microbatches
+def test_microbatch_curve_recovers_known_costs_and_drives_the_cost_model():
+    from seqshard.report.calibrate import CURVE_LENGTHS, MICROBATCH_CASES, fit_microbatches
 
-    true = {"local": (0.003, 2e-5, 2e-8, 1e-4), "ulysses": (0.01, 1.5e-5, 1e-8, 3e-4),
-            "ring": (0.008, 2.5e-5, 5e-9, 5e-4)}
-    times = {(m, n, doc): c[0] + c[1] * n + c[2] * n * doc + c[3] * n / doc
-             for m, c in true.items() for n, doc in MICROBATCH_CASES}
-    fits = fit_microbatches(times)
-    assert [f[:2] for f in fits] == [[1, "local"], [2, "ulysses"], [2, "ring"]]
-    for size, method, *coef in fits:
-        assert coef == pytest.approx(true[method], rel=1e-6)
-    profile = get_profile("cpu_gloo").with_(microbatch_fit=tuple(tuple(f) for f in fits))
+    # per-token seconds at each measured length: a step where the kernel's tiling changes (512)
+    true = {m: (c0, {doc: h + (2e-5 if doc >= 512 else 0.0) + 1e-9 * doc for doc in CURVE_LENGTHS})
+            for m, c0, h in (("local", 0.003, 2e-5), ("ulysses", 0.01, 1.5e-5), ("ring", 0.008, 2.5e-5))}
+    times = {(m, n, doc): c0 + (n // doc * doc) * per[doc] for m, (c0, per) in true.items() for n, doc in MICROBATCH_CASES}
+    curves = fit_microbatches(times)
+    assert [c[:2] for c in curves] == [(1, "local"), (2, "ulysses"), (2, "ring")]
+    for size, method, c0, points in curves:
+        assert c0 == pytest.approx(true[method][0], rel=1e-6)
+        assert [doc for doc, _ in points] == list(CURVE_LENGTHS)
+        assert [h for _, h in points] == pytest.approx([true[method][1][doc] for doc in CURVE_LENGTHS], rel=1e-6)
+    profile = get_profile("cpu_gloo").with_(microbatch_curve=curves)
     cfg = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=4, ffn_dim=192)
     cm = CostModel.from_model_config(cfg, profile, bytes_per_element=4)
     assert cm.methods(2) == ["ulysses", "ring"] and cm.methods(1) == ["local"]
-    # one micro-batch of documents 300 + 200: c0 + c1 T + c2 sum(L^2)
-    c = true["ulysses"]
-    assert cm.microbatch_time([300, 200], 2, "ulysses") == pytest.approx(
-        c[0] + c[1] * 500 + c[2] * (300**2 + 200**2) + 2 * c[3])
+    # one micro-batch of documents 384 + 200: c0 + each document's tokens x the per-token cost at
+    # its length (between measured lengths, linear)
+    c0, per = true["ulysses"]
+    at_200 = per[192] + (per[256] - per[192]) * 8 / 64
+    assert cm.microbatch_time([384, 200], 2, "ulysses") == pytest.approx(c0 + 384 * per[384] + 200 * at_200)
+    # past the longest measured length, the last segment's slope continues
+    slope = (per[2048] - per[1536]) / 512
+    assert cm.microbatch_time([4096], 2, "ulysses") == pytest.approx(c0 + 4096 * (per[2048] + slope * 2048))
     # a sequence alone pays a whole micro-batch's fixed cost, packed (pack_tokens) its share
-    assert cm.method_time(300, 2, "ring") == pytest.approx(0.008 + 2.5e-5 * 300 + 5e-9 * 300**2 + 5e-4)
+    c0, per = true["ring"]
+    assert cm.method_time(256, 2, "ring") == pytest.approx(c0 + 256 * per[256])
     from dataclasses import replace
 
     packed = replace(cm, pack_tokens=1000)
-    assert packed.method_time(300, 2, "ring") == pytest.approx(0.008 * 300 / 2000 + 2.5e-5 * 300 + 5e-9 * 300**2
-                                                               + 5e-4)
-    # a profile written before the per-document term (5-tuples) reads it as 0
-    old = CostModel.from_model_config(cfg, profile.with_(microbatch_fit=((2, "ring", 0.008, 2.5e-5, 5e-9),)), 4)
-    assert old.microbatch_time([300], 2, "ring") == pytest.approx(0.008 + 2.5e-5 * 300 + 5e-9 * 300**2)
+    assert packed.method_time(256, 2, "ring") == pytest.approx(c0 * 256 / 2000 + 256 * per[256])
     assert packed.method_for(300, 2) == min(("ulysses", "ring"), key=lambda m: float(packed.method_time(300, 2, m)))
-    # a size without fits keeps the analytic terms
+    # the planner's table prices every pair as method_time does, curves and analytic sizes alike
+    lengths = np.array([100, 700, 3000])
+    names, times = packed.method_times(lengths, [1, 2, 4])
+    assert names == [["local"], ["ulysses", "ring"], ["ulysses", "ring"]]
+    for k, d in enumerate((1, 2, 4)):
+        for m, method in enumerate(names[k]):
+            assert times[m, :, k] == pytest.approx(packed.method_time(lengths, d, method), rel=1e-12)
+    assert np.isinf(times[1, :, 0]).all()  # size 1 has one method
+    # a size without curves keeps the analytic terms
     assert cm.methods(4) == ["ulysses", "ring"] and cm.time(1000, 4) > 0
 
 
-def test_summary_names_every_fit_and_the_trainer_scales():
+def test_a_calibration_file_from_before_the_curves_is_refused_in_one_line(tmp_path):
+    import json
+
+    from seqshard.report.calibrate import CalibrationError, load_calibration, save_profile
+
+    path = tmp_path / "old.json"
+    save_profile({**get_profile("cpu_gloo").__dict__}, path)
+    record = json.loads(path.read_text())
+    del record["profile"]["microbatch_curve"]
+    record["profile"]["microbatch_fit"] = [[2, "ring", 0.008, 2.5e-5, 5e-9, 5e-4]]
+    path.write_text(json.dumps(record))
+    with pytest.raises(CalibrationError, match="older seqshard.*recalibrate: seqshard calibrate --spec"):
+        load_calibration(path)
+
+
+def test_summary_names_every_curve_and_the_trainer_scales():
     from seqshard.report.calibrate import summarize
 
+    curve = ((32, 3e-5), (256, 3.1e-5), (512, 4.3e-5), (2048, 7e-5))
     profile = {**get_profile("cpu_gloo").__dict__, "step_overhead_s": 0.0125,
-               "microbatch_fit": ((1, "local", 0.003, 2e-5, 2e-8), (2, "ring", 0.008, 3e-5, 5e-9)),
-               "measured": {"trainer_fit": {"scale": {"local": 1.1, "ring": 0.9}, "runs": [{"step_s": [0.1] * 9}]}}}
+               "microbatch_curve": ((1, "local", 0.003, curve), (2, "ring", 0.008, curve)),
+               "measured": {"trainer_fit": {"scale": {"local": 1.1, "ring": 0.9}, "runs": [{"method": m, "step_s": [0.1] * 9} for m in ("local", "ring") * 2]}}}
     text = summarize(profile)
-    assert "group of 1 local" in text and "group of 2 ring" in text and "c0    8.00 ms" in text
-    assert "10-step 2-rank training runs" in text and "local x1.10, ring x0.90" in text and "12.5 ms" in text
+    assert "group of 1 local" in text and "group of 2 ring" in text and "c0   8.00 ms" in text
+    assert "32: 30.0, 256: 31.0, 512: 43.0, 2048: 70.0" in text
+    assert "10-step 2-rank training runs of the spec, the median of 2 per layout" in text
+    assert "local x1.10, ring x0.90" in text and "12.5 ms" in text

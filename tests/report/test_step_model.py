@@ -17,10 +17,13 @@ def _corpus():
 
 @pytest.mark.parametrize("layout", [["parallel.sp_method=none"], ["parallel.sp_method=ulysses", "parallel.sp=2"]])
 def test_static_step_is_the_slowest_replica_priced_per_token(tmp_path, layout):
-    # c0 = c2 = 0: a micro-batch costs 1 us per token, so a step is its busiest replica's tokens
+    # c0 = 0: a micro-batch costs 1 us per token at any document length, so a step is its busiest
+    # replica's tokens
     spec = small_spec(tmp_path, 2, layout)
-    fit = ((1, "local", 0.0, 1e-6, 0.0), (2, "ulysses", 0.0, 1e-6, 0.0))
-    cm = CostModel.from_model_config(spec.model, get_profile("cpu_gloo").with_(microbatch_fit=fit, step_overhead_s=0.5))
+    flat = ((32, 1e-6), (2048, 1e-6))
+    curves = ((1, "local", 0.0, flat), (2, "ulysses", 0.0, flat))
+    cm = CostModel.from_model_config(spec.model, get_profile("cpu_gloo").with_(microbatch_curve=curves,
+                                                                                step_overhead_s=0.5))
     corpus = _corpus()
     got = predict_steps(spec, cm, 2, 3, corpus)
     builder = build_batch_builder(spec, corpus)
@@ -36,8 +39,9 @@ def test_adaptive_step_packs_each_group_and_takes_the_slowest(tmp_path):
                                     "parallel.planner.memory_tokens=128"])
     # local is much cheaper than a group of two: every step splits the documents over two singles
     # when none is longer than 128 tokens (memory), else runs one group of two
-    fit = ((1, "local", 0.01, 1e-6, 0.0), (2, "ulysses", 0.01, 1e-5, 0.0), (2, "ring", 0.01, 1e-5, 0.0))
-    cm = CostModel.from_model_config(spec.model, get_profile("cpu_gloo").with_(microbatch_fit=fit))
+    one, two = ((32, 1e-6), (2048, 1e-6)), ((32, 1e-5), (2048, 1e-5))
+    curves = ((1, "local", 0.01, one), (2, "ulysses", 0.01, two), (2, "ring", 0.01, two))
+    cm = CostModel.from_model_config(spec.model, get_profile("cpu_gloo").with_(microbatch_curve=curves))
     corpus = _corpus()
     got = predict_steps(spec, cm, 2, 4, corpus)
     builder = build_batch_builder(spec, corpus)
