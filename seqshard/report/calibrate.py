@@ -166,15 +166,20 @@ CURVE_TOKENS = (512, 1024, 2048)
 MICROBATCH_CASES = tuple((tokens, doc) for tokens in CURVE_TOKENS for doc in CURVE_LENGTHS if doc <= tokens)
 
 
-def _time_microbatches(model, args, repeat: int) -> float:
-    samples = []
+def _time_microbatches(model, cases: dict, repeat: int) -> dict:
+    """Seconds of forward + backward per case (``{key: model args}``): ``repeat`` passes over every
+    case after a warm-up pass, each case's median. One case after another, as a run's micro-batches
+    change shape from one to the next, and the median, as a run's mean pays the machine's
+    disturbances too (the least disturbed of 5 ran 13-30% under the trainer's loop)."""
+    samples = {key: [] for key in cases}
     for i in range(repeat + 1):
-        dist.barrier()  # both ranks start together, as in a step
-        start = time.perf_counter()
-        model(*args).backward()
-        if i:  # the first call warms up
-            samples.append(time.perf_counter() - start)
-    return min(samples)  # the least disturbed run: other jobs only ever add time
+        for key, args in cases.items():
+            dist.barrier()  # both ranks start together, as in a step
+            start = time.perf_counter()
+            model(*args).backward()
+            if i:  # the first pass warms up
+                samples[key].append(time.perf_counter() - start)
+    return {key: float(np.median(s)) for key, s in samples.items()}
 
 
 def _microbatch_worker(rank, init_file, model_cfg, cases, repeat, queue):
@@ -195,6 +200,7 @@ def _microbatch_worker(rank, init_file, model_cfg, cases, repeat, queue):
     group = dist.new_group([0, 1])
     times = {}
     for method in ("local", "ulysses", "ring"):
+        args_of = {}
         for tokens, doc in cases:
             lens = [doc] * (tokens // doc)
             ids = torch.randint(0, model_cfg.vocab_size, (sum(lens),))
@@ -206,7 +212,8 @@ def _microbatch_worker(rank, init_file, model_cfg, cases, repeat, queue):
                                         "contiguous" if method == "ulysses" else "zigzag")
                 args = (shard.shard(ids, rank), shard.shard(pos, rank),
                         AdaptiveContext(plan=shard, group=group, method=method), shard.shard(ids, rank, pad_value=-100))
-            times[(method, tokens, doc)] = _time_microbatches(model, args, repeat)
+            args_of[(method, tokens, doc)] = args
+        times.update(_time_microbatches(model, args_of, repeat))
     params = [p for p in model.parameters() if p.grad is not None]
     opt = torch.optim.AdamW(params, lr=1e-4)
 
