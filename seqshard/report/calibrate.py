@@ -68,7 +68,7 @@ def _in_processes(target, args, timeout_s: float, what: str) -> list:
             if p.exitcode != 0:
                 for q in procs:
                     q.kill()
-                why = "did not finish in {:.0f} s".format(timeout_s) if p.exitcode is None else f"exited with {p.exitcode}"
+                why = f"did not finish in {timeout_s:.0f} s" if p.exitcode is None else f"exited with {p.exitcode}"
                 raise RuntimeError(f"calibration ({what}): process {rank} {why}")
         out = []
         while not queue.empty():
@@ -233,10 +233,10 @@ def _microbatch_worker(rank, init_file, model_cfg, cases, repeat, queue):
 
 def fit_microbatches(times: dict) -> list:
     """``(size, method, c0, ((L, s), ...))`` per method (``HardwareProfile.microbatch_curve``):
-    one micro-batch of ``n`` documents of
-    length L (``tokens // L`` of them) takes ``c0 + n L s(L)``; least squares of the RELATIVE
-    error over the cases (so the short micro-batches count as much as the long ones), one ``c0``
-    per method and one per-token ``s`` per length, all kept >= 0."""
+    one micro-batch of ``n`` documents of length L (``tokens // L`` of them) takes
+    ``c0 + n L s(L)``; least squares of the RELATIVE error over the cases (so the short
+    micro-batches count as much as the long ones), one ``c0`` per method and one per-token ``s``
+    per length, all kept >= 0."""
     fits = []
     for method, size in (("local", 1), ("ulysses", 2), ("ring", 2)):
         rows = [(tokens // doc * doc, doc, t) for (m, tokens, doc), t in times.items() if m == method]
@@ -387,8 +387,7 @@ def summarize(profile: dict) -> str:
         steps = len(trainer["runs"][0]["step_s"]) + 1
         repeats = sum(r["method"] == trainer["runs"][0]["method"] for r in trainer["runs"])
         lines.append(f"scaled by {steps}-step 2-rank training runs of the spec, the median of {repeats} per layout "
-                     f"({scales}); "
-                     f"per-step cost {1e3 * profile['step_overhead_s']:.1f} ms, "
+                     f"({scales}); per-step cost {1e3 * profile['step_overhead_s']:.1f} ms, "
                      f"{1e3 * profile.get('adaptive_step_s', 0.0):+.1f} ms more per adaptive step")
     lines.append(f"all-to-all over 2 processes: {profile['intra_node_bw'] / 1e9:.2f} GB/s, "
                  f"{1e3 * profile['collective_latency_s']:.3f} ms per call")
