@@ -192,3 +192,18 @@ def test_summary_names_every_curve_and_the_trainer_scales():
     assert "32: 30.0, 256: 31.0, 512: 43.0, 2048: 70.0" in text
     assert "10-step 2-rank training runs of the spec, the median of 2 per layout" in text
     assert "local x1.10, ring x0.90" in text and "12.5 ms" in text
+
+
+def _fails_on_rank_one(rank, init_file, queue):
+    if rank == 1:
+        raise ValueError("a case this worker cannot run")
+    queue.put(rank)
+
+
+def test_a_calibration_process_that_dies_is_an_error_not_a_hang():
+    """Before the shared helper, the parent joined the workers, then blocked on the queue forever
+    when one had died without putting its result there."""
+    from seqshard.report.calibrate import _in_processes
+
+    with pytest.raises(RuntimeError, match=r"calibration \(micro-batches\): process 1 exited with 1"):
+        _in_processes(_fails_on_rank_one, (), 60, "micro-batches")
