@@ -170,7 +170,7 @@ def _time_microbatches(model, cases: dict, repeat: int) -> dict:
     """Seconds of forward + backward per case (``{key: model args}``): ``repeat`` passes over every
     case after a warm-up pass, each case's median. One case after another, as a run's micro-batches
     change shape from one to the next, and the median, as a run's mean pays the machine's
-    disturbances too (the least disturbed of 5 ran 13-30% under the trainer's loop)."""
+    disturbances too (the trainer's loop took 1.13-1.30x the least disturbed of 5)."""
     samples = {key: [] for key in cases}
     for i in range(repeat + 1):
         for key, args in cases.items():
