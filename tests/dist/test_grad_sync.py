@@ -1,8 +1,8 @@
-"""BucketedGradReducer: the default bucket size splits even a tiny model, reductions start during
+"""BucketedGradReducer: the default bucket size splits a small model (no bucket under 1 MB), reductions start during
 backward, and the result is the flat all-reduce's sum (the exact full-batch gradient)."""
 import torch
 
-from seqshard.dist.grad_sync import MAX_BUCKET_MB, MIN_BUCKETS, BucketedGradReducer, default_bucket_mb
+from seqshard.dist.grad_sync import MAX_BUCKET_MB, MIN_BUCKET_MB, MIN_BUCKETS, BucketedGradReducer, default_bucket_mb
 from tests.helpers.ranks import run_ranks
 
 TINY = dict(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=384, vocab_size=259)  # examples/tiny.yaml
@@ -18,8 +18,12 @@ def _tiny_model():
 
 def test_default_bucket_size_caps_at_25mb_and_splits_small_models():
     assert default_bucket_mb([torch.nn.Parameter(torch.zeros(2**27))]) == MAX_BUCKET_MB  # 512 MB of fp32
-    reducer = BucketedGradReducer(_tiny_model().parameters())  # ~2 MB: a 25 MB bucket would be one
-    assert len(reducer.buckets) >= MIN_BUCKETS, len(reducer.buckets)
+    # 16 MB: a 25 MB bucket would be one; 8 buckets of 2 MB overlap with backward
+    assert default_bucket_mb([torch.nn.Parameter(torch.zeros(2**22))]) == 16 / MIN_BUCKETS
+    # but no bucket under 1 MB (each is a collective): examples/tiny.yaml's 1.76 MB model gets 2,
+    # a model under 1 MB one
+    assert default_bucket_mb([torch.nn.Parameter(torch.zeros(2**16))]) == MIN_BUCKET_MB
+    assert len(BucketedGradReducer(_tiny_model().parameters()).buckets) == 2
 
 
 def _bucketed_equals_flat(rank, world):
