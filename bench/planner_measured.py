@@ -151,7 +151,8 @@ def main():
                          "runs_s": each, "predicted_s": p, "error": p / m - 1,
                          "peak_mem_mb": measured[name]["peak_mem_mb"], "plans": measured[name]["plans"],
                          "losses": measured[name]["losses"]})
-            print(f"{mix:<14}{name:<12} measured {m:7.3f} s (runs {min(each):.3f}-{max(each):.3f})  predicted {p:7.3f} s"
+            print(f"{mix:<14}{name:<12} measured {m:7.3f} s (runs {min(each):.3f}-{max(each):.3f})  "
+                  f"predicted {p:7.3f} s"
                   f"  error {100 * (p / m - 1):+6.1f}%  peak {measured[name]['peak_mem_mb']:.0f} MB", flush=True)
         plans = [" then ".join(str(g) for g in p) for p in measured["adaptive"]["plans"]]
         print(f"{mix:<14}adaptive plans (group sizes, phases): "

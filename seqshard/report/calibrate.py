@@ -332,7 +332,8 @@ def fit_trainer_runs(spec_path, overrides, profile: dict, steps: int = 10, repea
                              "rest_s": float(np.mean(step) - np.mean(loop))})
         scale = {m: float(np.median([r["scale"] for r in runs if r["method"] == m])) for m, _ in TRAINER_RUNS}
         step_s = float(np.median([r["rest_s"] for r in runs]))
-        scaled = {**fields, "step_overhead_s": step_s, "microbatch_curve": _scale_curves(fields["microbatch_curve"], scale)}
+        scaled = {**fields, "step_overhead_s": step_s,
+                  "microbatch_curve": _scale_curves(fields["microbatch_curve"], scale)}
         path = os.path.join(tmp, "scaled.json")
         spec = load_spec(spec_path, list(overrides))
         save_profile(scaled, path, spec.model)
@@ -341,7 +342,8 @@ def fit_trainer_runs(spec_path, overrides, profile: dict, steps: int = 10, repea
                     f"parallel.planner.profile={path}"]
         extra = []
         for r in range(repeats):
-            metrics, predicted = _train_and_predict(spec_path, adaptive, scaled, steps, os.path.join(tmp, f"adaptive{r}"))
+            metrics, predicted = _train_and_predict(spec_path, adaptive, scaled, steps,
+                                                    os.path.join(tmp, f"adaptive{r}"))
             measured = [m["step_time_s"] for m in metrics]
             runs.append({"method": "adaptive", "step_s": measured, "predicted_s": predicted})
             extra.append(float(np.mean(measured) - np.mean(predicted)))

@@ -1,8 +1,10 @@
-"""BucketedGradReducer: the default bucket size splits a small model (no bucket under 1 MB), reductions start during
-backward, and the result is the flat all-reduce's sum (the exact full-batch gradient)."""
+"""BucketedGradReducer: the default bucket size splits a small model (no bucket under 1 MB),
+reductions start during backward, and the result is the flat all-reduce's sum (the exact
+full-batch gradient)."""
 import torch
 
-from seqshard.dist.grad_sync import MAX_BUCKET_MB, MIN_BUCKET_MB, MIN_BUCKETS, BucketedGradReducer, default_bucket_mb
+from seqshard.dist.grad_sync import (MAX_BUCKET_MB, MIN_BUCKET_MB, MIN_BUCKETS, BucketedGradReducer,
+                                     default_bucket_mb)
 from tests.helpers.ranks import run_ranks
 
 TINY = dict(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=384, vocab_size=259)  # examples/tiny.yaml

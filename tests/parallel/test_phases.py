@@ -14,7 +14,8 @@ CFG = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=4, ffn_dim=192)
 # measured-like curves: a group of two costs more device-seconds per token than a device alone,
 # the per-token cost grows with the document's length
 CURVES = tuple((size, method, c0, tuple((doc, c1 + c2 * doc) for doc in (32, 512, 1024, 2048)))
-               for size, method, c0, c1, c2 in ((1, "local", 0.003, 3e-5, 2.6e-8), (2, "ulysses", 0.014, 2.1e-5, 1.4e-8),
+               for size, method, c0, c1, c2 in ((1, "local", 0.003, 3e-5, 2.6e-8),
+                                                (2, "ulysses", 0.014, 2.1e-5, 1.4e-8),
                                                 (2, "ring", 0.007, 3e-5, 8e-9)))
 CM = replace(CostModel.from_model_config(CFG, get_profile("cpu_gloo").with_(microbatch_curve=CURVES), 4),
              pack_tokens=1024)

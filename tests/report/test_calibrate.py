@@ -126,7 +126,8 @@ def test_microbatch_curve_recovers_known_costs_and_drives_the_cost_model():
     # per-token seconds at each measured length: a step where the kernel's tiling changes (512)
     true = {m: (c0, {doc: h + (2e-5 if doc >= 512 else 0.0) + 1e-9 * doc for doc in CURVE_LENGTHS})
             for m, c0, h in (("local", 0.003, 2e-5), ("ulysses", 0.01, 1.5e-5), ("ring", 0.008, 2.5e-5))}
-    times = {(m, n, doc): c0 + (n // doc * doc) * per[doc] for m, (c0, per) in true.items() for n, doc in MICROBATCH_CASES}
+    times = {(m, n, doc): c0 + (n // doc * doc) * per[doc]
+             for m, (c0, per) in true.items() for n, doc in MICROBATCH_CASES}
     curves = fit_microbatches(times)
     assert [c[:2] for c in curves] == [(1, "local"), (2, "ulysses"), (2, "ring")]
     for size, method, c0, points in curves:
@@ -184,9 +185,10 @@ def test_summary_names_every_curve_and_the_trainer_scales():
     from seqshard.report.calibrate import summarize
 
     curve = ((32, 3e-5), (256, 3.1e-5), (512, 4.3e-5), (2048, 7e-5))
+    runs = [{"method": m, "step_s": [0.1] * 9} for m in ("local", "ring") * 2]  # 2 per layout
     profile = {**get_profile("cpu_gloo").__dict__, "step_overhead_s": 0.0125,
                "microbatch_curve": ((1, "local", 0.003, curve), (2, "ring", 0.008, curve)),
-               "measured": {"trainer_fit": {"scale": {"local": 1.1, "ring": 0.9}, "runs": [{"method": m, "step_s": [0.1] * 9} for m in ("local", "ring") * 2]}}}
+               "measured": {"trainer_fit": {"scale": {"local": 1.1, "ring": 0.9}, "runs": runs}}}
     text = summarize(profile)
     assert "group of 1 local" in text and "group of 2 ring" in text and "c0   8.00 ms" in text
     assert "32: 30.0, 256: 31.0, 512: 43.0, 2048: 70.0" in text
