@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .planner import StepPlan, _time_table, allowed_group_sizes, plan_step
+from .planner import StepPlan, allowed_group_sizes, plan_step
+from .planner_core import _time_table
 
 
 @dataclass

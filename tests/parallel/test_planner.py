@@ -7,8 +7,9 @@ import pytest
 from seqshard.models.config import ModelConfig
 from seqshard.parallel.cost_model import CostModel
 from seqshard.parallel.hardware import get_profile
-from seqshard.parallel.planner import (_layout, allowed_group_sizes, best_static_plan, integral_lower_bound,
-                                       lower_bound, plan_step, static_plan)
+from seqshard.parallel.planner import (allowed_group_sizes, best_static_plan, integral_lower_bound, lower_bound,
+                                       plan_step, static_plan)
+from seqshard.parallel.planner_core import _layout
 
 CFG = ModelConfig(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336)
 CM = CostModel.from_model_config(CFG, get_profile("h100_nvlink_ib400"))
