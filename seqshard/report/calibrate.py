@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 import time
 
@@ -31,6 +32,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from tqdm import tqdm
 
 
 def measure_flops(dim: int = 512, tokens: int = 2048, repeat: int = 5) -> float:
@@ -49,6 +51,33 @@ def _fastest(call, repeat: int) -> float:
         call()
         best = min(best, time.perf_counter() - start)
     return best
+
+
+class _Stages:
+    """A calibration's progress: a tqdm bar on a terminal; elsewhere (a pipe, a log file) one line
+    per stage on stderr; nothing when ``quiet``."""
+
+    def __init__(self, total: int, quiet: bool = False):
+        self.total, self.done, self.quiet = total, 0, quiet
+        self.bar = tqdm(total=total, unit="stage", dynamic_ncols=True) if sys.stderr.isatty() and not quiet else None
+
+    def start(self, what: str) -> None:
+        if self.bar is not None:
+            self.bar.set_description(what)
+        elif not self.quiet:
+            print(f"calibrate [{self.done + 1}/{self.total}]: {what}", file=sys.stderr, flush=True)
+
+    def finish(self) -> None:
+        self.done += 1
+        if self.bar is not None:
+            self.bar.update()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.close()
 
 
 def _in_processes(target, args, timeout_s: float, what: str) -> list:
@@ -297,7 +326,7 @@ def _train_and_predict(spec_path, sets, profile_fields: dict, steps: int, out: s
     return metrics, predict_steps(spec, cm, 2, steps)[1:]
 
 
-def fit_trainer_runs(spec_path, overrides, profile: dict, steps: int = 10, repeats: int = 3) -> dict:
+def fit_trainer_runs(spec_path, overrides, profile: dict, steps: int = 10, repeats: int = 3, stages=None) -> dict:
     """End-to-end fit on real training: the spec trained for ``steps`` steps on 2 ranks
     (``seqshard launch``) ``repeats`` times per layout of :data:`TRAINER_RUNS` (interleaved, so a
     slow spell of the machine touches every layout alike), each step's measured time set against
@@ -314,14 +343,17 @@ def fit_trainer_runs(spec_path, overrides, profile: dict, steps: int = 10, repea
       broadcast, regrouping, the ranks' gradient all-reduce after unequal groups): the spec
       trained adaptively (max_sp 2, memory_tokens half of max_seq_len, so the longest documents
       need a group of two), planned with the scaled curves; measured minus predicted mean step.
+    ``stages``: the caller's progress (one stage per training run), else quiet.
     Returns ``{"scale": {method: k}, "step_s": s, "adaptive_step_s": a, "runs": [...]}``."""
     from seqshard.launch.spec import load_spec
 
+    stages = stages if stages is not None else _Stages(0, quiet=True)
     fields = {k: v for k, v in profile.items() if k != "measured"}
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(repeats):
             for method, sets in TRAINER_RUNS:
+                stages.start(f"training run, {method} {r + 1}/{repeats}")
                 metrics, predicted = _train_and_predict(spec_path, [*overrides, *sets],
                                                         {**fields, "step_overhead_s": 0.0}, steps,
                                                         os.path.join(tmp, f"{method}{r}"))
@@ -330,6 +362,7 @@ def fit_trainer_runs(spec_path, overrides, profile: dict, steps: int = 10, repea
                 runs.append({"method": method, "step_s": step, "slowest_micro_batch_s": loop,
                              "predicted_s": predicted, "scale": sum(loop) / sum(predicted),
                              "rest_s": float(np.mean(step) - np.mean(loop))})
+                stages.finish()
         scale = {m: float(np.median([r["scale"] for r in runs if r["method"] == m])) for m, _ in TRAINER_RUNS}
         step_s = float(np.median([r["rest_s"] for r in runs]))
         scaled = {**fields, "step_overhead_s": step_s,
@@ -342,8 +375,10 @@ def fit_trainer_runs(spec_path, overrides, profile: dict, steps: int = 10, repea
                     f"parallel.planner.profile={path}"]
         extra = []
         for r in range(repeats):
+            stages.start(f"training run, adaptive {r + 1}/{repeats}")
             metrics, predicted = _train_and_predict(spec_path, adaptive, scaled, steps,
                                                     os.path.join(tmp, f"adaptive{r}"))
+            stages.finish()
             measured = [m["step_time_s"] for m in metrics]
             runs.append({"method": "adaptive", "step_s": measured, "predicted_s": predicted})
             extra.append(float(np.mean(measured) - np.mean(predicted)))
@@ -356,23 +391,30 @@ def calibrate_model(model_cfg, name: str = "calibrated", devices_per_node: int =
     measurements under ``"measured"`` (not a profile field: pop it before building one). With
     ``spec_path``, the micro-batch curves are then scaled and the per-step cost set by
     :func:`fit_trainer_runs` on the spec (with ``overrides``) itself."""
-    comp = measure_compute_side_by_side(model_cfg)
-    bandwidth, latency, reduce_s = measure_all_to_all(grad_bytes=4 * comp["n_params"])
-    mb = measure_microbatches(model_cfg)
-    profile = {"name": name, "peak_flops": comp["flops_per_s"], "mfu": 1.0, "intra_node_bw": bandwidth,
-               "inter_node_bw": bandwidth, "devices_per_node": devices_per_node,
-               "memory_bytes": float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")),
-               "collective_latency_s": latency, "source": "seqshard calibrate --spec: fitted on this machine",
-               "bw_by_group_size": ((2, bandwidth),), "latency_by_group_size": ((2, latency),),
-               "microbatch_overhead_s": comp["microbatch_overhead_s"], "step_overhead_s": mb["step_s"],
-               "microbatch_curve": mb["curves"]}
-    profile["measured"] = {**comp, "all_reduce_grads_s": reduce_s, "microbatches": mb["cases"]}
-    if spec_path is not None:
-        trainer = fit_trainer_runs(spec_path, overrides, profile, trainer_steps, repeats)
-        profile["microbatch_curve"] = _scale_curves(mb["curves"], trainer["scale"])
-        profile["step_overhead_s"] = trainer["step_s"]
-        profile["adaptive_step_s"] = trainer["adaptive_step_s"]
-        profile["measured"]["trainer_fit"] = trainer
+    with _Stages(3 + (repeats * (len(TRAINER_RUNS) + 1) if spec_path is not None else 0)) as stages:
+        stages.start("compute (2 processes)")
+        comp = measure_compute_side_by_side(model_cfg)
+        stages.finish()
+        stages.start("all-to-all and all-reduce (2 processes)")
+        bandwidth, latency, reduce_s = measure_all_to_all(grad_bytes=4 * comp["n_params"])
+        stages.finish()
+        stages.start("micro-batch curves (local, Ulysses, Ring)")
+        mb = measure_microbatches(model_cfg)
+        stages.finish()
+        profile = {"name": name, "peak_flops": comp["flops_per_s"], "mfu": 1.0, "intra_node_bw": bandwidth,
+                   "inter_node_bw": bandwidth, "devices_per_node": devices_per_node,
+                   "memory_bytes": float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")),
+                   "collective_latency_s": latency, "source": "seqshard calibrate --spec: fitted on this machine",
+                   "bw_by_group_size": ((2, bandwidth),), "latency_by_group_size": ((2, latency),),
+                   "microbatch_overhead_s": comp["microbatch_overhead_s"], "step_overhead_s": mb["step_s"],
+                   "microbatch_curve": mb["curves"]}
+        profile["measured"] = {**comp, "all_reduce_grads_s": reduce_s, "microbatches": mb["cases"]}
+        if spec_path is not None:
+            trainer = fit_trainer_runs(spec_path, overrides, profile, trainer_steps, repeats, stages)
+            profile["microbatch_curve"] = _scale_curves(mb["curves"], trainer["scale"])
+            profile["step_overhead_s"] = trainer["step_s"]
+            profile["adaptive_step_s"] = trainer["adaptive_step_s"]
+            profile["measured"]["trainer_fit"] = trainer
     return profile
 
 

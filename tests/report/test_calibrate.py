@@ -209,3 +209,19 @@ def test_a_calibration_process_that_dies_is_an_error_not_a_hang():
 
     with pytest.raises(RuntimeError, match=r"calibration \(micro-batches\): process 1 exited with 1"):
         _in_processes(_fails_on_rank_one, (), 60, "micro-batches")
+
+
+def test_calibration_progress_is_one_numbered_line_per_stage_off_a_terminal(capsys):
+    """Off a terminal (pytest captures stderr: not a tty) every stage is one line on stderr,
+    numbered out of the total; a quiet one prints nothing."""
+    from seqshard.report.calibrate import _Stages
+
+    with _Stages(2) as stages:
+        for what in ("compute", "training run, local 1/1"):
+            stages.start(what)
+            stages.finish()
+    with _Stages(1, quiet=True) as quiet:
+        quiet.start("nothing")
+        quiet.finish()
+    assert capsys.readouterr().err.splitlines() == ["calibrate [1/2]: compute",
+                                                    "calibrate [2/2]: training run, local 1/1"]
