@@ -5,16 +5,16 @@ the allowed sizes covering the devices) and assign every sequence to one group, 
 step's makespan (the slowest group's summed sequence times under the cost model) subject to
 memory: a sequence of length L fits a group of d devices when ``L <= d * memory_tokens``.
 
-Solvers:
-- ``greedy``: the smallest makespan target for which the long sequences, packed whole into whole
-  groups (:meth:`_Packer.pack`), plus the others in the groups' spare time and in singles, fit
-  the devices (bisection); that mix assigned two ways (packed groups kept, or everything
-  longest-first to the earliest finish), the static degrees that can still win, then local
-  search. Deterministic.
-- ``milp``: ``scipy.optimize.milp`` (HiGHS) over length buckets, one integer per group size and
-  each bucket's work shared among sizes, in a bisection on the makespan, within a time limit
-  that bounds the whole call; the result is never worse than greedy (the better plan is
-  returned, with the MILP status and gap).
+Solvers (the pieces they share in :mod:`.planner_core`):
+- ``greedy`` (:mod:`.planner_greedy`): the smallest makespan target for which the long
+  sequences, packed whole into whole groups, plus the others in the groups' spare time and in
+  singles, fit the devices (bisection); that mix assigned two ways (packed groups kept, or
+  everything longest-first to the earliest finish), the static degrees that can still win, then
+  local search. Deterministic.
+- ``milp`` (:mod:`.planner_milp`): ``scipy.optimize.milp`` (HiGHS) over length buckets, one
+  integer per group size and each bucket's work shared among sizes, in a bisection on the
+  makespan, within a time limit that bounds the whole call; the result is never worse than
+  greedy (the better plan is returned, with the MILP status and gap).
 Pure functions of lengths and sizes: no torch.distributed.
 """
 from __future__ import annotations
