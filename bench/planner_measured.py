@@ -98,7 +98,8 @@ def predictions(spec, cm, steps):
 
 
 def calibrate(path):
-    from seqshard.report.calibrate import calibrate_model, save_profile
+    from seqshard.report.calibrate import calibrate_model
+    from seqshard.report.calibration_file import save_profile
 
     spec = load_spec(ROOT / "examples/tiny.yaml", MODEL)
     profile = calibrate_model(spec.model, spec_path=ROOT / "examples/tiny.yaml", overrides=MODEL)

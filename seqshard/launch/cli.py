@@ -157,7 +157,8 @@ def cmd_eval(args) -> int:
 def cmd_calibrate(args) -> int:
     import json
 
-    from seqshard.report.calibrate import calibrate, calibrate_model, save_profile, summarize
+    from seqshard.report.calibrate import calibrate, calibrate_model, summarize
+    from seqshard.report.calibration_file import save_profile
 
     model = load_spec(args.spec).model if args.spec else None
     profile = calibrate_model(model, spec_path=args.spec) if model else calibrate()

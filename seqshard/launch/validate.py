@@ -119,7 +119,7 @@ def _check_parallel(p, m, world_size):
         from seqshard.parallel.hardware import PROFILES
 
         if p.planner.profile.endswith(".json"):  # a `seqshard calibrate --spec --out` file
-            from seqshard.report.calibrate import CalibrationError, load_calibration
+            from seqshard.report.calibration_file import CalibrationError, load_calibration
 
             try:
                 load_calibration(p.planner.profile, m)

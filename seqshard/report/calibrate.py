@@ -14,15 +14,15 @@ With a model (``seqshard calibrate --spec SPEC``), every term is fitted by measu
   length (``microbatch_curve``), timed on 2 processes through the adaptive runtime's own
   attention path (:func:`measure_microbatches`). A curve, not a polynomial: the CPU flash
   kernel's cost per token jumps where its tiling changes;
-- those curves scaled, and the per-step cost set, from short 2-rank training runs of the spec itself
-  (:func:`fit_trainer_runs`), and the adaptive runtime's extra per-step cost from an adaptive run
-  (``adaptive_step_s``).
-Saved with ``--out FILE.json``, ``parallel.planner.profile: FILE.json`` makes the adaptive
-planner use the curves (refused on another machine kind or model shape).
+- those curves scaled, and the per-step cost set, from short 2-rank training runs of the spec
+  itself (:mod:`seqshard.report.calibrate_trainer`), and the adaptive runtime's extra per-step
+  cost from an adaptive run (``adaptive_step_s``).
+Saved with ``--out FILE.json`` (:mod:`seqshard.report.calibration_file`),
+``parallel.planner.profile: FILE.json`` makes the adaptive planner use the curves (refused on
+another machine kind or model shape).
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 import tempfile
@@ -33,6 +33,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from tqdm import tqdm
+
+from .calibrate_trainer import TRAINER_RUNS, fit_trainer_runs, scale_curves
 
 
 def measure_flops(dim: int = 512, tokens: int = 2048, repeat: int = 5) -> float:
@@ -55,16 +57,16 @@ def _fastest(call, repeat: int) -> float:
 
 class _Stages:
     """A calibration's progress: a tqdm bar on a terminal; elsewhere (a pipe, a log file) one line
-    per stage on stderr; nothing when ``quiet``."""
+    per stage on stderr."""
 
-    def __init__(self, total: int, quiet: bool = False):
-        self.total, self.done, self.quiet = total, 0, quiet
-        self.bar = tqdm(total=total, unit="stage", dynamic_ncols=True) if sys.stderr.isatty() and not quiet else None
+    def __init__(self, total: int):
+        self.total, self.done = total, 0
+        self.bar = tqdm(total=total, unit="stage", dynamic_ncols=True) if sys.stderr.isatty() else None
 
     def start(self, what: str) -> None:
         if self.bar is not None:
             self.bar.set_description(what)
-        elif not self.quiet:
+        else:
             print(f"calibrate [{self.done + 1}/{self.total}]: {what}", file=sys.stderr, flush=True)
 
     def finish(self) -> None:
@@ -290,107 +292,12 @@ def measure_microbatches(model_cfg, repeat: int = 5, cases=MICROBATCH_CASES) -> 
             "cases": [[m, n, doc, t] for (m, n, doc), t in times.items()]}
 
 
-# the trainer runs of the end-to-end fit: (method, spec overrides), 2 ranks each
-TRAINER_RUNS = (("local", ["parallel.sp_method=none", "parallel.sp=1"]),
-                ("ulysses", ["parallel.sp_method=ulysses", "parallel.sp=2"]),
-                ("ring", ["parallel.sp_method=ring", "parallel.sp=2"]))
-
-
-def _scale_curves(curves, scale: dict) -> tuple:
-    """``microbatch_curve`` entries with a method's fixed and per-token seconds multiplied by ``scale[method]``."""
-    return tuple((size, m, scale[m] * c0, tuple((doc, scale[m] * h) for doc, h in points))
-                 for size, m, c0, points in curves)
-
-
-def _train_and_predict(spec_path, sets, profile_fields: dict, steps: int, out: str):
-    """Train the spec with ``sets`` for ``steps`` steps on 2 ranks (``seqshard launch``, one thread
-    per rank); (its metrics, the predicted step seconds from ``profile_fields``), first step left out."""
-    import subprocess
-    import sys
-
-    from seqshard.launch.spec import load_spec
-    from seqshard.parallel.cost_model import CostModel
-    from seqshard.parallel.hardware import HardwareProfile
-
-    from .step_model import predict_steps
-
-    sets = [*sets, f"train.steps={steps}", "train.checkpoint_every=0", "launch.nproc_per_node=2",
-            "train.log_every=1000000", f"train.output_dir={out}"]
-    subprocess.run([sys.executable, "-m", "seqshard", "launch", str(spec_path), *[f"--set={x}" for x in sets]],
-                   env=dict(os.environ, OMP_NUM_THREADS="1"), check=True, capture_output=True)
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        metrics = [json.loads(line) for line in f][1:]
-    spec = load_spec(spec_path, sets)
-    cm = CostModel.from_model_config(spec.model, HardwareProfile(**profile_fields),
-                                     2 if spec.train.dtype == "bfloat16" else 4)
-    return metrics, predict_steps(spec, cm, 2, steps)[1:]
-
-
-def fit_trainer_runs(spec_path, overrides, profile: dict, steps: int = 10, repeats: int = 3, stages=None) -> dict:
-    """End-to-end fit on real training: the spec trained for ``steps`` steps on 2 ranks
-    (``seqshard launch``) ``repeats`` times per layout of :data:`TRAINER_RUNS` (interleaved, so a
-    slow spell of the machine touches every layout alike), each step's measured time set against
-    the prediction of :mod:`seqshard.report.step_model` from ``profile``'s micro-batch curves
-    (first step left out). Identical runs differ by up to 15% on a shared 2-core machine, so each
-    figure is the median over the repeats:
-    - ``scale[method]``: measured over predicted seconds of the steps' micro-batch loops (the
-      trainer's ``slowest_micro_batch_s``, the slowest rank's), which takes up what timing
-      micro-batches alone misses (the trainer's loop, allocator and cache state, the ranks
-      waiting for each other);
-    - ``step_s``: the rest of a step after the slowest loop (batch building, planning, optimizer,
-      loss gather, logging), the median over all static runs of each run's mean;
-    - ``adaptive_step_s``: the adaptive runtime's own per-step cost (planning on rank 0, the plan's
-      broadcast, regrouping, the ranks' gradient all-reduce after unequal groups): the spec
-      trained adaptively (max_sp 2, memory_tokens half of max_seq_len, so the longest documents
-      need a group of two), planned with the scaled curves; measured minus predicted mean step.
-    ``stages``: the caller's progress (one stage per training run), else quiet.
-    Returns ``{"scale": {method: k}, "step_s": s, "adaptive_step_s": a, "runs": [...]}``."""
-    from seqshard.launch.spec import load_spec
-
-    stages = stages if stages is not None else _Stages(0, quiet=True)
-    fields = {k: v for k, v in profile.items() if k != "measured"}
-    runs = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for r in range(repeats):
-            for method, sets in TRAINER_RUNS:
-                stages.start(f"training run, {method} {r + 1}/{repeats}")
-                metrics, predicted = _train_and_predict(spec_path, [*overrides, *sets],
-                                                        {**fields, "step_overhead_s": 0.0}, steps,
-                                                        os.path.join(tmp, f"{method}{r}"))
-                loop = [m["slowest_micro_batch_s"] for m in metrics]  # a step waits for its slowest rank
-                step = [m["step_time_s"] for m in metrics]
-                runs.append({"method": method, "step_s": step, "slowest_micro_batch_s": loop,
-                             "predicted_s": predicted, "scale": sum(loop) / sum(predicted),
-                             "rest_s": float(np.mean(step) - np.mean(loop))})
-                stages.finish()
-        scale = {m: float(np.median([r["scale"] for r in runs if r["method"] == m])) for m, _ in TRAINER_RUNS}
-        step_s = float(np.median([r["rest_s"] for r in runs]))
-        scaled = {**fields, "step_overhead_s": step_s,
-                  "microbatch_curve": _scale_curves(fields["microbatch_curve"], scale)}
-        path = os.path.join(tmp, "scaled.json")
-        spec = load_spec(spec_path, list(overrides))
-        save_profile(scaled, path, spec.model)
-        adaptive = [*overrides, "parallel.sp_method=adaptive", "parallel.sp=1", "parallel.max_sp=2",
-                    f"parallel.planner.memory_tokens={max(1, spec.data.max_seq_len // 2)}",
-                    f"parallel.planner.profile={path}"]
-        extra = []
-        for r in range(repeats):
-            stages.start(f"training run, adaptive {r + 1}/{repeats}")
-            metrics, predicted = _train_and_predict(spec_path, adaptive, scaled, steps,
-                                                    os.path.join(tmp, f"adaptive{r}"))
-            stages.finish()
-            measured = [m["step_time_s"] for m in metrics]
-            runs.append({"method": "adaptive", "step_s": measured, "predicted_s": predicted})
-            extra.append(float(np.mean(measured) - np.mean(predicted)))
-    return {"scale": scale, "step_s": step_s, "adaptive_step_s": float(np.median(extra)), "runs": runs}
-
-
 def calibrate_model(model_cfg, name: str = "calibrated", devices_per_node: int = 2, bytes_per_element: int = 4,
                     spec_path=None, overrides=(), trainer_steps: int = 20, repeats: int = 3):
     """A profile fitted on the model itself (see the module docstring), plus the raw
     measurements under ``"measured"`` (not a profile field: pop it before building one). With
     ``spec_path``, the micro-batch curves are then scaled and the per-step cost set by
-    :func:`fit_trainer_runs` on the spec (with ``overrides``) itself."""
+    :func:`~seqshard.report.calibrate_trainer.fit_trainer_runs` on the spec (with ``overrides``) itself."""
     with _Stages(3 + (repeats * (len(TRAINER_RUNS) + 1) if spec_path is not None else 0)) as stages:
         stages.start("compute (2 processes)")
         comp = measure_compute_side_by_side(model_cfg)
@@ -410,8 +317,8 @@ def calibrate_model(model_cfg, name: str = "calibrated", devices_per_node: int =
                    "microbatch_curve": mb["curves"]}
         profile["measured"] = {**comp, "all_reduce_grads_s": reduce_s, "microbatches": mb["cases"]}
         if spec_path is not None:
-            trainer = fit_trainer_runs(spec_path, overrides, profile, trainer_steps, repeats, stages)
-            profile["microbatch_curve"] = _scale_curves(mb["curves"], trainer["scale"])
+            trainer = fit_trainer_runs(spec_path, overrides, profile, stages, trainer_steps, repeats)
+            profile["microbatch_curve"] = scale_curves(mb["curves"], trainer["scale"])
             profile["step_overhead_s"] = trainer["step_s"]
             profile["adaptive_step_s"] = trainer["adaptive_step_s"]
             profile["measured"]["trainer_fit"] = trainer
@@ -446,53 +353,3 @@ def calibrate(name: str = "calibrated", devices_per_node: int = 4) -> dict:
             "inter_node_bw": bandwidth, "devices_per_node": devices_per_node,
             "memory_bytes": float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")),
             "collective_latency_s": latency, "source": "seqshard calibrate on this machine"}
-
-
-def machine_kind() -> str:
-    """What a calibration is only valid on: the accelerator (or CPU architecture) and core count."""
-    import platform
-
-    if torch.cuda.is_available():
-        return f"cuda:{torch.cuda.get_device_name(0)} x{torch.cuda.device_count()}"
-    return f"cpu:{platform.machine()} x{os.cpu_count()}"
-
-
-def model_shape(cfg) -> dict:
-    return {k: int(getattr(cfg, k)) for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim")}
-
-
-class CalibrationError(ValueError):
-    """A calibration file that does not describe this machine or model; one line for the user."""
-
-
-def save_profile(profile: dict, path, model=None) -> None:
-    """The profile with the machine kind (and the model shape, when given) it was measured for."""
-    fields = {k: v for k, v in profile.items() if k != "measured"}
-    record = {"profile": fields, "machine": machine_kind(), "model_shape": model_shape(model) if model else None,
-              "measured": profile.get("measured")}
-    with open(path, "w") as f:
-        json.dump(record, f, indent=1)
-
-
-def load_calibration(path, model=None):
-    """The :class:`HardwareProfile` of a calibration file, refused when it was measured on another
-    machine kind or for another model shape (its numbers would not describe this run)."""
-    from seqshard.parallel.hardware import HardwareProfile
-
-    with open(path) as f:
-        record = json.load(f)
-    if record.get("machine") != machine_kind():
-        raise CalibrationError(f"{path}: calibrated on {record.get('machine')!r}, this machine is "
-                               f"{machine_kind()!r}; run `seqshard calibrate --out {path}` here")
-    shape = record.get("model_shape")
-    if model is not None and shape is not None and shape != model_shape(model):
-        raise CalibrationError(f"{path}: calibrated for model shape {shape}, this run's is {model_shape(model)}; "
-                               "recalibrate for this model")
-    from seqshard.parallel.hardware import get_profile
-
-    if not str(path).endswith(".json"):
-        return HardwareProfile(**record["profile"])
-    try:
-        return get_profile(str(path))
-    except ValueError as err:  # a file from an older seqshard: one line, as the checks above
-        raise CalibrationError(str(err)) from None

@@ -27,7 +27,7 @@ def test_calibration_file_from_another_machine_or_model_is_refused(tmp_path):
 
     import pytest
 
-    from seqshard.report.calibrate import CalibrationError, load_calibration, save_profile
+    from seqshard.report.calibration_file import CalibrationError, load_calibration, save_profile
 
     profile = {**get_profile("cpu_gloo").__dict__, "bw_by_group_size": ()}
     model = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128)
@@ -79,7 +79,8 @@ def test_cost_model_uses_the_fit_per_group_size():
 def test_calibrate_model_fits_group_sizes_one_and_two(tmp_path):
     from seqshard.launch.spec import load_spec
     from seqshard.parallel.hardware import get_profile as profile_of
-    from seqshard.report.calibrate import calibrate_model, save_profile
+    from seqshard.report.calibrate import calibrate_model
+    from seqshard.report.calibration_file import save_profile
     from tests.helpers.training import ROOT, SMALL
 
     sets = [*SMALL, "model.n_kv_heads=4", "train.steps=4"]
@@ -104,7 +105,7 @@ def test_spec_names_a_calibration_file_and_is_refused_when_it_does_not_match(tmp
     import json
 
     from seqshard.launch.spec import SpecError
-    from seqshard.report.calibrate import save_profile
+    from seqshard.report.calibration_file import save_profile
     from tests.helpers.training import small_spec
 
     model = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128)
@@ -169,7 +170,7 @@ def test_microbatch_curve_recovers_known_costs_and_drives_the_cost_model():
 def test_a_calibration_file_from_before_the_curves_is_refused_in_one_line(tmp_path):
     import json
 
-    from seqshard.report.calibrate import CalibrationError, load_calibration, save_profile
+    from seqshard.report.calibration_file import CalibrationError, load_calibration, save_profile
 
     path = tmp_path / "old.json"
     save_profile({**get_profile("cpu_gloo").__dict__}, path)
@@ -213,15 +214,12 @@ def test_a_calibration_process_that_dies_is_an_error_not_a_hang():
 
 def test_calibration_progress_is_one_numbered_line_per_stage_off_a_terminal(capsys):
     """Off a terminal (pytest captures stderr: not a tty) every stage is one line on stderr,
-    numbered out of the total; a quiet one prints nothing."""
+    numbered out of the total."""
     from seqshard.report.calibrate import _Stages
 
     with _Stages(2) as stages:
         for what in ("compute", "training run, local 1/1"):
             stages.start(what)
             stages.finish()
-    with _Stages(1, quiet=True) as quiet:
-        quiet.start("nothing")
-        quiet.finish()
     assert capsys.readouterr().err.splitlines() == ["calibrate [1/2]: compute",
                                                     "calibrate [2/2]: training run, local 1/1"]
