@@ -127,9 +127,9 @@ def main():
     for mix, source, max_len, memory in (m for m in MIXES if not args.mixes or m[0] in args.mixes):
         source = tail_source(max_len, memory) if source == "tail" else source
         measured = {}
-        for r in range(args.repeats):  # interleaved: a slow spell of the machine touches both runs alike
+        for rep in range(args.repeats):  # interleaved: a slow spell of the machine touches both runs alike
             for name, extra in runs(memory, calibration).items():
-                out = ROOT / "runs" / "bench-planner" / mix / f"{name}{r}"
+                out = ROOT / "runs" / "bench-planner" / mix / f"{name}{rep}"
                 sets = [f"--set={s}" for s in base(args.steps, max_len, source) + extra + [f"train.output_dir={out}"]]
                 subprocess.run([sys.executable, "-m", "seqshard", "launch", str(ROOT / "examples/tiny.yaml"), *sets],
                                env=env, check=True, capture_output=True)
