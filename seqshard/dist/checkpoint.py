@@ -64,11 +64,32 @@ def _commit(partial: Path, final: Path, step: int, trainer_state: dict) -> Path:
     if dist.get_rank() == 0:
         (partial / "trainer.json").write_text(json.dumps(trainer_state, indent=1))
         (partial / MARKER).write_text(f"step {step}\n")
-        if final.exists():
-            shutil.rmtree(final)
+        if final.exists():  # a damaged step_<N> that resume skipped: kept aside, never deleted
+            os.replace(final, _free_name(final.parent / f".replaced_{final.name}"))
         os.replace(partial, final)
     named_barrier("checkpoint.committed")
     return final
+
+
+def _free_name(path: Path) -> Path:
+    n = 1
+    while (candidate := path.with_name(f"{path.name}.{n}")).exists():
+        n += 1
+    return candidate
+
+
+def prune_checkpoints(output_dir, keep: int) -> list[Path]:
+    """Remove all but the newest ``keep`` committed checkpoints (``train.keep_checkpoints``);
+    returns the removed folders. Rank 0, after a commit."""
+    root = checkpoint_root(output_dir)
+    done = sorted((int(m.group(1)), p) for p in root.iterdir()
+                  if (m := _STEP_DIR.match(p.name)) and (p / MARKER).is_file())
+    removed = [p for _, p in done[:-keep]] if keep and len(done) > keep else []
+    for path in removed:
+        doomed = root / f".removing_{path.name}"
+        os.replace(path, doomed)  # atomic: never a half-deleted folder under a step_<N> name
+        shutil.rmtree(doomed, ignore_errors=True)
+    return removed
 
 
 def read_trainer_state(path: Path) -> dict:
@@ -129,6 +150,8 @@ def save_checkpoint_async(output_dir, step: int, model, optimizer, trainer_state
 
 class CheckpointMismatch(ValueError):
     """A checkpoint whose tensors do not fit the model being resumed (the CLI exits 2)."""
+
+    exit_code = 2
 
 
 def check_reshardable(path: Path, model_sd: dict) -> None:
