@@ -55,3 +55,49 @@ def first_failure() -> str | None:
         return store.get(KEY).decode() if store.check([KEY]) else None
     except Exception:  # noqa: BLE001 - best effort on a path that is already failing
         return None
+
+
+HEARTBEAT = "seqshard/heartbeat/"
+
+
+def heartbeat(what: str) -> None:
+    """Record where this rank is (``what``, e.g. "step 7"), when, and its pid/host, in the store:
+    when a collective times out, :func:`stalled_ranks` names the rank that stopped moving."""
+    store = _store()
+    if store is None or dist.get_world_size() == 1:
+        return
+    import json
+    import os
+    import socket
+    import time
+
+    try:
+        store.set(f"{HEARTBEAT}{dist.get_rank()}", json.dumps(
+            {"at": what, "time": time.time(), "pid": os.getpid(), "host": socket.gethostname()}))
+    except Exception:  # noqa: BLE001 - best effort: a heartbeat never fails a step
+        pass
+
+
+def stalled_ranks() -> str | None:
+    """On a collective's error path: the ranks whose heartbeat is the oldest, by more than a few
+    seconds, e.g. "rank 1 (pid 123 on h1) last seen at step 4, 31 s ago"; None when every rank
+    was seen recently or nothing was recorded."""
+    store = _store()
+    if store is None:
+        return None
+    import json
+    import time
+
+    try:
+        keys = [f"{HEARTBEAT}{r}" for r in range(dist.get_world_size())]
+        beats = {r: json.loads(store.get(k)) for r, k in enumerate(keys) if store.check([k])}
+    except Exception:  # noqa: BLE001 - best effort on a path that is already failing
+        return None
+    if len(beats) < 2:
+        return None
+    now, newest = time.time(), max(b["time"] for b in beats.values())
+    behind = sorted(r for r, b in beats.items() if newest - b["time"] > 2.0)
+    if not behind:
+        return None
+    return "; ".join(f"rank {r} (pid {beats[r]['pid']} on {beats[r]['host']}) last seen at {beats[r]['at']}, "
+                     f"{now - beats[r]['time']:.0f} s ago" for r in behind)

@@ -43,11 +43,14 @@ def _summary(what: str, error: BaseException) -> tuple[str, int]:
     return f"{what}: {describe(error)}", 1
 
 
-def raise_on_all_ranks(what: str, error: BaseException | None, group=None) -> None:
+def raise_on_all_ranks(what: str, error: BaseException | None, group=None, on_failure=None) -> None:
     """Collective: if ``error`` is set on any rank, every rank raises one RankFailure naming the
-    first failed rank and its cause (and how many others failed). A no-op when all succeeded."""
+    first failed rank and its cause (and how many others failed). A no-op when all succeeded.
+    ``on_failure()`` runs on every rank before the raise (clean-up such as a partial folder)."""
     if not dist.is_initialized() or dist.get_world_size(group) == 1:  # nobody to tell
         if error is not None:
+            if on_failure is not None:
+                on_failure()
             rank = dist.get_rank() if dist.is_initialized() else 0
             line, code = _summary(what, error)
             raise RankFailure(line if code != 1 else f"rank {rank}: {line}", [rank], code) from error
@@ -61,6 +64,8 @@ def raise_on_all_ranks(what: str, error: BaseException | None, group=None) -> No
     with record(f"guard.{what}.gather", 0):
         dist.all_gather_object(messages, None if error is None else _summary(what, error), group=group)
     failed = [r for r, m in enumerate(messages) if m is not None]
+    if on_failure is not None:
+        on_failure()
     rank = dist.get_global_rank(group, failed[0]) if group is not None else failed[0]
     line, code = messages[failed[0]]
     if code != 1:  # the same user error everywhere (a refused folder, spec): its own line

@@ -154,6 +154,20 @@ def changed_keys(saved: dict, current: dict) -> list[tuple[str, object, object]]
     return [(k, a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
 
 
+def recorded_spec(output_dir) -> tuple[Path, dict] | None:
+    """(checkpoint, spec) of the newest complete checkpoint whose trainer.json records a spec."""
+    from seqshard.dist.resume import complete_checkpoints
+
+    for path in complete_checkpoints(output_dir):
+        try:
+            spec = json.loads((path / "trainer.json").read_text()).get("spec")
+        except (OSError, ValueError, AttributeError):
+            continue  # damaged: resume reports it
+        if isinstance(spec, dict):
+            return path, spec
+    return None
+
+
 def check_resume_spec(saved: dict | None, current: dict, checkpoint: Path) -> list[str]:
     """Raise RunDirError naming the first key that may not change; return the safe changes."""
     if not saved:

@@ -19,6 +19,7 @@ import torch.distributed as dist
 from seqshard.data.batches import Row
 from seqshard.data.hf_tokenizer import load_tokenizer
 from seqshard.dist.bootstrap import DistEnv, init_distributed
+from seqshard.dist.cause import heartbeat
 from seqshard.dist.comm_stats import COMM_LOG, record
 from seqshard.dist.guard import named_barrier, shared_failure
 from seqshard.dist.mesh import ParallelDims, build_mesh
@@ -34,7 +35,7 @@ from .loggers import RunLoggers
 from .logs import Progress, get_logger, peak_memory_mb
 from .memory import apply_memory_options
 from .oom import exit_on_oom, is_oom
-from .rundir import check_resume_spec, claim_output_dir
+from .rundir import check_resume_spec, claim_output_dir, recorded_spec
 from .runinfo import describe_engine, engine_settings, run_config
 from .schedule import Schedule, lr_at as schedule_lr_at
 
@@ -160,6 +161,7 @@ def setup(spec: Spec) -> Run:
 def train_step(run: Run, step: int) -> dict:
     spec, engine = run.spec, run.engine
     start = time.perf_counter()
+    heartbeat(f"step {step}")
     COMM_LOG.reset()
     with shared_failure("step data"):
         batch = run.builder.next_batch()
@@ -258,13 +260,15 @@ def train(spec: Spec, resume: bool = False, stop_after: int | None = None, overw
 def _resume(run: Run, log) -> int:
     """Load the newest loadable checkpoint (if any) into ``run``; return its step (0: none)."""
     spec = run.spec
+    recorded = recorded_spec(spec.train.output_dir)  # compared before loading: the error names the key
+    if recorded is not None:
+        safe = check_resume_spec(recorded[1], spec.to_dict(), recorded[0])
+        if safe:
+            log.warning("resume: changed since %s: %s", recorded[0].name, "; ".join(safe))
     ckpt, state = resume_from_newest_loadable(spec.train.output_dir, run.engine.load,
                                               log if run.denv.rank == 0 else None)
     if ckpt is None:
         return 0
-    safe = check_resume_spec(state.get("spec"), spec.to_dict(), ckpt)
-    if safe:
-        log.warning("resume: changed since %s: %s", ckpt.name, "; ".join(safe))
     run.builder.load_state_dict(state["data"])
     changed = run.schedule.load_state_dict(state.get("schedule", {}))
     log.info("resumed from %s (step %d)", ckpt, state["step"])
@@ -275,6 +279,7 @@ def _resume(run: Run, log) -> int:
 
 def _save(run: Run, step: int, log):
     spec = run.spec
+    heartbeat(f"checkpoint step {step}")
     path = run.engine.save(spec.train.output_dir, step, _trainer_state(run, step))
     log.info("checkpoint %s", path)
     if spec.train.keep_checkpoints and run.denv.rank == 0:
