@@ -37,6 +37,7 @@ def _check_model(m):
     _one_of("model.arch", m.arch, ARCHS)
     for key in ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size"):
         _positive(f"model.{key}", getattr(m, key))
+    _positive("model.attn_head_dim", m.attn_head_dim, 0)
     if m.dim % m.n_heads and not m.attn_head_dim:
         raise SpecError("model.dim", f"{m.dim} is not divisible by model.n_heads {m.n_heads}")
     if m.head_dim % 2:
@@ -261,12 +262,12 @@ def _check_tokenizer_vocab(spec):
 def validate(spec, world_size: int):
     if spec.seed < 0:
         raise SpecError("seed", f"must be >= 0, got {spec.seed}")
+    _check_sizes(spec)
     _check_model(spec.model)
     _check_launch(spec.launch)
     _check_parallel(spec.parallel, spec.model, world_size)
     _check_train(spec.train)
     _check_data(spec.data, spec.dp(world_size))
-    _check_sizes(spec)
     _check_engine(spec)
     from .datacheck import check_data
     from .hf_checks import check_hf
