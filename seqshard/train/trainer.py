@@ -19,7 +19,7 @@ import torch.distributed as dist
 from seqshard.data.batches import Row
 from seqshard.data.hf_tokenizer import load_tokenizer
 from seqshard.dist.bootstrap import DistEnv, init_distributed
-from seqshard.dist.cause import heartbeat
+from seqshard.dist.cause import heartbeat, start_heartbeat, stop_heartbeat
 from seqshard.dist.comm_stats import COMM_LOG, record
 from seqshard.dist.guard import named_barrier, shared_failure
 from seqshard.dist.mesh import ParallelDims, build_mesh
@@ -246,6 +246,7 @@ def train(spec: Spec, resume: bool = False, stop_after: int | None = None, overw
     denv, _ = init_distributed(spec.train.collective_timeout_s)
     log = get_logger(denv.rank)
     lock = None
+    start_heartbeat()
     try:
         with shared_failure("run folder"):
             if denv.rank == 0:
@@ -253,6 +254,7 @@ def train(spec: Spec, resume: bool = False, stop_after: int | None = None, overw
         with Preemption() as preemption:
             return _train(spec, resume, stop_after, log, preemption)
     finally:
+        stop_heartbeat()
         if lock is not None:
             lock.release()
 
