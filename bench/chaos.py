@@ -10,6 +10,7 @@ small model, a checkpoint every step) and injects one fault:
 - ``kill_all``: SIGKILL the agent and both workers at once;
 - ``sigterm``: SIGTERM to the agent (what SLURM / Kubernetes send): the workers checkpoint the
   step they are in and exit 75; 0 steps may be lost;
+- ``sigusr1``: SIGUSR1 to the agent (SLURM's ``--signal=USR1@T`` warning), the same;
 - ``sigstop``: SIGSTOP one worker: the job must end within the collective timeout + a few
   seconds, its error naming the stopped rank;
 - ``two_writers``: a second job on the same folder while the first runs: refused in one line;
@@ -46,12 +47,15 @@ TIMEOUT_S = 8  # train.collective_timeout_s of the sigstop trial
 SETS = ["model.dim=32", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_dim=64",
         "data.max_seq_len=128", "data.tokens_per_step=512", f"train.steps={STEPS}", "train.warmup_steps=2",
         "train.checkpoint_every=1", "train.log_every=1", "train.lr=3e-3"]
-FAULTS = ("kill_rank", "kill_in_save", "kill_agent", "kill_all", "sigterm", "sigstop", "two_writers", "disk_full")
+FAULTS = ("kill_rank", "kill_in_save", "kill_agent", "kill_all", "sigterm", "sigusr1", "sigstop", "two_writers",
+          "disk_full")
 
 
 def command(out: Path, *extra, sets=()) -> list[str]:
+    # torchrun forwards SIGUSR1 as the SLURM script seqshard writes asks it to (launchers.py)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-           str(_free_port()), "-m", "seqshard", "train", str(ROOT / "examples" / "tiny.yaml"), *extra]
+           str(_free_port()), "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",
+           "-m", "seqshard", "train", str(ROOT / "examples" / "tiny.yaml"), *extra]
     for s in [*SETS, f"train.output_dir={out}", *sets]:
         cmd += ["--set", s]
     return cmd
@@ -152,8 +156,8 @@ def trial(fault: str, work: Path, reference: list[float], rng: random.Random) ->
                 p.kill()
     elif fault == "kill_all":
         os.killpg(proc.pid, signal.SIGKILL)
-    elif fault == "sigterm":
-        proc.send_signal(signal.SIGTERM)
+    elif fault in ("sigterm", "sigusr1"):
+        proc.send_signal(signal.SIGTERM if fault == "sigterm" else signal.SIGUSR1)
     elif fault == "sigstop" and ranks:
         victim = rng.randrange(len(ranks))  # torchrun starts local rank 0 first: pid order is rank order
         ranks[victim].send_signal(signal.SIGSTOP)
@@ -170,8 +174,9 @@ def trial(fault: str, work: Path, reference: list[float], rng: random.Random) ->
     row["exit_s"] = round(time.monotonic() - t0, 1)
     trained = max(trained, steps_logged(out))
     row["steps_lost"] = max(0, trained - committed(out))
-    if fault == "sigterm":
-        ok = code != 0 and "preempted by SIGTERM" in err and row["steps_lost"] == 0  # torchrun exits 1
+    if fault in ("sigterm", "sigusr1"):
+        name = "SIGTERM" if fault == "sigterm" else "SIGUSR1"
+        ok = code != 0 and f"preempted by {name}" in err and row["steps_lost"] == 0  # torchrun exits 1
         row["note"] = f"exit {code}; " + next((x[:100] for x in err.splitlines() if "preempted" in x), "no line")
         if not ok:
             return row

@@ -87,11 +87,13 @@ def slurm_script(spec: Spec, spec_path, overrides=None, extra=None) -> str:
              f"#SBATCH --gpus-per-node={per_node}", f"#SBATCH --time={sl.time}"]
     lines += [f"#SBATCH --partition={sl.partition}"] if sl.partition else []
     lines += [f"#SBATCH --account={sl.account}"] if sl.account else []
+    # SIGUSR1 signal_s before the time limit: torchrun forwards it, every rank checkpoints and exits 75
+    lines += [f"#SBATCH --signal=USR1@{sl.signal_s}"] if sl.signal_s else []
     train = " ".join(shlex.quote(a) for a in _train_args(spec_path, overrides, extra))
     lines += ["set -euo pipefail",
               'MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
               f"MASTER_PORT={ln.master_port}",
-              "srun torchrun --nnodes=\"$SLURM_NNODES\" "
+              "srun torchrun --nnodes=\"$SLURM_NNODES\" --signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 "
               f"--nproc-per-node={per_node} --rdzv-id=\"$SLURM_JOB_ID\" --rdzv-backend=c10d "
               f"--rdzv-endpoint=\"$MASTER_ADDR:$MASTER_PORT\" -m seqshard {train}"]
     return "\n".join(lines) + "\n"

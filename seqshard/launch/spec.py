@@ -120,6 +120,7 @@ class SlurmSpec:
     time: str = "01:00:00"
     gpus_per_node: int = 0  # 0 = launch.nproc_per_node (the one value the script uses)
     job_name: str = ""
+    signal_s: int = 120  # SIGUSR1 this many seconds before the time limit (checkpoint, exit 75); 0 = none
 
 
 @dataclass(frozen=True)

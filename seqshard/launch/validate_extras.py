@@ -53,6 +53,8 @@ def _check_loggers(t):
 
 
 def _check_slurm(launch):
+    if launch.slurm.signal_s < 0:
+        raise SpecError("launch.slurm.signal_s", f"must be >= 0 (0: no warning signal), got {launch.slurm.signal_s}")
     g = launch.slurm.gpus_per_node
     if g and g != launch.nproc_per_node:
         raise SpecError("launch.slurm.gpus_per_node", f"{g} differs from launch.nproc_per_node "

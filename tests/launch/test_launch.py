@@ -31,6 +31,8 @@ def test_dry_run_commands_single_and_multi_node(tmp_path):
     script = launch_command(sixteen(["launch.launcher=slurm", "launch.slurm.partition=gpu"]), TINY)
     assert "#SBATCH --nodes=2" in script and "#SBATCH --partition=gpu" in script
     assert "srun torchrun" in script and "--nproc-per-node=8" in script and "SLURM_JOB_NODELIST" in script
+    # SLURM's warning signal, forwarded by torchrun to every rank (checkpoint, exit 75)
+    assert "#SBATCH --signal=USR1@120" in script and "SIGUSR1" in script.split("srun torchrun")[1]
 
 
 def test_cli_dry_run_starts_nothing(tmp_path):

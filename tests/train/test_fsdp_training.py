@@ -116,4 +116,15 @@ def test_resume_into_a_changed_model_names_the_difference_and_exits_2(tmp_path):
     resumed = subprocess.run(cmd + ["--set=model.ffn_dim=96", "--resume"], env=env, capture_output=True,
                              text=True, timeout=300)
     assert resumed.returncode == 2, resumed.stderr[-2000:]
+    assert "model.ffn_dim: 96 differs from 128" in resumed.stderr, resumed.stderr[-2000:]  # the recorded spec
+    # a checkpoint without a recorded spec (an older seqshard): the tensor shapes name the difference
+    import json
+
+    state_file = tmp_path / "checkpoints" / "step_1" / "trainer.json"
+    state = json.loads(state_file.read_text())
+    state.pop("spec")
+    state_file.write_text(json.dumps(state))
+    resumed = subprocess.run(cmd + ["--set=model.ffn_dim=96", "--resume"], env=env, capture_output=True,
+                             text=True, timeout=300)
+    assert resumed.returncode == 2, resumed.stderr[-2000:]
     assert "layers.0.mlp.w1.weight is [128, 64] there, [96, 64] here" in resumed.stderr, resumed.stderr[-2000:]
