@@ -60,12 +60,13 @@ def scaling_from_params(params: dict, max_position_embeddings: int | None = None
         if params.get(key) is None:
             raise RopeError(key, f"{kind} RoPE needs it")
     values = {k: v for k, v in params.items() if k in known and v is not None}
-    if "original_max_position_embeddings" not in values:
-        if kind in NEEDS_ORIGINAL and (strict or not max_position_embeddings):
+    if "original_max_position_embeddings" not in values and kind != "linear":
+        # dynamic divides by the checkpoint's max_position_embeddings (transformers reads no other key)
+        if max_position_embeddings and (kind == "dynamic" or not strict):
+            values["original_max_position_embeddings"] = int(max_position_embeddings)
+        else:
             raise RopeError("original_max_position_embeddings", f"{kind} RoPE needs the length the "
                             "checkpoint was trained at")
-        if max_position_embeddings:
-            values["original_max_position_embeddings"] = int(max_position_embeddings)
     if kind == "longrope" and "factor" not in values and max_position_embeddings:
         # transformers: the ratio of the extended to the original length
         values["factor"] = max_position_embeddings / values["original_max_position_embeddings"]
