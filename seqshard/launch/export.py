@@ -153,6 +153,21 @@ def _copy_tokenizer(tokenizer: str, out: Path):
                 shutil.copy(Path(tokenizer) / name, out / name)
 
 
+def checkpoint_rope(ckpt: Path, cfg: ModelConfig, max_seq_len: int) -> tuple[ModelConfig, int]:
+    """The RoPE and length the checkpoint was trained with (``trainer.json``'s ``rope``: with
+    ``train.stages`` that of the checkpoint's stage, which spec.yaml, the last stage's, may not be)."""
+    from dataclasses import replace
+
+    from seqshard.models.config import RopeScalingConfig
+
+    meta = ckpt / "trainer.json"
+    rope = json.loads(meta.read_text()).get("rope") if meta.is_file() else None
+    if not rope:
+        return cfg, max_seq_len
+    return (replace(cfg, rope_theta=rope["rope_theta"], rope_scaling=RopeScalingConfig(**rope["rope_scaling"])),
+            int(rope["max_seq_len"]))
+
+
 def export(run_dir, out, fmt="hf", step=None, max_shard_mb=2048.0) -> Path:
     run_dir, out = Path(run_dir), Path(out)
     spec_file = run_dir / "spec.yaml"
@@ -160,14 +175,15 @@ def export(run_dir, out, fmt="hf", step=None, max_shard_mb=2048.0) -> Path:
         raise SpecError("RUN_DIR", f"{run_dir}: no spec.yaml (not a seqshard train.output_dir)")
     raw = yaml.safe_load(spec_file.read_text())
     cfg = _build(ModelConfig, raw["model"], "model")
-    state = model_state(_checkpoint(run_dir, step))
+    ckpt = _checkpoint(run_dir, step)
+    cfg, max_seq_len = checkpoint_rope(ckpt, cfg, int(raw.get("data", {}).get("max_seq_len", 0)))
+    state = model_state(ckpt)
     if fmt == "torch":
         out.mkdir(parents=True, exist_ok=True)
         torch.save(state, out / "model.pt")
     else:
-        data = raw.get("data", {})
-        export_hf(state, cfg, data.get("tokenizer", "byte"), out, int(max_shard_mb * 2**20),
-                  int(data.get("max_seq_len", 0)))
+        export_hf(state, cfg, raw.get("data", {}).get("tokenizer", "byte"), out, int(max_shard_mb * 2**20),
+                  max_seq_len)
     return out
 
 

@@ -89,3 +89,11 @@ def load_data_state(builder, state: dict, stage: Stage | None):
         builder.load_state_dict(state["data"])
     elif mine == theirs == PACK_STATE:
         builder.load_state_dict({**state["data"], "carry": []})
+
+
+def rope_record(spec) -> dict:
+    """The RoPE a checkpoint was trained with (its stage's), for ``seqshard export``."""
+    from dataclasses import asdict
+
+    m = spec.model
+    return {"rope_theta": m.rope_theta, "rope_scaling": asdict(m.rope_scaling), "max_seq_len": spec.data.max_seq_len}

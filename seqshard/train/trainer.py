@@ -34,7 +34,7 @@ from .memory import apply_memory_options
 from .oom import exit_on_oom, is_oom
 from .runinfo import describe_engine, engine_settings, run_config
 from .schedule import Schedule, lr_at as schedule_lr_at
-from .stages import load_data_state, train_stages
+from .stages import load_data_state, rope_record, train_stages
 
 if TYPE_CHECKING:  # the typed spec lives in launch/, a room above this one
     from seqshard.launch.spec import Spec
@@ -204,7 +204,7 @@ def train_step(run: Run, step: int) -> dict:
 
 def _trainer_state(run: Run, step: int) -> dict:
     return {"step": step, "data": run.builder.state_dict(), "spec_name": run.spec.name,
-            "schedule": run.schedule.state_dict()}
+            "schedule": run.schedule.state_dict(), "rope": rope_record(run.spec)}
 
 
 def write_run_info(run: Run):

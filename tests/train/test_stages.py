@@ -69,6 +69,10 @@ def test_two_stages_equal_two_runs_by_hand_and_resume_is_exact(tmp_path):
     assert max(m["seq_len_max"] for m in rows[:3]) <= 64 < max(m["seq_len_max"] for m in rows[3:])
     info = json.loads((tmp_path / "full" / "run.json").read_text())  # the last stage's layout
     assert (info["sp"], info["dp"], info["spec"]["model"]["rope_theta"]) == (2, 1, 40000.0)
+    for step, theta in ((3, 10000.0), (6, 40000.0)):  # export: each checkpoint's own stage's RoPE
+        assert main(["export", str(tmp_path / "full"), "--step", str(step), "--out", str(tmp_path / f"x{step}")]) == 0
+        config = json.loads((tmp_path / f"x{step}" / "config.json").read_text())
+        assert config["rope_parameters"] == {"rope_type": "default", "rope_theta": theta}
 
 
 def test_stage_specs_apply_their_set(tmp_path):
@@ -123,3 +127,35 @@ def test_bad_stage_fails_validate_with_exit_2(tmp_path, capsys):
     assert main(["validate", str(spec)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "train.stages[2].set.model.n_heads: cannot change" in err
+
+
+class FakeBuilder:
+    def __init__(self, keys):
+        self.state = dict.fromkeys(keys, 0)
+
+    def state_dict(self):
+        return dict(self.state)
+
+    def load_state_dict(self, state):
+        self.state = dict(state)
+
+
+def test_data_state_at_a_boundary_and_inside_a_stage():
+    from seqshard.train.stages import Stage, load_data_state
+
+    stage = Stage(1, 4, 6)
+    window = {"epoch": 1, "cursor": 7, "offset": 30}
+    b = FakeBuilder(window)
+    load_data_state(b, {"step": 3, "data": window}, stage)  # boundary: the stream continues
+    assert b.state == window
+    pack = {"epoch": 0, "cursor": 9, "carry": [[1, 2, 3, 4]]}
+    b = FakeBuilder(pack)
+    load_data_state(b, {"step": 3, "data": pack}, stage)  # the next document; leftover pieces dropped
+    assert b.state == {"epoch": 0, "cursor": 9, "carry": []}
+    b = FakeBuilder(["sampler"])  # decompose (or another batching): the seed's stream afresh
+    load_data_state(b, {"step": 3, "data": window}, stage)
+    assert b.state == {"sampler": 0}
+    load_data_state(b, {"step": 5, "data": {"sampler": 3}}, stage)  # inside the stage: exact
+    assert b.state == {"sampler": 3}
+    with pytest.raises(RuntimeError, match="newest loadable checkpoint is step 2"):
+        load_data_state(b, {"step": 2, "data": {}}, stage)
