@@ -107,3 +107,18 @@ def test_yarn_override_train_export_from_pretrained(tmp_path):
     with torch.no_grad():
         off = (plain(input_ids=tokens[None]).logits[0] - ref).abs().max() / ref.abs().max()
     assert off > 1e-3, f"the YaRN override changed nothing ({off:.1e})"
+
+
+def test_stages_change_the_rope_of_an_hf_checkpoint(tmp_path):
+    save_hf_model("llama", tmp_path, max_position_embeddings=ORIG)
+    raw = {"model": {"hf": str(tmp_path)}, "launch": {"nproc_per_node": 2},
+           "data": {"max_seq_len": ORIG, "tokens_per_step": 4 * LONG},
+           "train": {"stages": [{"steps": 2, "set": {}},
+                                {"steps": 2, "set": {"data.max_seq_len": LONG, "model.rope_scaling": YARN,
+                                                     "parallel.sp": 2, "parallel.sp_method": "ring"}}]}}
+    s0, s1 = from_dict(raw, world_size=2).stage_specs(2)
+    assert (s0.model.rope_scaling.type, s1.model.rope_scaling.type, s1.model.rope_scaling.factor) == ("none", "yarn", 4.0)
+    assert s1.model.hf == str(tmp_path) and s1.parallel.sp == 2
+    raw["train"]["stages"][1]["set"]["model.rope_scaling"] = {"type": "yarn", "factor": 4.0}
+    with pytest.raises(SpecError, match=r"^train.stages\[1\].set.model.rope_scaling.original_max_position_embeddings: "):
+        from_dict(raw, world_size=2)
