@@ -69,3 +69,26 @@ def test_bad_rope_overrides_name_the_parameter(tmp_path):
             from_hf(tmp_path, rope_scaling=scaling)
     with pytest.raises(HFError, match=r"rope_theta: must be > 0"):
         from_hf(tmp_path, rope_theta=-1.0)
+
+
+@pytest.mark.parametrize("case", ["yarn_mscale", "longrope"])
+def test_loss_and_gradients_with_an_attention_factor(case, tmp_path):
+    """The cos/sin amplitude is in the backward too: loss and every gradient equal transformers'."""
+    from seqshard.models.hf import hf_name
+    from tests.helpers.hf_models import per_document_reference
+
+    hf = save_hf_model("qwen2", tmp_path, **CASES[case])
+    tokens, positions = packed_tokens()
+    labels = torch.full_like(tokens, -100)
+    start = 0
+    for n in LENGTHS:  # every document is longer than ORIG: transformers uses long_factor for each
+        labels[start:start + n - 1] = tokens[start + 1:start + n]
+        start += n
+    ours = from_hf(tmp_path, seq_len=LONG)
+    loss = ours(tokens, positions, VarlenContext.from_lengths(LENGTHS), labels=labels)
+    loss.backward()
+    _, ref_loss = per_document_reference(hf, tokens, LENGTHS)
+    assert_rel_close(f"{case} loss", loss.detach(), ref_loss)
+    hf_params = dict(hf.named_parameters())
+    for name, p in ours.named_parameters():
+        assert_rel_close(f"{case} grad {name}", p.grad, hf_params[hf_name(name)].grad)

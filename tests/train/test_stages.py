@@ -159,3 +159,23 @@ def test_data_state_at_a_boundary_and_inside_a_stage():
     assert b.state == {"sampler": 3}
     with pytest.raises(RuntimeError, match="newest loadable checkpoint is step 2"):
         load_data_state(b, {"step": 2, "data": {}}, stage)
+
+
+def fsdp2_stage_runs(rank, world, root):
+    from seqshard.train.trainer import train
+
+    raw = base_raw(f"{root}/full")
+    raw["train"]["engine"] = "fsdp2"
+    full = train(from_dict(raw, world))
+    first, rest = by_hand_raw(f"{root}/hand", STAGE0), by_hand_raw(f"{root}/hand", STAGE1)
+    for r in (first, rest):
+        r["train"]["engine"] = "fsdp2"
+    hand = train(from_dict(first, world), stop_after=3) + train(from_dict(rest, world), resume=True)
+    return [m["loss"] for m in full], [m["loss"] for m in hand]
+
+
+@pytest.mark.slow
+def test_two_stages_under_fsdp2_reshard_dp2_to_sp2(tmp_path):
+    """FSDP2's sharded parameters and optimizer states move from dp 2 to dp 1 x sp 2 at the boundary."""
+    full, hand = run_ranks(2, fsdp2_stage_runs, str(tmp_path))[0]
+    assert_losses_close(full, hand, rel=1e-5)
