@@ -84,16 +84,21 @@ def _rope(hf: dict, path, head_dim: int, rope_theta=None, rope_scaling=None,
     if not params.get("rope_type") and hf.get("rope_scaling"):
         params.update(hf["rope_scaling"])
     max_pos = hf.get("max_position_embeddings")
-    where = f"{path}/config.json: rope_parameters"
+    if isinstance(rope_scaling, dict) and "rope_theta" in rope_scaling:  # transformers' form carries theta
+        rope_scaling = dict(rope_scaling)
+        inner = rope_scaling.pop("rope_theta")
+        if rope_theta is not None and float(inner) != float(rope_theta):
+            raise HFError(f"rope_scaling.rope_theta: {inner} disagrees with rope_theta={rope_theta}")
+        rope_theta = inner
     if rope_theta is not None:
-        theta, where = float(rope_theta), "rope_theta"
+        theta = float(rope_theta)
         if theta <= 0:
             raise HFError(f"rope_theta: must be > 0, got {rope_theta}")
+    where = f"{path}/config.json: rope_parameters" if rope_scaling is None else "rope_scaling"
     try:
         if rope_scaling is None:
             scaling = scaling_from_params(params, max_pos, strict=False)
         else:
-            where = "rope_scaling"
             scaling = rope_scaling if isinstance(rope_scaling, RopeScalingConfig) else \
                 scaling_from_params(dict(rope_scaling), max_pos, strict=True)
         if seq_len is not None and scaling.type in ("dynamic", "longrope"):

@@ -44,6 +44,7 @@ def test_bad_rope_keys_name_the_path(tmp_path):
             "short_factor": [1.0] * half, "long_factor": [1.0] * 5},
         "model.rope_scaling.type: 'ntk' is not a RoPE type": {"type": "ntk"},
         "model.rope_scaling.alpha: is not a parameter of yarn": {**YARN, "alpha": 1.0},
+        "model.rope_scaling.rope_theta: is not a scaling parameter: set model.rope_theta": {**YARN, "rope_theta": 1e6},
     }
     for message, scaling in bad.items():
         for model in ({"hf": str(tmp_path)}, {"dim": 64, "n_heads": 4}):  # imported and native alike

@@ -69,6 +69,17 @@ def test_bad_rope_overrides_name_the_parameter(tmp_path):
             from_hf(tmp_path, rope_scaling=scaling)
     with pytest.raises(HFError, match=r"rope_theta: must be > 0"):
         from_hf(tmp_path, rope_theta=-1.0)
+    with pytest.raises(HFError, match=r"rope_scaling.rope_theta: 5.0 disagrees with rope_theta=6.0"):
+        from_hf(tmp_path, rope_theta=6.0, rope_scaling={"rope_type": "linear", "factor": 2.0, "rope_theta": 5.0})
+
+
+def test_rope_theta_inside_rope_scaling_is_used(tmp_path):
+    """transformers' rope_parameters carry rope_theta: from_hf takes it from there too."""
+    save_hf_model("llama", tmp_path)
+    inside = from_hf(tmp_path, rope_scaling={"rope_type": "linear", "factor": 2.0, "rope_theta": 5e5})
+    beside = from_hf(tmp_path, rope_theta=5e5, rope_scaling={"rope_type": "linear", "factor": 2.0})
+    assert inside.cfg.rope_theta == beside.cfg.rope_theta == 5e5
+    assert torch.equal(inside.layers[0].attn.inv_freq, beside.layers[0].attn.inv_freq)
 
 
 @pytest.mark.parametrize("case", ["yarn_mscale", "longrope"])
