@@ -244,7 +244,7 @@ def train(spec: Spec, resume: bool = False, stop_after: int | None = None, stage
         start_step = state["step"]
         changed = run.schedule.load_state_dict(state.get("schedule", {}))
         log.info("resumed from %s (step %d)", ckpt, start_step)
-        if changed:
+        if changed and (stage is None or start_step >= stage.first):  # a new stage may change the lr
             log.warning("resume: the lr schedule differs from the checkpoint's: %s", "; ".join(changed))
     last = min(spec.train.steps, stop_after or spec.train.steps)
     writer = RunLoggers(spec, run.denv.rank, run_config(spec, run.engine, run.denv.launcher), start_step)
