@@ -5,6 +5,7 @@ resume between them, step for step; a resume in the middle of stage 2 is exact; 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -36,6 +37,19 @@ def by_hand_raw(output_dir, changes):
     return apply_overrides(raw, [f"{k}={v}" for k, v in changes.items()])
 
 
+def forget_recorded_spec(rank, checkpoint):
+    """--resume refuses a changed data.max_seq_len or model.rope_theta (train/rundir.py): to do the
+    stage change by hand, the checkpoint is made one that records no spec (as an older seqshard's)."""
+    import torch.distributed as dist
+
+    if rank == 0:
+        meta = Path(checkpoint) / "trainer.json"
+        state = json.loads(meta.read_text())
+        del state["spec"]
+        meta.write_text(json.dumps(state))
+    dist.barrier()
+
+
 def staged_runs(rank, world, root):
     from seqshard.train.trainer import train
 
@@ -45,6 +59,7 @@ def staged_runs(rank, world, root):
     out["stage"] = [m["stage"] for m in full]
     # by hand: stage 0's spec stopped at 3, then stage 1's spec resumed from that checkpoint
     first = train(from_dict(by_hand_raw(f"{root}/hand", STAGE0), world), stop_after=3)
+    forget_recorded_spec(rank, f"{root}/hand/checkpoints/step_3")
     rest = train(from_dict(by_hand_raw(f"{root}/hand", STAGE1), world), resume=True)
     out["hand"] = [m["loss"] for m in first + rest]
     # interrupted in the middle of stage 1 (after step 4), then --resume
@@ -170,7 +185,9 @@ def fsdp2_stage_runs(rank, world, root):
     first, rest = by_hand_raw(f"{root}/hand", STAGE0), by_hand_raw(f"{root}/hand", STAGE1)
     for r in (first, rest):
         r["train"]["engine"] = "fsdp2"
-    hand = train(from_dict(first, world), stop_after=3) + train(from_dict(rest, world), resume=True)
+    hand = train(from_dict(first, world), stop_after=3)
+    forget_recorded_spec(rank, f"{root}/hand/checkpoints/step_3")
+    hand += train(from_dict(rest, world), resume=True)
     return [m["loss"] for m in full], [m["loss"] for m in hand]
 
 
