@@ -43,10 +43,24 @@ def stages_of(spec) -> list[Stage]:
 
 
 def _newest_step(output_dir) -> int:
-    from seqshard.dist.resume import complete_checkpoints
+    """The step of the newest complete checkpoint whose files are intact, as rank 0 sees it (every
+    rank starts the same stage; resume skips the damaged ones the same way)."""
+    import torch
+    import torch.distributed as dist
 
-    newest = complete_checkpoints(output_dir)
-    return int(newest[0].name.split("_")[-1]) if newest else 0
+    from seqshard.dist.resume import DamagedCheckpoint, complete_checkpoints, verify_checkpoint
+
+    found = 0
+    for path in complete_checkpoints(output_dir):
+        try:
+            verify_checkpoint(path)
+        except DamagedCheckpoint:
+            continue
+        found = int(path.name.split("_")[-1])
+        break
+    step = torch.tensor([found])
+    dist.broadcast(step, 0)
+    return int(step.item())
 
 
 def train_stages(spec, resume: bool, stop_after, train_fn) -> list[dict]:
@@ -86,8 +100,9 @@ def load_data_state(builder, state: dict, stage: Stage | None):
         builder.load_state_dict(state["data"])
         return
     if state["step"] != stage.first - 1:
-        raise RuntimeError(f"stage {stage.index} starts after step {stage.first - 1}, but the newest loadable "
-                           f"checkpoint is step {state['step']}; resume the run with --resume")
+        raise RuntimeError(f"stage {stage.index} starts after step {stage.first - 1}, but the newest checkpoint "
+                           f"that loads is step {state['step']}, of an earlier stage: move the newer ones that "
+                           "do not load out of checkpoints/, then --resume continues in that step's stage")
     mine, theirs = set(builder.state_dict()), set(state["data"])
     if mine == theirs == WINDOW_STATE:
         builder.load_state_dict(state["data"])

@@ -1,7 +1,7 @@
 """``train.stages``: every stage validated up front (one SpecError naming ``train.stages[i]...``);
 a 2-stage run (length, theta and sp 1 -> sp 2 change) equals the same two runs done by hand with a
-resume between them, step for step; a resume in the middle of stage 2 is exact; metrics carry
-``stage``."""
+resume between them, step for step; a resume in the middle of stage 2 is exact, and so is one whose
+newest checkpoint is damaged (back to the stage boundary); metrics carry ``stage``."""
 from __future__ import annotations
 
 import json
@@ -70,6 +70,22 @@ def staged_runs(rank, world, root):
     return out
 
 
+def damaged_resume_runs(rank, world, root):
+    """The newest checkpoint (step 5, stage 1) damaged: --resume falls back to stage 0's last step."""
+    import torch.distributed as dist
+
+    from seqshard.train.trainer import train
+
+    full = train(from_dict(base_raw(f"{root}/full"), world))
+    part = train(from_dict(base_raw(f"{root}/damaged"), world), stop_after=5)
+    if rank == 0:
+        shard = sorted((Path(root) / "damaged/checkpoints/step_5").glob("*.distcp"))[0]
+        shard.write_bytes(shard.read_bytes()[:100])
+    dist.barrier()
+    again = train(from_dict(base_raw(f"{root}/damaged"), world), resume=True)
+    return [m["loss"] for m in full], [m["loss"] for m in part[:3] + again], [m["step"] for m in again]
+
+
 def test_two_stages_equal_two_runs_by_hand_and_resume_is_exact(tmp_path):
     results = run_ranks(2, staged_runs, str(tmp_path))
     assert results[0] == results[1]
@@ -88,6 +104,12 @@ def test_two_stages_equal_two_runs_by_hand_and_resume_is_exact(tmp_path):
         assert main(["export", str(tmp_path / "full"), "--step", str(step), "--out", str(tmp_path / f"x{step}")]) == 0
         config = json.loads((tmp_path / f"x{step}" / "config.json").read_text())
         assert config["rope_parameters"] == {"rope_type": "default", "rope_theta": theta}
+
+
+def test_resume_over_a_damaged_checkpoint_goes_back_to_the_stage_boundary(tmp_path):
+    full, damaged, steps = run_ranks(2, damaged_resume_runs, str(tmp_path))[0]
+    assert steps == [4, 5, 6]
+    assert_losses_close(damaged, full, rel=1e-5)
 
 
 def test_stage_specs_apply_their_set(tmp_path):
@@ -172,7 +194,7 @@ def test_data_state_at_a_boundary_and_inside_a_stage():
     assert b.state == {"sampler": 0}
     load_data_state(b, {"step": 5, "data": {"sampler": 3}}, stage)  # inside the stage: exact
     assert b.state == {"sampler": 3}
-    with pytest.raises(RuntimeError, match="newest loadable checkpoint is step 2"):
+    with pytest.raises(RuntimeError, match="newest checkpoint that loads is step 2, of an earlier stage"):
         load_data_state(b, {"step": 2, "data": {}}, stage)
 
 
