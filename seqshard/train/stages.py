@@ -110,7 +110,6 @@ def load_data_state(builder, state: dict, stage: Stage | None):
         builder.load_state_dict({**state["data"], "carry": []})
 
 
-
 def resume_reference(spec, stage: Stage | None, checkpoint) -> dict:
     """The spec ``checkpoint`` should have recorded (train/rundir.py compares them): the running
     spec's, or at ``stage``'s boundary the previous stage's."""
