@@ -111,6 +111,7 @@ class TrainSpec:
     on_nonfinite: str = "stop"  # stop | skip: a step whose loss or gradient norm is not finite (train/guards.py)
     max_nonfinite_in_row: int = 3  # skip: stop after this many non-finite steps in a row
     keep_checkpoints: int = 0  # keep the newest N committed checkpoints (0 = keep all)
+    stages: list = field(default_factory=list)  # [{steps, set: {key.path: value}}] (launch/stages.py)
 
 
 @dataclass(frozen=True)
@@ -155,6 +156,12 @@ class Spec:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def stage_specs(self, world_size: int | None = None) -> list:
+        """``train.stages``: the validated spec of each stage, in order (``[]`` without stages)."""
+        from .stages import stage_specs
+
+        return stage_specs(self, world_size)
 
 
 _TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
@@ -254,11 +261,13 @@ def load_raw(path) -> dict:
 
 def from_dict(raw: dict, world_size: int | None = None) -> Spec:
     from .hf_spec import resolve_hf_model
+    from .stages import prepare_stages
 
-    spec = _build(Spec, resolve_hf_model(raw), "")
+    spec = _build(Spec, resolve_hf_model(prepare_stages(raw)), "")
     from .validate import validate
 
     validate(spec, spec.world_size if world_size is None else world_size)
+    spec.stage_specs(world_size)  # every stage is checked before anything starts
     return spec
 
 

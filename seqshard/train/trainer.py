@@ -38,6 +38,7 @@ from .oom import exit_on_oom, is_oom
 from .rundir import check_resume_spec, claim_output_dir, recorded_spec
 from .runinfo import describe_engine, engine_settings, run_config
 from .schedule import Schedule, lr_at as schedule_lr_at
+from .stages import load_data_state, resume_reference, train_stages
 
 if TYPE_CHECKING:  # the typed spec lives in launch/, a room above this one
     from seqshard.launch.spec import Spec
@@ -252,6 +253,9 @@ def train(spec: Spec, resume: bool = False, stop_after: int | None = None, overw
             if denv.rank == 0:
                 lock = claim_output_dir(spec.train.output_dir, resume, overwrite, log)
         with Preemption() as preemption:
+            if spec.train.stages:  # one stage after another, under this lock (stages.py)
+                return train_stages(spec, resume, stop_after,
+                                    lambda s, **kw: _train(s, log=log, preemption=preemption, **kw))
             return _train(spec, resume, stop_after, log, preemption)
     finally:
         stop_heartbeat()
@@ -259,22 +263,23 @@ def train(spec: Spec, resume: bool = False, stop_after: int | None = None, overw
             lock.release()
 
 
-def _resume(run: Run, log) -> int:
-    """Load the newest loadable checkpoint (if any) into ``run``; return its step (0: none)."""
+def _resume(run: Run, log, stage=None) -> int:
+    """Load the newest loadable checkpoint (if any) into ``run``; return its step (0: none).
+    ``stage`` (stages.py): at its first step the checkpoint is the previous stage's."""
     spec = run.spec
     recorded = recorded_spec(spec.train.output_dir)  # compared before loading: the error names the key
     if recorded is not None:
-        safe = check_resume_spec(recorded[1], spec.to_dict(), recorded[0])
+        safe = check_resume_spec(recorded[1], resume_reference(spec, stage, recorded[0]), recorded[0])
         if safe:
             log.warning("resume: changed since %s: %s", recorded[0].name, "; ".join(safe))
     ckpt, state = resume_from_newest_loadable(spec.train.output_dir, run.engine.load,
                                               log if run.denv.rank == 0 else None)
     if ckpt is None:
         return 0
-    run.builder.load_state_dict(state["data"])
+    load_data_state(run.builder, state, stage)
     changed = run.schedule.load_state_dict(state.get("schedule", {}))
     log.info("resumed from %s (step %d)", ckpt, state["step"])
-    if changed:
+    if changed and (stage is None or state["step"] >= stage.first):  # a new stage may change the lr
         log.warning("resume: the lr schedule differs from the checkpoint's: %s", "; ".join(changed))
     return state["step"]
 
@@ -290,11 +295,11 @@ def _save(run: Run, step: int, log):
     return path
 
 
-def _train(spec: Spec, resume: bool, stop_after: int | None, log, preemption) -> list[dict]:
+def _train(spec: Spec, resume: bool, stop_after: int | None, log, preemption, stage=None) -> list[dict]:
     run = setup(spec)
     run.preemption = preemption
     with shared_failure("resume"):
-        start_step = _resume(run, log) if resume else 0
+        start_step = _resume(run, log, stage) if resume else 0
     if run.denv.rank == 0:
         write_run_info(run)
     last = min(spec.train.steps, stop_after or spec.train.steps)
@@ -314,6 +319,7 @@ def _train(spec: Spec, resume: bool, stop_after: int | None, log, preemption) ->
                     raise
                 exit_on_oom(err, step, spec.data.max_seq_len, run.denv.rank)
             preempt = metrics.pop("preempt")
+            metrics["stage"] = stage.index if stage else 0
             try:
                 guard.check(metrics)
             finally:  # the non-finite step is logged before the run stops on it
