@@ -77,6 +77,11 @@ def parser() -> argparse.ArgumentParser:
                    "tokens, then scale it and fit the per-step cost from short 2-rank training runs of the spec "
                    "itself (dp 2, ulysses 2, ring 2, adaptive; 3 runs each, medians; about 4 minutes for a small "
                    "model); --out FILE.json then serves as parallel.planner.profile")
+    p = sub.add_parser("spec", help="print the job spec reference (every key, type, default, allowed values)",
+                       description="Print the reference of every spec key as Markdown (docs/spec.md is this "
+                       "output), or write it to --out.")
+    p.add_argument("--reference", action="store_true", help="the whole reference as Markdown (the default)")
+    p.add_argument("--out", help="write it to this file (e.g. docs/spec.md) instead of printing it")
     p = sub.add_parser("summary", help="one-paragraph summary of a run folder's metrics.jsonl",
                        description="Print first/last loss, throughput and memory of a finished run.")
     p.add_argument("run_dir", help="a train.output_dir holding metrics.jsonl")
@@ -188,6 +193,19 @@ def cmd_calibrate(args) -> int:
     return 0
 
 
+def cmd_spec(args) -> int:
+    from .spec_reference import reference_markdown
+
+    text = reference_markdown()
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text)
+        print(f"wrote {args.out}")
+    else:
+        print(text, end="")
+    return 0
+
+
 def cmd_summary(args) -> int:
     from seqshard.train.logs import read_metrics
 
@@ -212,7 +230,7 @@ def main(argv=None) -> int:
     args = parser().parse_args(argv)
     try:
         return {"train": cmd_train, "validate": cmd_validate, "launch": cmd_launch,
-                "summary": cmd_summary, "eval": cmd_eval, "calibrate": cmd_calibrate, **args._reports}[args.command](args)
+                "summary": cmd_summary, "spec": cmd_spec, "eval": cmd_eval, "calibrate": cmd_calibrate, **args._reports}[args.command](args)
     except SpecError as err:
         print(f"seqshard: error: {err}", file=sys.stderr)
         return 2
