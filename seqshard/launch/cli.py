@@ -60,6 +60,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--step", type=int, help="checkpoint step (default: the newest complete one)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
                    help="override a key of the run's spec.yaml, e.g. --set data.eval.source=held_out/")
+    from .eval_cli import add_long_eval_args
+
+    add_long_eval_args(p)
     p = sub.add_parser("calibrate", help="fit the cost model's hardware profile on this machine",
                        description="Measure matmul FLOP/s and 2-process all-to-all bandwidth/latency here "
                        "and print (or save) a hardware profile for the adaptive planner and simulate.")
@@ -100,11 +103,12 @@ def cmd_validate(args) -> int:
 def cmd_train(args) -> int:
     spec = load_spec(args.spec, args.overrides, _world_size_from_env())
     from seqshard.dist.checkpoint import CheckpointMismatch
+    from seqshard.train.long_eval import LongEvalError
     from seqshard.train.trainer import train
 
     try:
         train(spec, resume=args.resume, stop_after=args.stop_after)
-    except CheckpointMismatch as err:  # found before the first step
+    except (CheckpointMismatch, LongEvalError) as err:  # found before the first step
         print(f"seqshard: error: {err}", file=sys.stderr)
         return 2
     return 0
@@ -141,10 +145,15 @@ def cmd_eval(args) -> int:
     if not (spec.data.eval.fraction or spec.data.eval.source):
         raise SpecError("data.eval", f"{run_dir}/spec.yaml has no held-out data; add --set "
                         "data.eval.source=PATH (or data.eval.fraction, if the run trained with that split)")
+    from .eval_cli import long_eval_config, run_long_eval
+
+    long_cfg = long_eval_config(spec, args, _world_size_from_env())  # checked before any process group
     path = checkpoint_dir(run_dir, args.step)
     if path is None:
         raise SpecError("--step", f"no complete checkpoint {'step_%d ' % args.step if args.step else ''}"
                         f"under {run_dir}/checkpoints")
+    if long_cfg is not None:
+        return run_long_eval(spec, path, long_cfg, args)
     result = evaluate_checkpoint(spec, path)
     import torch.distributed as dist
 

@@ -29,6 +29,7 @@ from .engines import build_engine
 from .evaluate import eval_due, evaluate, load_data
 from .fsdp import equal_micro_batches
 from .loggers import RunLoggers
+from .long_eval import TrainingLongEval
 from .logs import Progress, get_logger, peak_memory_mb
 from .memory import apply_memory_options
 from .oom import exit_on_oom, is_oom
@@ -243,6 +244,7 @@ def train(spec: Spec, resume: bool = False, stop_after: int | None = None) -> li
         if changed:
             log.warning("resume: the lr schedule differs from the checkpoint's: %s", "; ".join(changed))
     last = min(spec.train.steps, stop_after or spec.train.steps)
+    long_eval = TrainingLongEval.for_run(run)  # train.eval_long: loss by position, passkey
     writer = RunLoggers(spec, run.denv.rank, run_config(spec, run.engine, run.denv.launcher), start_step)
     log.info("%s: world %d (dp %d x sp %d, %s), %d steps, launcher %s", spec.name, run.denv.world_size,
              run.mesh["dp"].size(), spec.parallel.sp, spec.parallel.sp_method, spec.train.steps, run.denv.launcher)
@@ -258,6 +260,8 @@ def train(spec: Spec, resume: bool = False, stop_after: int | None = None) -> li
                 exit_on_oom(err, step, spec.data.max_seq_len, run.denv.rank)
             if eval_due(spec, step, last):
                 metrics.update(evaluate(run, run.held_out))
+            if long_eval is not None:
+                metrics.update(long_eval(step, last))
             history.append(metrics)
             writer.write(metrics)
             bar.update(metrics, log if step % spec.train.log_every == 0 else None)
