@@ -8,6 +8,7 @@ run to a report folder written by :func:`seqshard.report.report.write_report`.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 
@@ -48,18 +49,22 @@ def plot_passkey(cells: list[dict], path, title: str = "") -> Path:
     lengths = sorted({c["length"] for c in cells})
     depths = sorted({c["depth"] for c in cells})
     grid = [[float("nan")] * len(lengths) for _ in depths]
+    probs = [[float("nan")] * len(lengths) for _ in depths]
     for c in cells:
         grid[depths.index(c["depth"])][lengths.index(c["length"])] = c["accuracy"]
-    fig, ax = plt.subplots(figsize=(1.2 * len(lengths) + 2.5, 0.5 * len(depths) + 1.8))
+        probs[depths.index(c["depth"])][lengths.index(c["length"])] = c["key_prob"]
+    fig, ax = plt.subplots(figsize=(1.2 * len(lengths) + 2.5, 0.55 * len(depths) + 1.9))
     im = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto")
     for i, row in enumerate(grid):
         for j, v in enumerate(row):
-            ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=8, color="white" if v < 0.6 else "black")
+            p = probs[i][j]
+            ax.text(j, i, f"{v:.2f}\n{math.log10(p) if p > 0 else float('-inf'):.1f}", ha="center", va="center",
+                    fontsize=7, color="white" if v < 0.6 else "black")
     ax.set_xticks(range(len(lengths)), [str(n) for n in lengths])
     ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths])
     ax.set_xlabel("context length (tokens)")
     ax.set_ylabel("needle depth")
-    ax.set_title(title or "passkey retrieval accuracy (teacher-forced)", fontsize=10)
+    ax.set_title((title or "passkey retrieval (teacher-forced)") + "\ncell: accuracy, log10 P(exact key)", fontsize=9)
     fig.colorbar(im, ax=ax, fraction=0.05)
     fig.tight_layout()
     path = Path(path)
@@ -126,4 +131,17 @@ def add_to_report(out, paths) -> list[Path]:
     if md:
         with open(out / "report.md", "a") as f:
             f.write("\n" + "\n".join(md))
+        _add_html(out / "report.html", written)
     return written
+
+
+def _add_html(path: Path, pngs):
+    """The PNGs, embedded, at the end of ``report.html`` (when the report wrote one)."""
+    import base64
+
+    if not path.is_file():
+        return
+    imgs = "".join(f'<h3>{p.stem}</h3><img alt="{p.stem}" src="data:image/png;base64,'
+                   f'{base64.b64encode(p.read_bytes()).decode()}"/>' for p in pngs)
+    text = path.read_text()
+    path.write_text(text.replace("</body>", f"<h2>Long-context evaluation</h2>{imgs}</body>", 1))

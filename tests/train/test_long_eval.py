@@ -148,7 +148,10 @@ def test_training_writes_eval_long_and_the_report_shows_it(tmp_path):
     assert len(records[1]["by_position"]) == 8 and len(records[1]["passkey"]) == 6
     (tmp_path / "report").mkdir()
     (tmp_path / "report" / "report.md").write_text("# report\n")
+    (tmp_path / "report" / "report.html").write_text("<html><body><h1>report</h1></body></html>\n")
     pngs = add_to_report(tmp_path / "report", [tmp_path])
+    html = (tmp_path / "report" / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 2 and html.index("Long-context") < html.index("</body>")
     md = (tmp_path / "report" / "report.md").read_text()
     assert "## Long-context evaluation: run (step 2)" in md and "| 448-510 |" in md and "| 384 | 0.5 |" in md
     assert {p.name for p in pngs} == {"long_eval_run.png", "passkey_run.png"} and all(p.stat().st_size for p in pngs)
