@@ -7,6 +7,7 @@ before any process group starts; then the checkpoint is loaded into the spec's l
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 from .spec import SpecError
@@ -89,6 +90,7 @@ def run_long_eval(spec, path, cfg, args) -> int:
     import torch.distributed as dist
 
     from seqshard.report.long_eval import by_position_table, passkey_table, plot_by_position, plot_passkey
+    from seqshard.train.logs import peak_memory_mb
     from seqshard.train.long_eval import LongEval, LongEvalError
     from seqshard.train.trainer import setup
 
@@ -96,10 +98,12 @@ def run_long_eval(spec, path, cfg, args) -> int:
     state = run.engine.load(path)
     step = state["step"]
     names = {"max_len": "--max-len", "passkey": "--passkey"}
+    start = time.perf_counter()
     try:
         result = LongEval(spec, run.held_out, cfg, names)(run)
     except LongEvalError as err:  # the same data on every rank: every rank stops here
         raise SpecError(err.path, err.reason) from None
+    seconds, peak = time.perf_counter() - start, peak_memory_mb(run.device)
     if dist.get_rank() != 0:
         return 0
     run_dir = Path(spec.train.output_dir)
@@ -120,5 +124,7 @@ def run_long_eval(spec, path, cfg, args) -> int:
                            "retrieval (teacher-forced)")
         print(passkey_table(result["passkey"]))
         print(f"wrote {json_path} and {png}", flush=True)
+    print(f"evaluated step {step} in {seconds:.1f}s (world {dist.get_world_size()}, sp {spec.parallel.sp}), "
+          f"peak memory {peak:.0f} MB on rank 0", flush=True)
     return 0
 

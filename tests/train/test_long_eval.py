@@ -131,6 +131,18 @@ def test_sp2_and_dp2_equal_one_process_and_the_full_logits_oracle(tmp_path):
         _assert_same(multi[1][name], ref, name)  # every rank returns the result
 
 
+@pytest.mark.slow
+def test_fsdp2_and_adaptive_equal_one_process(tmp_path):
+    """fsdp2 (the head's weight gathered inside the forward) and adaptive groups (a 512-token row
+    needs a group of 2 at 256 memory tokens) give the one-process numbers."""
+    ref = run_ranks(1, _long_eval, str(tmp_path), {"single": []})[0]["single"]
+    layouts = {"fsdp2_ulysses2": ["train.engine=fsdp2", "parallel.sp=2", "parallel.sp_method=ulysses"],
+               "adaptive": ["parallel.sp_method=adaptive", "parallel.max_sp=2", "parallel.planner.memory_tokens=256"]}
+    multi = run_ranks(2, _long_eval, str(tmp_path), layouts)
+    for name in layouts:
+        _assert_same(multi[0][name], ref, name)
+
+
 def _train_with_long_eval(rank, world_size, root):
     from seqshard.train.trainer import train
 
