@@ -12,46 +12,34 @@ import torch
 from .dispatch import HAS_TRITON, use_triton
 
 
-def rope_cos_sin(positions, head_dim, theta=10000.0, inv_freq=None):
+def rope_cos_sin(positions, head_dim, theta=10000.0, inv_freq=None, scale=1.0):
     """``inv_freq`` ``[head_dim/2]`` replaces ``theta ** (-2i/d)`` (scaled RoPE, see
-    :func:`scaled_inv_freq`)."""
+    :mod:`.rope_scaling`); ``scale`` multiplies cos and sin (YaRN / LongRoPE attention factor)."""
     if inv_freq is None:
         inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device,
                                                  dtype=torch.float64) / head_dim))
     else:
         inv_freq = inv_freq.to(device=positions.device, dtype=torch.float64)
     angles = positions.to(torch.float64).unsqueeze(-1) * inv_freq  # [T, D/2]
-    return angles.cos().float(), angles.sin().float()
+    return (angles.cos() * scale).float(), (angles.sin() * scale).float()
 
 
 def scaled_inv_freq(head_dim, theta, kind="none", factor=1.0, low_freq_factor=1.0,
                     high_freq_factor=4.0, original_max_position_embeddings=8192):
-    """Inverse frequencies ``[head_dim/2]`` (fp64) of RoPE with frequency scaling.
+    """Inverse frequencies ``[head_dim/2]`` (fp64) of ``none``, ``linear`` or ``llama3`` scaling
+    (the amplitude-free types; every type: :func:`~seqshard.kernels.rope_scaling.rope_frequencies`)."""
+    from types import SimpleNamespace
 
-    ``linear``: every frequency / factor (position interpolation, Chen et al., 2023).
-    ``llama3``: wavelengths longer than ``original / low_freq_factor`` are divided by
-    ``factor``, shorter than ``original / high_freq_factor`` kept, a linear ramp in
-    ``original / wavelength`` between (the Llama 3.1 scheme).
-    """
-    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
-    if kind == "none":
-        return inv
-    if kind == "linear":
-        return inv / factor
-    assert kind == "llama3", f"unknown RoPE scaling {kind!r}"
-    wavelen = 2 * torch.pi / inv
-    low_wavelen = original_max_position_embeddings / low_freq_factor
-    high_wavelen = original_max_position_embeddings / high_freq_factor
-    smooth = (original_max_position_embeddings / wavelen - low_freq_factor) / (
-        high_freq_factor - low_freq_factor)
-    ramp = (1 - smooth) * inv / factor + smooth * inv
-    out = torch.where(wavelen > low_wavelen, inv / factor, inv)
-    medium = (wavelen <= low_wavelen) & (wavelen >= high_wavelen)
-    return torch.where(medium, ramp, out)
+    from .rope_scaling import rope_frequencies
+
+    assert kind in ("none", "linear", "llama3"), f"{kind!r}: use rope_scaling.rope_frequencies"
+    return rope_frequencies(head_dim, theta, SimpleNamespace(
+        type=kind, factor=factor, low_freq_factor=low_freq_factor, high_freq_factor=high_freq_factor,
+        original_max_position_embeddings=original_max_position_embeddings))[0]
 
 
-def apply_rope_reference(x, positions, theta=10000.0, inv_freq=None):
-    cos, sin = rope_cos_sin(positions, x.shape[-1], theta, inv_freq)
+def apply_rope_reference(x, positions, theta=10000.0, inv_freq=None, scale=1.0):
+    cos, sin = rope_cos_sin(positions, x.shape[-1], theta, inv_freq, scale)
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # [T, 1, D/2]
     x1, x2 = x.float().chunk(2, dim=-1)
     out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
@@ -85,19 +73,21 @@ if HAS_TRITON:
 
     class _Rope(torch.autograd.Function):
         @staticmethod
-        def forward(ctx, x, positions, theta, inv_freq):
-            cos, sin = rope_cos_sin(positions, x.shape[-1], theta, inv_freq)
+        def forward(ctx, x, positions, theta, inv_freq, scale):
+            cos, sin = rope_cos_sin(positions, x.shape[-1], theta, inv_freq, scale)
             ctx.save_for_backward(cos, sin)
             return _rotate(x, cos, sin, 1.0)
 
         @staticmethod
         def backward(ctx, dy):
             cos, sin = ctx.saved_tensors
-            return _rotate(dy, cos, sin, -1.0), None, None, None
+            # (scale R)^T = scale R(-angle): the same amplitude, the opposite rotation
+            return _rotate(dy, cos, sin, -1.0), None, None, None, None
 
 
-def apply_rope(x, positions, theta=10000.0, inv_freq=None):
-    """Rotate ``x`` ``[T, H, D]`` by its ``positions``; ``inv_freq`` ``[D/2]`` overrides theta."""
+def apply_rope(x, positions, theta=10000.0, inv_freq=None, scale=1.0):
+    """Rotate ``x`` ``[T, H, D]`` by its ``positions``; ``inv_freq`` ``[D/2]`` overrides theta;
+    ``scale`` multiplies the result (cos and sin), as YaRN's attention factor does."""
     if use_triton(x):
-        return _Rope.apply(x, positions, theta, inv_freq)
-    return apply_rope_reference(x, positions, theta, inv_freq)
+        return _Rope.apply(x, positions, theta, inv_freq, scale)
+    return apply_rope_reference(x, positions, theta, inv_freq, scale)

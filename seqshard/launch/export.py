@@ -67,21 +67,29 @@ def model_state(ckpt: Path) -> dict[str, torch.Tensor]:
     return state["model"]
 
 
-def hf_config(cfg: ModelConfig) -> dict:
-    """config.json: the source checkpoint's when the run came from one, else a LlamaConfig's."""
+def hf_config(cfg: ModelConfig, max_seq_len: int = 0) -> dict:
+    """config.json: the source checkpoint's when the run came from one, else a LlamaConfig's; either
+    way with the run's RoPE (``rope_parameters``, overrides included) and a
+    ``max_position_embeddings`` covering the trained length ``max_seq_len``
+    (models/rope_params.py: hf_max_positions)."""
+    from seqshard.models.rope_params import hf_max_positions, to_hf_params
+
     if cfg.hf:
-        return json.loads((Path(cfg.hf) / "config.json").read_text())
-    out = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": cfg.dim,
-           "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
-           "num_key_value_heads": cfg.n_kv_heads, "intermediate_size": cfg.ffn_dim,
-           "vocab_size": cfg.vocab_size, "rms_norm_eps": cfg.norm_eps, "hidden_act": "silu",
-           "head_dim": cfg.head_dim, "tie_word_embeddings": cfg.tie_embeddings,
-           "max_position_embeddings": 4096, "attention_bias": False, "mlp_bias": False,
-           "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta}}
+        out = json.loads((Path(cfg.hf) / "config.json").read_text())
+        for key in ("rope_scaling", "rope_theta"):  # transformers 5 prefers rope_scaling over rope_parameters
+            out.pop(key, None)
+    else:
+        out = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": cfg.dim,
+               "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
+               "num_key_value_heads": cfg.n_kv_heads, "intermediate_size": cfg.ffn_dim,
+               "vocab_size": cfg.vocab_size, "rms_norm_eps": cfg.norm_eps, "hidden_act": "silu",
+               "head_dim": cfg.head_dim, "tie_word_embeddings": cfg.tie_embeddings,
+               "max_position_embeddings": 4096, "attention_bias": False, "mlp_bias": False}
     rs = cfg.rope_scaling
-    if rs.type != "none":
-        out["rope_parameters"] = {**rs.__dict__, "rope_type": rs.type, "rope_theta": cfg.rope_theta}
-        del out["rope_parameters"]["type"]
+    out["rope_parameters"] = to_hf_params(cfg.rope_theta, rs)
+    if "original_max_position_embeddings" in out:  # a top-level one wins in transformers (Phi-3 style)
+        out["original_max_position_embeddings"] = rs.original_max_position_embeddings
+    out["max_position_embeddings"] = hf_max_positions(rs, max_seq_len, int(out.get("max_position_embeddings") or 0))
     return out
 
 
@@ -119,7 +127,8 @@ def export_wrapped(state: dict, cfg: ModelConfig, out: Path, max_shard_bytes: in
     model.save_pretrained(out, max_shard_size=max(1, max_shard_bytes))  # an int: bytes
 
 
-def export_hf(state: dict, cfg: ModelConfig, tokenizer: str, out: Path, max_shard_bytes: int):
+def export_hf(state: dict, cfg: ModelConfig, tokenizer: str, out: Path, max_shard_bytes: int,
+              max_seq_len: int = 0):
     from seqshard.models.hf import hf_name
 
     if cfg.impl == "transformers":
@@ -133,7 +142,7 @@ def export_hf(state: dict, cfg: ModelConfig, tokenizer: str, out: Path, max_shar
                if not (cfg.tie_embeddings and k == "lm_head.weight")}
     out.mkdir(parents=True, exist_ok=True)
     write_safetensors(tensors, out, max_shard_bytes)
-    (out / "config.json").write_text(json.dumps(hf_config(cfg), indent=1))
+    (out / "config.json").write_text(json.dumps(hf_config(cfg, max_seq_len), indent=1))
     _copy_tokenizer(tokenizer, out)
 
 
@@ -144,6 +153,21 @@ def _copy_tokenizer(tokenizer: str, out: Path):
                 shutil.copy(Path(tokenizer) / name, out / name)
 
 
+def checkpoint_rope(ckpt: Path, cfg: ModelConfig, max_seq_len: int) -> tuple[ModelConfig, int]:
+    """The RoPE and length the checkpoint was trained with (``trainer.json``'s ``rope``: with
+    ``train.stages`` that of the checkpoint's stage, which spec.yaml, the last stage's, may not be)."""
+    from dataclasses import replace
+
+    from seqshard.models.config import RopeScalingConfig
+
+    meta = ckpt / "trainer.json"
+    rope = json.loads(meta.read_text()).get("rope") if meta.is_file() else None
+    if not rope:
+        return cfg, max_seq_len
+    return (replace(cfg, rope_theta=rope["rope_theta"], rope_scaling=RopeScalingConfig(**rope["rope_scaling"])),
+            int(rope["max_seq_len"]))
+
+
 def export(run_dir, out, fmt="hf", step=None, max_shard_mb=2048.0) -> Path:
     run_dir, out = Path(run_dir), Path(out)
     spec_file = run_dir / "spec.yaml"
@@ -151,13 +175,15 @@ def export(run_dir, out, fmt="hf", step=None, max_shard_mb=2048.0) -> Path:
         raise SpecError("RUN_DIR", f"{run_dir}: no spec.yaml (not a seqshard train.output_dir)")
     raw = yaml.safe_load(spec_file.read_text())
     cfg = _build(ModelConfig, raw["model"], "model")
-    state = model_state(_checkpoint(run_dir, step))
+    ckpt = _checkpoint(run_dir, step)
+    cfg, max_seq_len = checkpoint_rope(ckpt, cfg, int(raw.get("data", {}).get("max_seq_len", 0)))
+    state = model_state(ckpt)
     if fmt == "torch":
         out.mkdir(parents=True, exist_ok=True)
         torch.save(state, out / "model.pt")
     else:
-        export_hf(state, cfg, raw.get("data", {}).get("tokenizer", "byte"), out,
-                  int(max_shard_mb * 2**20))
+        export_hf(state, cfg, raw.get("data", {}).get("tokenizer", "byte"), out, int(max_shard_mb * 2**20),
+                  max_seq_len)
     return out
 
 

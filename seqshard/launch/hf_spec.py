@@ -1,7 +1,10 @@
 """``model: {hf: PATH}`` in a job spec: the model keys come from the folder's config.json.
 
 An explicit key that agrees with the checkpoint is fine, one that conflicts is a SpecError naming
-it (a checkpoint's shape cannot be changed by the spec). Runs before typing and validation.
+it (a checkpoint's shape cannot be changed by the spec). ``model.rope_theta`` and
+``model.rope_scaling`` are the exception: they override config.json's RoPE (context extension;
+rope_spec.py reads them), and the resolved spec (``spec.yaml``) records the RoPE the run uses.
+Runs before typing and validation.
 """
 from __future__ import annotations
 
@@ -9,6 +12,7 @@ from .spec import SpecError
 
 IMPLS = ("native", "transformers")
 OWN_KEYS = ("hf", "impl", "hf_arch")  # keys of model: that are not the checkpoint's to decide
+ROPE_OVERRIDES = ("rope_theta", "rope_scaling")  # native import: the spec's value replaces config.json's
 
 
 def _transformers_fields(path) -> dict:
@@ -29,9 +33,11 @@ def _transformers_fields(path) -> dict:
 
 def resolve_hf_model(raw: dict) -> dict:
     """Fill ``raw['model']`` from ``model.hf``'s config.json (in place); a no-op without ``hf``."""
+    from .rope_spec import parse_rope_scaling, resolve_rope
+
     model = raw.get("model")
     if not isinstance(model, dict) or not model.get("hf"):
-        return raw
+        return resolve_rope(raw)
     from seqshard.models.hf import HFError, model_config_fields
 
     path, impl = model["hf"], model.get("impl", "native")
@@ -43,8 +49,9 @@ def resolve_hf_model(raw: dict) -> dict:
         raise SpecError("model.hf", str(err)) from None
     except (KeyError, ValueError, TypeError) as err:
         raise SpecError("model.hf", f"{path}/config.json: cannot read {err}") from None
+    overrides = ROPE_OVERRIDES if impl == "native" else ()
     for key, value in model.items():
-        if key in OWN_KEYS or key not in derived:
+        if key in OWN_KEYS or key in overrides or key not in derived:
             continue
         want = derived[key]
         want = want.__dict__ if hasattr(want, "__dataclass_fields__") else want
@@ -52,8 +59,13 @@ def resolve_hf_model(raw: dict) -> dict:
             raise SpecError(f"model.{key}", f"{value!r} conflicts with {path}/config.json ({want!r}); "
                             "drop the key, the checkpoint decides it")
     scaling = derived.pop("rope_scaling", None)
-    merged = {**derived, **{k: v for k, v in model.items() if k not in derived}, "impl": impl}
-    if scaling is not None:
+    merged = {**derived, **{k: v for k, v in model.items() if k not in derived or k in overrides}, "impl": impl}
+    if scaling is not None and "rope_scaling" not in model:
         merged["rope_scaling"] = dict(scaling.__dict__)
+    elif "rope_scaling" in model and impl == "native":  # dynamic / longrope defaults need the checkpoint's length
+        from seqshard.models.hf import read_config
+
+        max_pos = read_config(path).get("max_position_embeddings")
+        merged["rope_scaling"] = dict(parse_rope_scaling(model["rope_scaling"], max_pos).__dict__)
     raw["model"] = merged
-    return raw
+    return resolve_rope(raw)

@@ -123,6 +123,7 @@ class TrainSpec:
     mlp_tiles: int = 1  # SwiGLU over sequence tiles; 1 = untiled, 0 = auto (ceil(tokens / dim))
     device_memory_gb: float = 0.0  # per-rank memory for the fit check (parallel/memory_model.py); 0 = skip
     eval_long: EvalLongSpec = field(default_factory=EvalLongSpec)  # loss by position, passkey retrieval
+    stages: list = field(default_factory=list)  # [{steps, set: {key.path: value}}] (launch/stages.py)
 
 
 @dataclass(frozen=True)
@@ -166,6 +167,12 @@ class Spec:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def stage_specs(self, world_size: int | None = None) -> list:
+        """``train.stages``: the validated spec of each stage, in order (``[]`` without stages)."""
+        from .stages import stage_specs
+
+        return stage_specs(self, world_size)
 
 
 _TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
@@ -246,11 +253,13 @@ def load_raw(path) -> dict:
 
 def from_dict(raw: dict, world_size: int | None = None) -> Spec:
     from .hf_spec import resolve_hf_model
+    from .stages import prepare_stages
 
-    spec = _build(Spec, resolve_hf_model(raw), "")
+    spec = _build(Spec, resolve_hf_model(prepare_stages(raw)), "")
     from .validate import validate
 
     validate(spec, spec.world_size if world_size is None else world_size)
+    spec.stage_specs(world_size)  # every stage is checked before anything starts
     return spec
 
 

@@ -39,6 +39,9 @@ def _check_model(m):
         raise SpecError("model.vocab_size", f"{m.vocab_size} is smaller than the byte tokenizer's 259")
     if m.rope_theta <= 0:
         raise SpecError("model.rope_theta", f"must be > 0, got {m.rope_theta}")
+    from .rope_spec import check_rope
+
+    check_rope(m)
     _one_of("model.linear_attn.decay", m.linear_attn.decay, DECAYS)
     if m.arch == "hybrid":
         if len(m.layer_pattern) != m.n_layers or set(m.layer_pattern) - set("LA"):

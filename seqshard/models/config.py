@@ -11,13 +11,22 @@ class LinearAttnConfig:
 
 @dataclass(frozen=True)
 class RopeScalingConfig:
-    """RoPE frequency scaling of Hugging Face checkpoints: ``none``, ``linear`` (positions / factor)
-    or ``llama3`` (low frequencies / factor, a smooth ramp between; Llama 3.1)."""
-    type: str = "none"  # none | linear | llama3
+    """RoPE frequency scaling, transformers' ``rope_parameters`` types and keys (formulas:
+    ``seqshard/kernels/rope_scaling.py``). Keys a type does not use keep their defaults."""
+    type: str = "none"  # none | linear | dynamic | yarn | llama3 | longrope
     factor: float = 1.0
-    low_freq_factor: float = 1.0
-    high_freq_factor: float = 4.0
-    original_max_position_embeddings: int = 8192
+    low_freq_factor: float = 1.0  # llama3
+    high_freq_factor: float = 4.0  # llama3
+    original_max_position_embeddings: int = 8192  # the pre-extension length (dynamic: HF's max_position_embeddings)
+    attention_factor: float = 0.0  # yarn, longrope: cos/sin amplitude; 0 = derived from factor
+    beta_fast: float = 32.0  # yarn
+    beta_slow: float = 1.0  # yarn
+    mscale: float = 0.0  # yarn: with mscale_all_dim, attention_factor = mscale ratio
+    mscale_all_dim: float = 0.0  # yarn
+    truncate: bool = True  # yarn: floor / ceil the correction range
+    short_factor: list = field(default_factory=list)  # longrope: head_dim / 2 numbers
+    long_factor: list = field(default_factory=list)  # longrope: head_dim / 2 numbers
+    seq_len: int = 0  # dynamic, longrope: the length frequencies are computed for; 0 = data.max_seq_len
 
 
 @dataclass(frozen=True)

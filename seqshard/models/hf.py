@@ -13,16 +13,16 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import fields
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from .config import ModelConfig, RopeScalingConfig
+from .rope_params import RopeError, check_scaling, scaling_from_params
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
                  "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}
-ROPE_TYPES = ("default", "linear", "llama3")
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 INDEX_FILE, SINGLE_FILE = "model.safetensors.index.json", "model.safetensors"
@@ -74,25 +74,39 @@ def read_config(path) -> dict:
         raise HFError(f"{cfg_file}: not valid JSON ({err.msg} at line {err.lineno})") from None
 
 
-def _rope(hf: dict, path) -> tuple[float, RopeScalingConfig]:
-    """(theta, scaling) from ``rope_parameters`` (transformers 5) or ``rope_theta`` + ``rope_scaling``."""
+def _rope(hf: dict, path, head_dim: int, rope_theta=None, rope_scaling=None,
+          seq_len=None) -> tuple[float, RopeScalingConfig]:
+    """(theta, scaling) from ``rope_parameters`` (transformers 5) or ``rope_theta`` + ``rope_scaling``,
+    then the overrides: ``rope_theta`` replaces theta, ``rope_scaling`` (a transformers-style
+    mapping, or a RopeScalingConfig) replaces the scaling."""
     params = dict(hf.get("rope_parameters") or {})
     theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
     if not params.get("rope_type") and hf.get("rope_scaling"):
         params.update(hf["rope_scaling"])
-    kind = params.get("rope_type", params.get("type", "default")) or "default"
-    if kind not in ROPE_TYPES:
-        raise HFError(f"{path}/config.json: rope_scaling type {kind!r} is not supported "
-                      f"(supported: {', '.join(ROPE_TYPES)})")
-    if kind == "default":
-        return theta, RopeScalingConfig()
-    keys = {f.name for f in fields(RopeScalingConfig)} - {"type"}
-    return theta, RopeScalingConfig(type=kind, **{k: type(getattr(RopeScalingConfig(), k))(v)
-                                                  for k, v in params.items() if k in keys})
+    max_pos = hf.get("max_position_embeddings")
+    where = f"{path}/config.json: rope_parameters"
+    if rope_theta is not None:
+        theta, where = float(rope_theta), "rope_theta"
+        if theta <= 0:
+            raise HFError(f"rope_theta: must be > 0, got {rope_theta}")
+    try:
+        if rope_scaling is None:
+            scaling = scaling_from_params(params, max_pos, strict=False)
+        else:
+            where = "rope_scaling"
+            scaling = rope_scaling if isinstance(rope_scaling, RopeScalingConfig) else \
+                scaling_from_params(dict(rope_scaling), max_pos, strict=True)
+        if seq_len is not None and scaling.type in ("dynamic", "longrope"):
+            scaling = replace(scaling, seq_len=int(seq_len))
+        check_scaling(scaling, head_dim)
+    except RopeError as err:
+        raise HFError(f"{where}.{err.key}: {err.reason}") from None
+    return theta, scaling
 
 
-def model_config_fields(path) -> dict:
-    """The ``ModelConfig`` keyword arguments a Hugging Face folder's ``config.json`` implies."""
+def model_config_fields(path, rope_theta=None, rope_scaling=None, seq_len=None) -> dict:
+    """The ``ModelConfig`` keyword arguments a Hugging Face folder's ``config.json`` implies, with
+    the RoPE overrides (``rope_theta``, ``rope_scaling``: the context extension; :func:`_rope`)."""
     hf = read_config(path)
     archs = hf.get("architectures") or []
     arch = next((a for a in archs if a in ARCHITECTURES), None)
@@ -107,9 +121,11 @@ def model_config_fields(path) -> dict:
         raise HFError(f"{path}/config.json: mlp_bias true is not supported")
     if family in ("llama", "mistral", "qwen3") and hf.get("attention_bias"):
         raise HFError(f"{path}/config.json: attention_bias true is not supported for {arch}")
-    theta, scaling = _rope(hf, path)
     dim, n_heads = int(hf["hidden_size"]), int(hf["num_attention_heads"])
     head_dim = int(hf.get("head_dim") or dim // n_heads)
+    if float(hf.get("partial_rotary_factor") or 1.0) != 1.0:
+        raise HFError(f"{path}/config.json: partial_rotary_factor {hf['partial_rotary_factor']} is not supported")
+    theta, scaling = _rope(hf, path, head_dim, rope_theta, rope_scaling, seq_len)
     return dict(arch="llama", dim=dim, n_layers=int(hf["num_hidden_layers"]), n_heads=n_heads,
                 n_kv_heads=int(hf.get("num_key_value_heads") or n_heads),
                 ffn_dim=int(hf["intermediate_size"]), vocab_size=int(hf["vocab_size"]),
@@ -120,8 +136,8 @@ def model_config_fields(path) -> dict:
                 hf=str(path), hf_arch=arch)
 
 
-def config_from_hf(path) -> ModelConfig:
-    return ModelConfig(**model_config_fields(path))
+def config_from_hf(path, **rope_overrides) -> ModelConfig:
+    return ModelConfig(**model_config_fields(path, **rope_overrides))
 
 
 def _weight_files(folder: Path) -> list[Path]:
@@ -177,13 +193,26 @@ def load_hf_weights(model, path):
     return model
 
 
-def from_hf(path, dtype=None):
+def from_hf(path, dtype=None, rope_theta=None, rope_scaling=None, seq_len=None):
     """A seqshard Decoder holding the weights of the Hugging Face folder ``path``, cast to ``dtype``
-    (``torch.float32`` by default; a torch dtype or ``float32 | bfloat16 | float16``)."""
+    (``torch.float32`` by default; a torch dtype or ``float32 | bfloat16 | float16``).
+
+    ``rope_theta`` and ``rope_scaling`` override the checkpoint's RoPE (context extension), with
+    the semantics of the job spec's ``model.rope_theta`` / ``model.rope_scaling``: ``rope_scaling``
+    is a transformers-style mapping (``{"rope_type": "yarn", "factor": 4.0,
+    "original_max_position_embeddings": 4096}``; ``{"rope_type": "default"}`` removes a scaling).
+    ``seq_len``: the training length ``dynamic`` and ``longrope`` compute their frequencies for
+    (default: the scaling's ``seq_len``, else config.json's ``max_position_embeddings``).
+    A bad value raises :class:`HFError` naming the parameter.
+    """
     from .llama import build_llama
 
     dt = to_dtype(dtype)
-    model = load_hf_weights(build_llama(config_from_hf(path)), path)
+    given = rope_scaling.get("seq_len") if isinstance(rope_scaling, dict) else getattr(rope_scaling, "seq_len", 0)
+    if seq_len is None and not given:
+        seq_len = read_config(path).get("max_position_embeddings")
+    cfg = config_from_hf(path, rope_theta=rope_theta, rope_scaling=rope_scaling, seq_len=seq_len)
+    model = load_hf_weights(build_llama(cfg), path)
     for p in model.parameters():  # parameters only: a scaled RoPE's inv_freq stays fp64
         p.data = p.data.to(dt)
     return model

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from seqshard.kernels import apply_rope, linear_cross_entropy, rms_norm
-from seqshard.kernels.rope import scaled_inv_freq
+from seqshard.kernels.rope_scaling import rope_frequencies
 
 from .config import ModelConfig
 from .context import causal_varlen_attention
@@ -44,9 +44,8 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
             self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
         rs = cfg.rope_scaling
-        self.register_buffer("inv_freq", None if rs.type == "none" else scaled_inv_freq(
-            cfg.head_dim, cfg.rope_theta, rs.type, rs.factor, rs.low_freq_factor,
-            rs.high_freq_factor, rs.original_max_position_embeddings), persistent=False)
+        inv_freq, self.rope_scale = rope_frequencies(cfg.head_dim, cfg.rope_theta, rs)
+        self.register_buffer("inv_freq", None if rs.type == "none" else inv_freq, persistent=False)
 
     def forward(self, x, positions, ctx):
         t = x.shape[0]
@@ -56,8 +55,8 @@ class Attention(nn.Module):
         v = self.wv(x).view(t, self.n_kv_heads, self.head_dim)
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
-        q = apply_rope(q, positions, self.rope_theta, self.inv_freq)
-        k = apply_rope(k, positions, self.rope_theta, self.inv_freq)
+        q = apply_rope(q, positions, self.rope_theta, self.inv_freq, self.rope_scale)
+        k = apply_rope(k, positions, self.rope_theta, self.inv_freq, self.rope_scale)
         o = self.attention_fn(q, k, v, ctx)  # [T, heads, head_dim]
         return self.wo(o.reshape(t, self.n_heads * self.head_dim))
 

@@ -35,6 +35,7 @@ from .memory import apply_memory_options
 from .oom import exit_on_oom, is_oom
 from .runinfo import describe_engine, engine_settings, run_config
 from .schedule import Schedule, lr_at as schedule_lr_at
+from .stages import load_data_state, rope_record, train_stages
 
 if TYPE_CHECKING:  # the typed spec lives in launch/, a room above this one
     from seqshard.launch.spec import Spec
@@ -204,7 +205,7 @@ def train_step(run: Run, step: int) -> dict:
 
 def _trainer_state(run: Run, step: int) -> dict:
     return {"step": step, "data": run.builder.state_dict(), "spec_name": run.spec.name,
-            "schedule": run.schedule.state_dict()}
+            "schedule": run.schedule.state_dict(), "rope": rope_record(run.spec)}
 
 
 def write_run_info(run: Run):
@@ -227,8 +228,11 @@ def write_run_info(run: Run):
     (out / "spec.yaml").write_text(yaml.safe_dump(run.spec.to_dict(), sort_keys=False))
 
 
-def train(spec: Spec, resume: bool = False, stop_after: int | None = None) -> list[dict]:
-    """Train per spec; returns the metrics of the steps run (every rank returns the same)."""
+def train(spec: Spec, resume: bool = False, stop_after: int | None = None, stage=None) -> list[dict]:
+    """Train per spec; returns the metrics of the steps run (every rank returns the same).
+    With ``train.stages``, runs them one by one; ``stage`` is the one this call runs (stages.py)."""
+    if spec.train.stages and stage is None:
+        return train_stages(spec, resume, stop_after, train)
     run = setup(spec)
     log = get_logger(run.denv.rank)
     if run.denv.rank == 0:
@@ -237,7 +241,7 @@ def train(spec: Spec, resume: bool = False, stop_after: int | None = None) -> li
     ckpt, state = (resume_from_newest_loadable(spec.train.output_dir, run.engine.load,
                                                log if run.denv.rank == 0 else None) if resume else (None, None))
     if ckpt is not None:
-        run.builder.load_state_dict(state["data"])
+        load_data_state(run.builder, state, stage)
         start_step = state["step"]
         changed = run.schedule.load_state_dict(state.get("schedule", {}))
         log.info("resumed from %s (step %d)", ckpt, start_step)
@@ -258,6 +262,7 @@ def train(spec: Spec, resume: bool = False, stop_after: int | None = None) -> li
                 if not is_oom(err):
                     raise
                 exit_on_oom(err, step, spec.data.max_seq_len, run.denv.rank)
+            metrics["stage"] = stage.index if stage else 0
             if eval_due(spec, step, last):
                 metrics.update(evaluate(run, run.held_out))
             if long_eval is not None:

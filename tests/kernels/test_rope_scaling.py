@@ -1,5 +1,7 @@
 """Scaled RoPE (``inv_freq``): Triton == reference forward and backward; linear scaling equals
 dividing positions by the factor; llama3 scaling keeps high and divides low frequencies."""
+import math
+
 import torch
 
 from seqshard.kernels import apply_rope
@@ -30,3 +32,26 @@ def test_linear_and_llama3_frequencies(force_reference):
     wavelen = 2 * torch.pi / base
     assert torch.equal(inv[wavelen < 16], base[wavelen < 16])  # short wavelengths kept
     torch.testing.assert_close(inv[wavelen > 64], base[wavelen > 64] / 8)  # long ones / factor
+
+
+def test_amplitude_triton_matches_reference(force_triton):
+    """YaRN / LongRoPE scale cos and sin: Triton forward and backward keep the amplitude."""
+    from types import SimpleNamespace
+
+    from seqshard.kernels.rope_scaling import rope_frequencies
+
+    yarn = SimpleNamespace(type="yarn", factor=4.0, original_max_position_embeddings=16, attention_factor=0.0,
+                           beta_fast=32.0, beta_slow=1.0, mscale=0.0, mscale_all_dim=0.0, truncate=True)
+    inv, scale = rope_frequencies(32, 1e4, yarn)
+    assert abs(scale - (0.1 * math.log(4.0) + 1)) < 1e-12
+    gen = torch.Generator().manual_seed(4)
+    positions = torch.cat([torch.arange(40), torch.arange(9)])
+    x = torch.randn(49, 2, 32, generator=gen, requires_grad=True)
+    dout = torch.randn(49, 2, 32, generator=gen)
+    ref = apply_rope_reference(x, positions, inv_freq=inv, scale=scale)
+    (gref,) = torch.autograd.grad(ref, x, dout)
+    out = apply_rope(x, positions, inv_freq=inv, scale=scale)
+    (g,) = torch.autograd.grad(out, x, dout)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(g, gref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ref.norm(dim=-1), x.detach().norm(dim=-1) * scale)  # a scaled rotation

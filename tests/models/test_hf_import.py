@@ -95,8 +95,8 @@ def test_bad_folders_are_named(tmp_path):
     with pytest.raises(HFError, match="no weights"):
         from_hf(tmp_path)
     (tmp_path / "other.bin").rename(tmp_path / "model.safetensors")
-    _edit_config(tmp_path, rope_parameters={"rope_type": "yarn", "factor": 2.0, "rope_theta": 1e4})
-    with pytest.raises(HFError, match="rope_scaling type 'yarn' is not supported"):
+    _edit_config(tmp_path, rope_parameters={"rope_type": "proportional", "factor": 2.0, "rope_theta": 1e4})
+    with pytest.raises(HFError, match="rope_parameters.type: 'proportional' is not a RoPE type"):
         from_hf(tmp_path)
     _edit_config(tmp_path, rope_parameters={"rope_type": "default", "rope_theta": 1e4},
                  architectures=["GPT2LMHeadModel"])
