@@ -145,15 +145,16 @@ def cmd_eval(args) -> int:
     if not (spec.data.eval.fraction or spec.data.eval.source):
         raise SpecError("data.eval", f"{run_dir}/spec.yaml has no held-out data; add --set "
                         "data.eval.source=PATH (or data.eval.fraction, if the run trained with that split)")
-    from .eval_cli import long_eval_config, run_long_eval
+    from .eval_cli import checkpoint_spec, long_eval_config, run_long_eval
 
     long_cfg = long_eval_config(spec, args, _world_size_from_env())  # checked before any process group
     path = checkpoint_dir(run_dir, args.step)
     if path is None:
         raise SpecError("--step", f"no complete checkpoint {'step_%d ' % args.step if args.step else ''}"
                         f"under {run_dir}/checkpoints")
+    spec, trained_len = checkpoint_spec(spec, path, args.overrides)  # a staged run: the checkpoint's RoPE
     if long_cfg is not None:
-        return run_long_eval(spec, path, long_cfg, args)
+        return run_long_eval(spec, path, long_cfg, args, trained_len)
     result = evaluate_checkpoint(spec, path)
     import torch.distributed as dist
 

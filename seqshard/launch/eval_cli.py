@@ -71,6 +71,20 @@ def long_eval_config(spec, args, world_size: int):
     return cfg
 
 
+def checkpoint_spec(spec, path, overrides) -> tuple:
+    """(spec with the RoPE checkpoint ``path`` was trained with, that training length). With
+    ``train.stages`` spec.yaml is the last stage's; an earlier stage's checkpoint keeps its own
+    ``rope_theta`` / ``rope_scaling`` (``trainer.json``), unless ``--set model.rope_*`` asks otherwise."""
+    import dataclasses
+
+    from .export import checkpoint_rope
+
+    model, trained_len = checkpoint_rope(Path(path), spec.model, spec.data.max_seq_len)
+    if any(o.split("=", 1)[0].strip().startswith("model.rope") for o in overrides):
+        model = spec.model  # the user's RoPE change at evaluation time wins
+    return dataclasses.replace(spec, model=model), trained_len
+
+
 def _write(path: Path, data) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=1) + "\n")
@@ -85,7 +99,7 @@ def _compare_series(items) -> dict:
     return series
 
 
-def run_long_eval(spec, path, cfg, args) -> int:
+def run_long_eval(spec, path, cfg, args, trained_len: int | None = None) -> int:
     """Load checkpoint ``path`` into the spec's layout, evaluate ``cfg``, write JSON and PNGs (rank 0)."""
     import torch.distributed as dist
 
@@ -113,7 +127,7 @@ def run_long_eval(spec, path, cfg, args) -> int:
     if "by_position" in result:
         json_path = _write(out, result["by_position"])
         series = {**_compare_series(args.compare), label: result["by_position"]}
-        png = plot_by_position(series, json_path.with_suffix(".png"), spec.data.max_seq_len,
+        png = plot_by_position(series, json_path.with_suffix(".png"), trained_len or spec.data.max_seq_len,
                                f"{spec.name}: held-out loss by position ({cfg.documents} documents of "
                                f"{cfg.max_len or spec.data.max_seq_len} tokens)")
         print(by_position_table(series))
