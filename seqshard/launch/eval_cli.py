@@ -36,6 +36,8 @@ def add_long_eval_args(p):
     g.add_argument("--compare", action="append", default=[], metavar="[LABEL=]FILE",
                    help="an earlier --by-position JSON drawn in the same plot (repeatable)")
     g.add_argument("--label", help="this checkpoint's label in the plot (default: step N)")
+    g.add_argument("--mark-len", type=int, metavar="L", help="the 'trained length' line of the plot (default: the "
+                   "length the checkpoint's stage trained at)")
     p.epilog = EXAMPLES
     import argparse
 
@@ -47,7 +49,8 @@ def long_eval_config(spec, args, world_size: int):
     from .long_eval_checks import CLI_NAMES, check_long_eval, cli_config, parse_depths, parse_sizes
 
     if args.bucket is None and args.passkey is None:
-        extra = [f for f in ("max_len", "documents", "depths", "trials", "out", "label") if getattr(args, f)]
+        extra = [f for f in ("max_len", "documents", "depths", "trials", "out", "label", "mark_len")
+                 if getattr(args, f)]
         if extra or args.compare:
             flag = "--" + (extra[0] if extra else "compare").replace("_", "-")
             raise SpecError(flag, "only used with --by-position BUCKET or --passkey LENGTHS")
@@ -127,7 +130,8 @@ def run_long_eval(spec, path, cfg, args, trained_len: int | None = None) -> int:
     if "by_position" in result:
         json_path = _write(out, result["by_position"])
         series = {**_compare_series(args.compare), label: result["by_position"]}
-        png = plot_by_position(series, json_path.with_suffix(".png"), trained_len or spec.data.max_seq_len,
+        png = plot_by_position(series, json_path.with_suffix(".png"),
+                               args.mark_len or trained_len or spec.data.max_seq_len,
                                f"{spec.name}: held-out loss by position ({cfg.documents} documents of "
                                f"{cfg.max_len or spec.data.max_seq_len} tokens)")
         print(by_position_table(series))

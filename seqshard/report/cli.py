@@ -141,7 +141,7 @@ def cmd_report(args) -> int:
     written = report.write_report(rows, args.out, args.title, notes)
     from .long_eval import add_to_report as add_long_eval
 
-    add_long_eval(args.out, args.runs)  # loss by position / passkey of runs with train.eval_long
+    written.update({p.name: p for p in add_long_eval(args.out, args.runs)})  # runs with train.eval_long
     print(report.markdown_table(rows))
     if args.tokens:
         from .recommend import add_to_report, parse_tokens

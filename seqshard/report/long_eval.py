@@ -2,8 +2,8 @@
 
 Drawn from the JSON the evaluation writes (STYLE rule 11): loss by position as one line per
 series against the token position, with the trained length marked; passkey accuracy as a
-depth x length heatmap. ``add_to_report`` appends the latest ``eval_long.jsonl`` record of each
-run to a report folder written by :func:`seqshard.report.report.write_report`.
+depth x length heatmap. ``add_to_report`` appends each run's ``eval_long.jsonl`` (loss by
+position at every evaluated step, passkey at the last) to a report folder written by :func:`seqshard.report.report.write_report`.
 """
 from __future__ import annotations
 
@@ -91,12 +91,18 @@ def passkey_table(cells: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def latest_record(run_dir) -> dict | None:
+def read_records(run_dir) -> list[dict]:
+    """The records of ``<run_dir>/eval_long.jsonl`` (one per evaluated step; a resumed run may
+    repeat a step: the later record wins)."""
     path = Path(run_dir) / "eval_long.jsonl"
     if not path.is_file():
-        return None
-    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
-    return json.loads(lines[-1]) if lines else None
+        return []
+    by_step = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            rec = json.loads(line)
+            by_step[rec["step"]] = rec
+    return [by_step[k] for k in sorted(by_step)]
 
 
 def run_dirs_with_results(paths) -> list[Path]:
@@ -114,19 +120,22 @@ def add_to_report(out, paths) -> list[Path]:
     out = Path(out)
     md, written = [], []
     for run in run_dirs_with_results(paths):
-        rec = latest_record(run)
-        if rec is None:
+        records = read_records(run)
+        if not records:
             continue
-        name = Path(run).name
-        md += [f"## Long-context evaluation: {name} (step {rec['step']})", ""]
-        if rec.get("by_position"):
-            png = plot_by_position({f"step {rec['step']}": rec["by_position"]}, out / f"long_eval_{name}.png",
-                                   rec.get("trained_len"), f"{name}: held-out loss by position")
-            md += [by_position_table({f"step {rec['step']}": rec["by_position"]}), "", f"![{name}]({png.name})", ""]
+        name, rec = Path(run).name, records[-1]
+        md += [f"## Long-context evaluation: {name} (steps {', '.join(str(r['step']) for r in records)})", ""]
+        series = {f"step {r['step']} (trained at {r.get('trained_len')})": r["by_position"]
+                  for r in records if r.get("by_position")}
+        if series:
+            png = plot_by_position(series, out / f"long_eval_{name}.png", records[0].get("trained_len"),
+                                   f"{name}: held-out loss by position, every evaluation")
+            md += [by_position_table(series), "", f"![{name}]({png.name})", ""]
             written.append(png)
         if rec.get("passkey"):
-            png = plot_passkey(rec["passkey"], out / f"passkey_{name}.png", f"{name}: passkey retrieval")
-            md += [passkey_table(rec["passkey"]), "", f"![{name} passkey]({png.name})", ""]
+            png = plot_passkey(rec["passkey"], out / f"passkey_{name}.png", f"{name} step {rec['step']}: passkey")
+            md += [f"Passkey retrieval at step {rec['step']}:", "", passkey_table(rec["passkey"]), "",
+                   f"![{name} passkey]({png.name})", ""]
             written.append(png)
     if md:
         with open(out / "report.md", "a") as f:

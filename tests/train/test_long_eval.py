@@ -165,7 +165,8 @@ def test_training_writes_eval_long_and_the_report_shows_it(tmp_path):
     html = (tmp_path / "report" / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 2 and html.index("Long-context") < html.index("</body>")
     md = (tmp_path / "report" / "report.md").read_text()
-    assert "## Long-context evaluation: run (step 2)" in md and "| 448-510 |" in md and "| 384 | 0.5 |" in md
+    assert "## Long-context evaluation: run (steps 1, 2)" in md and "| 384 | 0.5 |" in md
+    assert "| positions | step 1 (trained at 256) | step 2 (trained at 256) |" in md and "| 448-510 |" in md
     assert {p.name for p in pngs} == {"long_eval_run.png", "passkey_run.png"} and all(p.stat().st_size for p in pngs)
 
 
@@ -254,3 +255,18 @@ def test_cli_eval_writes_json_and_png(tmp_path, capsys):
     assert [(c["length"], c["depth"], c["trials"]) for c in cells] == [(300, 0.0, 1), (300, 1.0, 1)]
     for png in ("short.png", "by_position_step2.png", "by_position_step2_passkey.png"):
         assert (root / "eval" / png).read_bytes()[:4] == b"\x89PNG", png
+
+
+def test_an_earlier_stage_checkpoint_is_evaluated_with_its_own_rope(tmp_path):
+    """spec.yaml is the last stage's (theta 160000); step_400's trainer.json says 10000 and 512."""
+    from seqshard.launch.eval_cli import checkpoint_spec
+
+    spec = small_spec(str(tmp_path), 1, HELD + ["model.rope_theta=160000.0", "data.max_seq_len=1024"])
+    ckpt = tmp_path / "checkpoints" / "step_400"
+    ckpt.mkdir(parents=True)
+    rope = {"rope_theta": 10000.0, "rope_scaling": {"type": "none"}, "max_seq_len": 512}
+    (ckpt / "trainer.json").write_text(json.dumps({"step": 400, "rope": rope}))
+    mine, trained = checkpoint_spec(spec, ckpt, [])
+    assert (mine.model.rope_theta, trained) == (10000.0, 512) and mine.data == spec.data
+    theirs, _ = checkpoint_spec(spec, ckpt, ["model.rope_theta=160000.0"])  # asked for at eval time
+    assert theirs.model.rope_theta == 160000.0
