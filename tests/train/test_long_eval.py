@@ -270,3 +270,33 @@ def test_an_earlier_stage_checkpoint_is_evaluated_with_its_own_rope(tmp_path):
     assert (mine.model.rope_theta, trained) == (10000.0, 512) and mine.data == spec.data
     theirs, _ = checkpoint_spec(spec, ckpt, ["model.rope_theta=160000.0"])  # asked for at eval time
     assert theirs.model.rope_theta == 160000.0
+
+
+def _staged_run_then_eval(rank, world_size, root):
+    from seqshard.launch.cli import main
+    from seqshard.train.trainer import train
+
+    stages = ("train.stages=[{steps: 30}, {steps: 1, set: {data.max_seq_len: 512, model.rope_theta: 1000.0, "
+              "data.tokens_per_step: 1024}}]")
+    extra = HELD + ["train.steps=31", "train.eval_long.every=30", "train.eval_long.bucket=64",
+                    "train.eval_long.max_len=512", "train.eval_long.documents=3", stages]
+    train(small_spec(root, world_size, extra))
+    flags = ["--step", "30", "--by-position", "64", "--max-len", "512", "--documents", "3"]
+    return (main(["eval", root, *flags, "--out", f"{root}/eval/step30.json"]),
+            main(["eval", root, *flags, "--out", f"{root}/eval/step30_theta1000.json", "--set",
+                  "model.rope_theta=1000.0"]))
+
+
+def test_staged_run_eval_of_the_first_stage_matches_its_in_training_eval(tmp_path):
+    """Stage 0 (256 tokens, theta 10000) then stage 1 (512, theta 1000): after the run, spec.yaml
+    is stage 1's, yet ``seqshard eval --step 30`` reproduces the in-training evaluation at step 30;
+    ``--set model.rope_theta=1000`` evaluates that checkpoint with the other RoPE (and differs)."""
+    root = tmp_path / "run"
+    assert run_ranks(1, _staged_run_then_eval, str(root))[0] == (0, 0)
+    records = {r["step"]: r for r in map(json.loads, (root / "eval_long.jsonl").read_text().splitlines())}
+    assert sorted(records) == [30, 31] and (records[30]["trained_len"], records[31]["trained_len"]) == (256, 512)
+    after = json.loads((root / "eval" / "step30.json").read_text())
+    for x, y in zip(after, records[30]["by_position"]):
+        assert x["tokens"] == y["tokens"] and abs(x["loss"] - y["loss"]) <= REL * y["loss"], (x, y)
+    other = json.loads((root / "eval" / "step30_theta1000.json").read_text())
+    assert max(abs(x["loss"] - y["loss"]) for x, y in zip(other, after)) > 1e-3
