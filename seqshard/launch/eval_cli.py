@@ -6,6 +6,7 @@ before any process group starts; then the checkpoint is loaded into the spec's l
 """
 from __future__ import annotations
 
+import argparse
 import json
 import time
 from pathlib import Path
@@ -39,8 +40,6 @@ def add_long_eval_args(p):
     g.add_argument("--mark-len", type=int, metavar="L", help="the 'trained length' line of the plot (default: the "
                    "length the checkpoint's stage trained at)")
     p.epilog = EXAMPLES
-    import argparse
-
     p.formatter_class = argparse.RawDescriptionHelpFormatter
 
 

@@ -20,8 +20,10 @@ the result independent of the layout (DESIGN.md invariant 3).
 """
 from __future__ import annotations
 
+import json
 import math
 from contextlib import contextmanager, nullcontext
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -305,9 +307,6 @@ class TrainingLongEval:
     def __call__(self, step: int, last: int) -> dict:
         if step % self.cfg.every and step != last:
             return {}
-        import json
-        from pathlib import Path
-
         result = self.evaluate(self.run)
         if self.run.denv.rank == 0:
             record = {"step": step, "trained_len": self.run.spec.data.max_seq_len,
