@@ -40,7 +40,10 @@ ANSWER = " {key}"
 
 
 class LongEvalError(ValueError):
-    """Held-out data that cannot give the asked rows; ``path`` names the flag or key to change."""
+    """Held-out data that cannot give the asked rows; ``path`` names the flag or key to change.
+    Found before the first step, the same on every rank: the CLI exits 2."""
+
+    exit_code = 2
 
     def __init__(self, path: str, reason: str):
         super().__init__(f"{path}: {reason}")
