@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import socket
+import sys
 import tempfile
 from dataclasses import dataclass
 from datetime import timedelta
@@ -90,12 +91,35 @@ def _private_rendezvous_dir() -> str:
     return folder
 
 
+_STARTED: dict[str, DistEnv] = {}  # the env of the group this module started (a second call returns it)
+
+
+def _die_with_launcher(denv: DistEnv) -> None:
+    """A worker started by a launcher (torchrun's agent, mpirun, srun) is killed by the kernel
+    when that launcher dies (Linux ``PR_SET_PDEATHSIG``), instead of training on alone or
+    hanging in a collective until the timeout."""
+    if denv.launcher == "single" or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+    except OSError:
+        return
+    if os.getppid() == 1:  # the launcher died before the call above
+        os._exit(1)
+
+
 def init_distributed(timeout_s: float = 300.0) -> tuple[DistEnv, torch.device]:
     """Start the default process group (idempotent) and return this process's env and device."""
-    if dist.is_initialized():  # started by the caller (tests, an outer framework)
-        denv = DistEnv(dist.get_rank(), dist.get_world_size(), detect_env().local_rank, "external")
+    if dist.is_initialized():  # started here before, or by the caller (tests, an outer framework)
+        denv = _STARTED.get("env") or DistEnv(dist.get_rank(), dist.get_world_size(),
+                                              detect_env().local_rank, "external")
     else:
         denv = detect_env()
+        _die_with_launcher(denv)
     if torch.cuda.is_available():
         device = torch.device("cuda", denv.local_rank % torch.cuda.device_count())
         torch.cuda.set_device(device)
@@ -105,4 +129,5 @@ def init_distributed(timeout_s: float = 300.0) -> tuple[DistEnv, torch.device]:
     if not dist.is_initialized():
         dist.init_process_group(backend, init_method=_init_method(denv), rank=denv.rank,
                                 world_size=denv.world_size, timeout=timedelta(seconds=timeout_s))
+        _STARTED["env"] = denv
     return denv, device

@@ -20,7 +20,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from .guard import named_barrier
+from .guard import named_barrier, raise_on_all_ranks
 
 MARKER = "COMPLETE"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -42,18 +42,81 @@ def latest_checkpoint(output_dir) -> Path | None:
     return max(done)[1] if done else None
 
 
-def commit_checkpoint(output_dir, step: int, write, trainer_state: dict) -> Path:
-    """Run ``write(partial_dir)`` on every rank, then commit ``step_<N>`` atomically on rank 0."""
+class CheckpointSpaceError(OSError):
+    """No room for a checkpoint: the message names the folder, the size needed and what is free."""
+
+
+def folder_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def estimate_bytes(output_dir, model=None, optimizer=None) -> int:
+    """The size the next checkpoint will take: the newest committed one's (measured), else the
+    model's and optimizer's tensors on this rank times the world size (an upper bound)."""
+    newest = latest_checkpoint(output_dir)
+    if newest is not None:
+        return folder_bytes(newest)
+    tensors = list(model.state_dict().values()) if model is not None else []
+    if optimizer is not None:
+        tensors += [v for state in optimizer.state.values() for v in state.values()]
+    local = sum(getattr(t, "_local_tensor", t).nbytes for t in tensors if isinstance(t, torch.Tensor))
+    return local * dist.get_world_size()
+
+
+def check_free_space(root: Path, need: int, step: int) -> None:
+    free = shutil.disk_usage(root).free
+    if free < need:
+        raise CheckpointSpaceError(28, f"no room for checkpoint step_{step} in {root}: it needs about "
+                                   f"{need / 2**20:.1f} MB, {free / 2**20:.1f} MB are free; free space there "
+                                   "or set train.keep_checkpoints (the newest complete checkpoint is intact)")
+
+
+def commit_checkpoint(output_dir, step: int, write, trainer_state: dict, need_bytes: int = 0) -> Path:
+    """Run ``write(partial_dir)`` on every rank, then commit ``step_<N>`` atomically on rank 0.
+
+    A failure on any rank while writing (no space, a dead peer inside DCP's own collectives) is
+    raised on every rank as one RankFailure naming the step, after rank 0 removed the partial
+    folder; the newest complete checkpoint is untouched. ``need_bytes`` is checked against the
+    free space before anything is written."""
     root = checkpoint_root(output_dir)
     final, partial = root / f"step_{step}", root / f".partial_step_{step}"
     rank = dist.get_rank()
+    error = None
     if rank == 0:
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
+        try:
+            check_free_space(root, need_bytes, step)
+        except CheckpointSpaceError as err:
+            error = err
     named_barrier("checkpoint.start")
-    write(partial)
-    torch.save(torch.get_rng_state(), partial / f"rng_{rank}.pt")
+    raise_on_all_ranks(f"checkpoint step {step}", error, on_failure=lambda: _drop_partial(partial))
+    try:
+        write(partial)
+        torch.save(torch.get_rng_state(), partial / f"rng_{rank}.pt")
+    except Exception as err:  # noqa: BLE001 - shared with every rank, then raised everywhere
+        error = _space_error(err, root, need_bytes, step)
+    raise_on_all_ranks(f"checkpoint step {step}", error, on_failure=lambda: _drop_partial(partial))
     return _commit(partial, final, step, trainer_state)
+
+
+def _drop_partial(partial: Path) -> None:
+    if dist.get_rank() == 0:
+        shutil.rmtree(partial, ignore_errors=True)
+
+
+def _space_error(err: BaseException, root: Path, need: int, step: int) -> BaseException:
+    """ENOSPC anywhere in the cause chain (DCP wraps its writers' errors) -> CheckpointSpaceError."""
+    cause, seen = err, 0
+    while cause is not None and seen < 10:
+        if isinstance(cause, OSError) and cause.errno == 28 or "No space left" in str(cause):
+            free = shutil.disk_usage(root).free
+            return CheckpointSpaceError(28, f"the disk filled while writing checkpoint step_{step} in {root} "
+                                        f"(about {need / 2**20:.1f} MB needed, {free / 2**20:.1f} MB free now); "
+                                        "the partial folder was removed and the newest complete checkpoint is "
+                                        "intact: free space there or set train.keep_checkpoints")
+        cause, seen = cause.__cause__ or cause.__context__, seen + 1
+    return err
 
 
 def _commit(partial: Path, final: Path, step: int, trainer_state: dict) -> Path:
@@ -64,11 +127,32 @@ def _commit(partial: Path, final: Path, step: int, trainer_state: dict) -> Path:
     if dist.get_rank() == 0:
         (partial / "trainer.json").write_text(json.dumps(trainer_state, indent=1))
         (partial / MARKER).write_text(f"step {step}\n")
-        if final.exists():
-            shutil.rmtree(final)
+        if final.exists():  # a damaged step_<N> that resume skipped: kept aside, never deleted
+            os.replace(final, _free_name(final.parent / f".replaced_{final.name}"))
         os.replace(partial, final)
     named_barrier("checkpoint.committed")
     return final
+
+
+def _free_name(path: Path) -> Path:
+    n = 1
+    while (candidate := path.with_name(f"{path.name}.{n}")).exists():
+        n += 1
+    return candidate
+
+
+def prune_checkpoints(output_dir, keep: int) -> list[Path]:
+    """Remove all but the newest ``keep`` committed checkpoints (``train.keep_checkpoints``);
+    returns the removed folders. Rank 0, after a commit."""
+    root = checkpoint_root(output_dir)
+    done = sorted((int(m.group(1)), p) for p in root.iterdir()
+                  if (m := _STEP_DIR.match(p.name)) and (p / MARKER).is_file())
+    removed = [p for _, p in done[:-keep]] if keep and len(done) > keep else []
+    for path in removed:
+        doomed = root / f".removing_{path.name}"
+        os.replace(path, doomed)  # atomic: never a half-deleted folder under a step_<N> name
+        shutil.rmtree(doomed, ignore_errors=True)
+    return removed
 
 
 def read_trainer_state(path: Path) -> dict:
@@ -85,7 +169,7 @@ def save_checkpoint(output_dir, step: int, model, optimizer, trainer_state: dict
         model_sd, optim_sd = get_state_dict(model, optimizer)
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(partial))
 
-    return commit_checkpoint(output_dir, step, write, trainer_state)
+    return commit_checkpoint(output_dir, step, write, trainer_state, estimate_bytes(output_dir, model, optimizer))
 
 
 def load_checkpoint(path: Path, model, optimizer) -> dict:
@@ -129,6 +213,8 @@ def save_checkpoint_async(output_dir, step: int, model, optimizer, trainer_state
 
 class CheckpointMismatch(ValueError):
     """A checkpoint whose tensors do not fit the model being resumed (the CLI exits 2)."""
+
+    exit_code = 2
 
 
 def check_reshardable(path: Path, model_sd: dict) -> None:

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 
 import torch.distributed as dist
 
-from .cause import first_failure
+from .cause import first_failure, stalled_ranks
 
 
 class CollectiveError(RuntimeError):
@@ -58,6 +58,8 @@ def record(op: str, nbytes: int):
         rank = dist.get_rank() if dist.is_initialized() else 0
         first = first_failure()  # a peer that died may have named its cause (read only on this error path)
         cause = f" [first failure: {first}]" if first and not first.startswith(f"rank {rank}:") else ""
+        if not cause and (stalled := stalled_ranks()):
+            cause = f" [stalled: {stalled}]"
         raise CollectiveError(
             f"rank {rank}: collective '{op}' ({nbytes} bytes) failed or timed out "
             f"after {time.perf_counter() - start:.1f}s{cause}: {str(err).splitlines()[0] if str(err) else err!r}"

@@ -26,20 +26,34 @@ from .comm_stats import record
 
 
 class RankFailure(RuntimeError):
-    """An error raised on some rank(s), now raised on every rank with the same one-line message."""
+    """An error raised on some rank(s), now raised on every rank with the same one-line message.
+    ``exit_code`` is the cause's own (``exit_code`` attribute, e.g. 2 for a refused spec or run
+    folder, whose message is then shown as it is), else 1."""
 
-    def __init__(self, message: str, ranks: list[int]):
+    def __init__(self, message: str, ranks: list[int], exit_code: int = 1):
         super().__init__(message)
-        self.ranks = ranks
+        self.ranks, self.exit_code = ranks, exit_code
 
 
-def raise_on_all_ranks(what: str, error: BaseException | None, group=None) -> None:
+def _summary(what: str, error: BaseException) -> tuple[str, int]:
+    """(one line, exit code): a user error (one with an ``exit_code``) is its own message."""
+    code = getattr(error, "exit_code", 1)
+    if code != 1:
+        return str(error).splitlines()[0], code
+    return f"{what}: {describe(error)}", 1
+
+
+def raise_on_all_ranks(what: str, error: BaseException | None, group=None, on_failure=None) -> None:
     """Collective: if ``error`` is set on any rank, every rank raises one RankFailure naming the
-    first failed rank and its cause (and how many others failed). A no-op when all succeeded."""
+    first failed rank and its cause (and how many others failed). A no-op when all succeeded.
+    ``on_failure()`` runs on every rank before the raise (clean-up such as a partial folder)."""
     if not dist.is_initialized() or dist.get_world_size(group) == 1:  # nobody to tell
         if error is not None:
+            if on_failure is not None:
+                on_failure()
             rank = dist.get_rank() if dist.is_initialized() else 0
-            raise RankFailure(f"rank {rank}: {what}: {describe(error)}", [rank]) from error
+            line, code = _summary(what, error)
+            raise RankFailure(line if code != 1 else f"rank {rank}: {line}", [rank], code) from error
         return
     flag = torch.tensor([0 if error is None else 1], dtype=torch.int64)
     with record(f"guard.{what}", flag.numel() * 8):
@@ -48,11 +62,16 @@ def raise_on_all_ranks(what: str, error: BaseException | None, group=None) -> No
         return
     messages = [None] * dist.get_world_size(group)
     with record(f"guard.{what}.gather", 0):
-        dist.all_gather_object(messages, None if error is None else describe(error), group=group)
+        dist.all_gather_object(messages, None if error is None else _summary(what, error), group=group)
     failed = [r for r, m in enumerate(messages) if m is not None]
+    if on_failure is not None:
+        on_failure()
     rank = dist.get_global_rank(group, failed[0]) if group is not None else failed[0]
+    line, code = messages[failed[0]]
+    if code != 1:  # the same user error everywhere (a refused folder, spec): its own line
+        raise RankFailure(line, failed, code) from error
     more = f" (and {len(failed) - 1} other rank(s))" if len(failed) > 1 else ""
-    raise RankFailure(f"rank {rank}: {what}: {messages[failed[0]]}{more}", failed) from error
+    raise RankFailure(f"rank {rank}: {line}{more}", failed) from error
 
 
 @contextmanager

@@ -73,12 +73,30 @@ def _step_of(path: Path) -> int:
     return int(_STEP_DIR.match(path.name).group(1))
 
 
+def _is_damage(err: BaseException) -> bool:
+    """An unpickling / short-read / bad-archive failure (the files), not a model that differs."""
+    import pickle
+    import zipfile
+
+    if isinstance(err, (pickle.UnpicklingError, EOFError, zipfile.BadZipFile, OSError)):
+        return True
+    text = str(err)
+    return any(s in text for s in ("unpickl", "PytorchStreamReader", "invalid load key", "truncated",
+                                   "unexpected EOF", "corrupt"))
+
+
 def resume_from_newest_loadable(output_dir, load, log=None):
     """Load the newest checkpoint every rank can load with ``load(path) -> trainer_state``.
 
-    Returns ``(path, trainer_state)``, or ``(None, None)`` when no complete checkpoint loads.
-    Damaged ones are skipped with a warning (``log`` is rank 0's logger, or None elsewhere).
+    Returns ``(path, trainer_state)``, or ``(None, None)`` when the folder holds no complete
+    checkpoint. A damaged one (a file missing, short or unreadable) is skipped with a warning
+    (``log`` is rank 0's logger, or None elsewhere). A checkpoint whose files are intact but do
+    not load into this run is a :class:`CheckpointMismatch` (the spec changed; the CLI exits 2):
+    falling back to an older one would fail the same way and end by training over the run.
+    When every complete checkpoint is damaged, that is a CheckpointMismatch too, naming each:
+    starting at step 0 would overwrite them.
     """
+    skipped = []
     for path in complete_checkpoints(output_dir):
         reason, state = None, None
         try:
@@ -86,15 +104,27 @@ def resume_from_newest_loadable(output_dir, load, log=None):
         except DamagedCheckpoint as err:
             reason = str(err)
         if _agree(reason is None):
+            mismatch = None
             try:
                 state = load(path)
             except CheckpointMismatch:
                 raise  # not damage: the model changed, and every older checkpoint has the same shapes
-            except Exception as err:  # noqa: BLE001 - reported, then the previous checkpoint is tried
-                reason = f"load failed: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+            except Exception as err:  # noqa: BLE001 - classified, then agreed on by every rank
+                first = str(err).splitlines()[0] if str(err) else ""
+                reason = f"load failed: {type(err).__name__}: {first}"
+                mismatch = None if _is_damage(err) else reason
+            if not _agree(mismatch is None):
+                raise CheckpointMismatch(f"checkpoint {path} is intact but does not load into this run "
+                                         f"({mismatch or 'on another rank'}); resume with the spec it was "
+                                         "saved with, or start a new train.output_dir")
             if _agree(reason is None):
                 return path, state
+        reason = reason or "another rank could not load it"
+        skipped.append(f"step_{_step_of(path)} ({reason})")
         if log is not None:
-            log.warning("checkpoint step %d (%s) is damaged and skipped: %s", _step_of(path), path,
-                        reason or "another rank could not load it")
+            log.warning("checkpoint step %d (%s) is damaged and skipped: %s", _step_of(path), path, reason)
+    if skipped:
+        raise CheckpointMismatch(f"no checkpoint under {checkpoint_root(output_dir)} loads: {'; '.join(skipped)}; "
+                                 "nothing was changed (starting at step 0 would overwrite them): restore one, "
+                                 "or start over with --overwrite")
     return None, None

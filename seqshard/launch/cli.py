@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import signal
 import subprocess
 import sys
 
@@ -43,6 +44,12 @@ def parser() -> argparse.ArgumentParser:
                    "in train.output_dir/checkpoints")
     p.add_argument("--stop-after", type=int, metavar="N", help="checkpoint and exit after step N "
                    "(the schedule still follows train.steps; resume later with --resume)")
+    p.add_argument("--overwrite", action="store_true", help="start over in a train.output_dir that holds a "
+                   "run: deletes its checkpoints and metrics (without it, such a folder is refused)")
+    p.epilog = ("exit codes: 0 done; 1 a failure (one line names the rank, step and operation); 2 bad input "
+                "(spec, run folder, checkpoint that does not fit); 4 a non-finite loss or gradient "
+                "(train.on_nonfinite); 75 preempted by SIGTERM / SIGINT / SIGUSR1 after checkpointing the "
+                "current step (continue with --resume)")
     p = sub.add_parser("validate", help="check a spec and exit (0 valid, 2 invalid)",
                        description="Type-check and validate a spec against the world size of its launch section.")
     _add_spec_args(p)
@@ -53,6 +60,7 @@ def parser() -> argparse.ArgumentParser:
     _add_spec_args(p)
     p.add_argument("--dry-run", action="store_true", help="print the command (or sbatch script) only")
     p.add_argument("--resume", action="store_true", help="pass --resume to every rank")
+    p.add_argument("--overwrite", action="store_true", help="pass --overwrite to every rank")
     p = sub.add_parser("eval", help="held-out loss and perplexity of a run's checkpoint",
                        description="Evaluate a checkpoint of RUN_DIR on its spec's data.eval split, under the "
                        "spec's layout (run it under torchrun / mpirun like train, or as one process).")
@@ -103,14 +111,20 @@ def cmd_validate(args) -> int:
 def cmd_train(args) -> int:
     spec = load_spec(args.spec, args.overrides, _world_size_from_env())
     from seqshard.dist.checkpoint import CheckpointMismatch
-    from seqshard.train.long_eval import LongEvalError
     from seqshard.train.trainer import train
 
+    from seqshard.train.guards import NonFiniteError, Preempted
+    from seqshard.train.long_eval import LongEvalError
+
+    if args.resume and args.overwrite:
+        raise SpecError("--overwrite", "and --resume contradict each other: continue the run or start over")
     try:
-        train(spec, resume=args.resume, stop_after=args.stop_after)
-    except (CheckpointMismatch, LongEvalError) as err:  # found before the first step
-        print(f"seqshard: error: {err}", file=sys.stderr)
-        return 2
+        train(spec, resume=args.resume, stop_after=args.stop_after, overwrite=args.overwrite)
+    except (CheckpointMismatch, NonFiniteError, Preempted, LongEvalError) as err:  # raised alike on every rank
+        if _rank() == 0:
+            label = "seqshard:" if isinstance(err, Preempted) else "seqshard: error:"
+            print(f"{label} {err}", file=sys.stderr, flush=True)
+        return err.exit_code
     return 0
 
 
@@ -118,7 +132,7 @@ def cmd_launch(args) -> int:
     spec = load_spec(args.spec, args.overrides)
     from .launchers import launch_command
 
-    extra = ["--resume"] if args.resume else []
+    extra = (["--resume"] if args.resume else []) + (["--overwrite"] if args.overwrite else [])
     cmd = launch_command(spec, args.spec, args.overrides, extra)
     if isinstance(cmd, str):  # slurm: an sbatch script
         if args.dry_run:
@@ -133,7 +147,12 @@ def cmd_launch(args) -> int:
     if args.dry_run:
         return 0
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-    return subprocess.call(cmd, env=env)
+    proc = subprocess.Popen(cmd, env=env)
+    # a scheduler's SIGTERM / SIGUSR1 reaches the launcher, which passes it to every rank (they
+    # checkpoint and exit 75); Ctrl-C's SIGINT reaches the whole terminal group by itself
+    for name in ("SIGTERM", "SIGUSR1"):
+        signal.signal(getattr(signal, name), lambda signum, frame: proc.send_signal(signum))
+    return proc.wait()
 
 
 def cmd_eval(args) -> int:
@@ -213,7 +232,7 @@ def main(argv=None) -> int:
     except RankFailure as err:  # raised on every rank with the same line: rank 0 prints it
         if _rank() == 0:
             print(f"seqshard: error: {err}", file=sys.stderr)
-        return 1
+        return err.exit_code
     except CollectiveError as err:  # a peer died or hung: one line per stranded rank (names the cause if known)
         print(f"seqshard: error: {err}", file=sys.stderr)
         return 1

@@ -62,7 +62,13 @@ def _first_json_row(file: Path):
             return ...  # a large array file: not peeked
         rows = json.loads(text)
         return rows[0] if rows else None
-    return json.loads(text.splitlines()[0])
+    with open(file, "rb") as f:  # JSON lines: the whole first non-empty line, however long
+        line = b""
+        while not line.strip():
+            line = f.readline()
+            if not line:
+                return None
+    return json.loads(line)
 
 
 def _check_first_file(file: Path, field: str) -> None:
@@ -92,6 +98,18 @@ def _check_first_file(file: Path, field: str) -> None:
     if row is not ... and (not isinstance(row, dict) or not isinstance(row.get(field), str)):
         found = sorted(row) if isinstance(row, dict) else type(row).__name__
         raise SpecError(key, f"the first row of {file} has no text field '{field}' (found {found})")
+
+
+def _check_not_empty(source: str, files: list[Path]) -> None:
+    """Text files that hold nothing but white space would train on BOS/EOS tokens alone."""
+    if any(f.suffix != ".txt" for f in files):
+        return  # JSON / parquet: rows are counted when the corpus is read (DataError: no documents)
+    for file in files:
+        with open(file, "rb") as f:
+            while chunk := f.read(1 << 16):
+                if chunk.strip():
+                    return
+    raise SpecError("data.source", f"{source} holds no text (every .txt file is empty or white space)")
 
 
 def _check_saved(source: str, split: str, field: str) -> None:
@@ -126,4 +144,5 @@ def check_data(spec) -> None:
     elif d.source != "stdlib":
         files = _data_files(d.source)
         _check_first_file(files[0], d.text_field)
+        _check_not_empty(d.source, files)
     check_vocab(spec)

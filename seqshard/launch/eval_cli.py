@@ -76,12 +76,14 @@ def long_eval_config(spec, args, world_size: int):
 def checkpoint_spec(spec, path, overrides) -> tuple:
     """(spec with the RoPE checkpoint ``path`` was trained with, that training length). With
     ``train.stages`` spec.yaml is the last stage's; an earlier stage's checkpoint keeps its own
-    ``rope_theta`` / ``rope_scaling`` (``trainer.json``), unless ``--set model.rope_*`` asks otherwise."""
+    ``rope_theta`` / ``rope_scaling`` (the stage spec its ``trainer.json`` records), unless
+    ``--set model.rope_*`` asks otherwise."""
     import dataclasses
 
-    from .export import checkpoint_rope
+    from .export import checkpoint_model
 
-    model, trained_len = checkpoint_rope(Path(path), spec.model, spec.data.max_seq_len)
+    trained, trained_len = checkpoint_model(Path(path), spec.model, spec.data.max_seq_len)
+    model = dataclasses.replace(spec.model, rope_theta=trained.rope_theta, rope_scaling=trained.rope_scaling)
     if any(o.split("=", 1)[0].strip().startswith("model.rope") for o in overrides):
         model = spec.model  # the user's RoPE change at evaluation time wins
     return dataclasses.replace(spec, model=model), trained_len

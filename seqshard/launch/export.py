@@ -153,19 +153,15 @@ def _copy_tokenizer(tokenizer: str, out: Path):
                 shutil.copy(Path(tokenizer) / name, out / name)
 
 
-def checkpoint_rope(ckpt: Path, cfg: ModelConfig, max_seq_len: int) -> tuple[ModelConfig, int]:
-    """The RoPE and length the checkpoint was trained with (``trainer.json``'s ``rope``: with
-    ``train.stages`` that of the checkpoint's stage, which spec.yaml, the last stage's, may not be)."""
-    from dataclasses import replace
-
-    from seqshard.models.config import RopeScalingConfig
-
+def checkpoint_model(ckpt: Path, cfg: ModelConfig, max_seq_len: int) -> tuple[ModelConfig, int]:
+    """The model config and length the checkpoint was trained with, from the spec its
+    ``trainer.json`` records (with ``train.stages``: its stage's RoPE, which spec.yaml, the last
+    stage's, may not have); spec.yaml's for checkpoints that record none."""
     meta = ckpt / "trainer.json"
-    rope = json.loads(meta.read_text()).get("rope") if meta.is_file() else None
-    if not rope:
+    spec = json.loads(meta.read_text()).get("spec") if meta.is_file() else None
+    if not isinstance(spec, dict) or "model" not in spec:
         return cfg, max_seq_len
-    return (replace(cfg, rope_theta=rope["rope_theta"], rope_scaling=RopeScalingConfig(**rope["rope_scaling"])),
-            int(rope["max_seq_len"]))
+    return _build(ModelConfig, spec["model"], "model"), int(spec.get("data", {}).get("max_seq_len", max_seq_len))
 
 
 def export(run_dir, out, fmt="hf", step=None, max_shard_mb=2048.0) -> Path:
@@ -176,7 +172,7 @@ def export(run_dir, out, fmt="hf", step=None, max_shard_mb=2048.0) -> Path:
     raw = yaml.safe_load(spec_file.read_text())
     cfg = _build(ModelConfig, raw["model"], "model")
     ckpt = _checkpoint(run_dir, step)
-    cfg, max_seq_len = checkpoint_rope(ckpt, cfg, int(raw.get("data", {}).get("max_seq_len", 0)))
+    cfg, max_seq_len = checkpoint_model(ckpt, cfg, int(raw.get("data", {}).get("max_seq_len", 0)))
     state = model_state(ckpt)
     if fmt == "torch":
         out.mkdir(parents=True, exist_ok=True)

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import importlib.util
+from pathlib import Path
 
 from seqshard.models.config import ModelConfig
 
@@ -18,6 +19,8 @@ from .spec import SpecError
 # train.<key>: value the wrap supports (each patches seqshard's Block/SwiGLU, which the wrap lacks)
 WRAP_TRAIN_DEFAULTS = {"activation_checkpointing": "none", "mlp_tiles": 1, "offload_activations": False}
 WRAP_SP_METHODS = ("none", "ulysses", "ring", "allgather", "usp")
+# config keys of heads a causal LM does not build (GPT-NeoX's classifier_dropout, GPT-2's summary_*)
+UNUSED_BY_CAUSAL_LM = ("classifier_dropout", "summary_first_dropout", "summary_proj_to_labels")
 # model keys only seqshard's own model code reads
 NATIVE_ONLY_KEYS = ("arch", "rope_theta", "norm_eps", "layer_pattern", "linear_attn", "qkv_bias", "qk_norm",
                     "rope_scaling")
@@ -47,6 +50,11 @@ def _check_wrap(spec, hf: dict):
     m, path = spec.model, spec.model.hf
     if importlib.util.find_spec("transformers") is None:
         raise SpecError("model.impl", "transformers is not installed: pip install 'seqshard[hf]'")
+    from transformers import CONFIG_MAPPING
+
+    if hf.get("model_type") not in CONFIG_MAPPING:
+        raise SpecError("model.hf", f"{path}/config.json: model_type {hf.get('model_type')!r} is not known to the "
+                        "installed transformers (upgrade it, or the folder is not a transformers model)")
     default = ModelConfig()
     for key in NATIVE_ONLY_KEYS:
         if getattr(m, key) != getattr(default, key):
@@ -56,6 +64,8 @@ def _check_wrap(spec, hf: dict):
         raise SpecError("model.hf", f"{path}/config.json: attn_logit_softcapping "
                         f"{hf['attn_logit_softcapping']} is not supported by seqshard attention")
     for key, value in sorted(hf.items()):
+        if key in UNUSED_BY_CAUSAL_LM:
+            continue
         if ("dropout" in key or "pdrop" in key) and isinstance(value, (int, float)) and value > 0:
             raise SpecError("model.hf", f"{path}/config.json: {key} {value} > 0; seqshard trains without "
                             "dropout (every layout must give the same loss): set it to 0")
@@ -72,9 +82,13 @@ def _check_wrap(spec, hf: dict):
 def check_hf(spec):
     if not spec.model.hf:
         return
-    from seqshard.models.hf import read_config
+    from seqshard.models.hf import HFError, weight_files, read_config
 
     hf = read_config(spec.model.hf)  # readable: resolve_hf_model read it already
+    try:
+        weight_files(Path(spec.model.hf))  # every shard present, before any rank loads
+    except HFError as err:
+        raise SpecError("model.hf", str(err)) from None
     _check_window(spec, hf)
     if spec.model.impl == "transformers":
         _check_wrap(spec, hf)

@@ -6,6 +6,7 @@ Every error is a :class:`SpecError` whose message names the key path and the rea
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,8 @@ class SpecError(ValueError):
     def __init__(self, path: str, reason: str):
         super().__init__(f"{path}: {reason}" if path else reason)
         self.path, self.reason = path, reason
+
+    exit_code = 2  # what the CLI exits with, also when the error was raised inside a guarded region
 
 
 @dataclass(frozen=True)
@@ -123,6 +126,9 @@ class TrainSpec:
     mlp_tiles: int = 1  # SwiGLU over sequence tiles; 1 = untiled, 0 = auto (ceil(tokens / dim))
     device_memory_gb: float = 0.0  # per-rank memory for the fit check (parallel/memory_model.py); 0 = skip
     eval_long: EvalLongSpec = field(default_factory=EvalLongSpec)  # loss by position, passkey retrieval
+    on_nonfinite: str = "stop"  # stop | skip: a step whose loss or gradient norm is not finite (train/guards.py)
+    max_nonfinite_in_row: int = 3  # skip: stop after this many non-finite steps in a row
+    keep_checkpoints: int = 0  # keep the newest N committed checkpoints (0 = keep all)
     stages: list = field(default_factory=list)  # [{steps, set: {key.path: value}}] (launch/stages.py)
 
 
@@ -193,6 +199,8 @@ def _coerce(value, tp, path):
           isinstance(value, int) and not isinstance(value, bool) if tp is int else isinstance(value, tp))
     if not ok:
         raise SpecError(path, f"expected {_TYPE_NAMES.get(tp, tp.__name__)}, got {value!r}")
+    if tp is float and not math.isfinite(value):
+        raise SpecError(path, f"must be a finite number, got {value!r}")
     return float(value) if tp is float else value
 
 
@@ -233,13 +241,30 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, except that a key given twice in one mapping is an error (plain YAML
+    keeps the last one silently, so a second ``train:`` section would erase the first)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first at line {seen[key] + 1})", key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_raw(path) -> dict:
     try:
         text = Path(path).read_text()
     except OSError as err:
         raise SpecError("", f"cannot read spec {path}: {err.strerror}") from None
+    except UnicodeDecodeError as err:
+        raise SpecError("", f"spec {path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

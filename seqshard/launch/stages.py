@@ -123,11 +123,3 @@ def stage_specs(spec, world_size: int | None = None) -> list:
             raise SpecError(f"train.stages[{i}]", f"with its set, {err}") from None
     return out
 
-
-def stage_ranges(spec) -> list[tuple[int, int]]:
-    """``(first, last)`` global steps (1-based, inclusive) of each stage."""
-    out, start = [], 0
-    for stage in spec.train.stages:
-        out.append((start + 1, start + stage["steps"]))
-        start += stage["steps"]
-    return out

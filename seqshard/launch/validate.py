@@ -1,7 +1,15 @@
 """Range and cross-field checks of a typed spec. Each failure is one :class:`SpecError` line."""
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 from .spec import SpecError
+
+MAX_TIMEOUT_S = 7 * 24 * 3600
+MAX_DIM = 2**24
+MAX_PARAMS = 10**13
+MAX_TOKENS = 2**31 - 1
 
 ARCHS = ("llama", "linear_llama", "hybrid")
 DECAYS = ("none", "fixed", "data")
@@ -29,6 +37,7 @@ def _check_model(m):
     _one_of("model.arch", m.arch, ARCHS)
     for key in ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size"):
         _positive(f"model.{key}", getattr(m, key))
+    _positive("model.attn_head_dim", m.attn_head_dim, 0)
     if m.dim % m.n_heads and not m.attn_head_dim:
         raise SpecError("model.dim", f"{m.dim} is not divisible by model.n_heads {m.n_heads}")
     if m.head_dim % 2:
@@ -103,6 +112,9 @@ def _check_parallel(p, m, world_size):
     if p.planner.max_phases not in (1, 2):
         raise SpecError("parallel.planner.max_phases", f"{p.planner.max_phases!r} is not 1 or 2")
     _positive("parallel.sp", p.sp)
+    if not 0 < p.planner.time_limit_s <= 60:
+        raise SpecError("parallel.planner.time_limit_s", f"must be in (0, 60] seconds per step, got "
+                        f"{p.planner.time_limit_s}")
     if world_size % p.sp:
         raise SpecError("parallel.sp", f"{p.sp} does not divide world size {world_size}")
     if p.sp_method == "none" and p.sp != 1:
@@ -156,8 +168,18 @@ def _check_train(t):
     _one_of("train.dtype", t.dtype, ("float32", "bfloat16"))
     _positive("train.log_every", t.log_every)
     _positive("train.checkpoint_every", t.checkpoint_every, 0)
-    if t.collective_timeout_s <= 0:
-        raise SpecError("train.collective_timeout_s", f"must be > 0, got {t.collective_timeout_s}")
+    if not 0 < t.collective_timeout_s <= MAX_TIMEOUT_S:
+        raise SpecError("train.collective_timeout_s", f"must be in (0, {MAX_TIMEOUT_S}] seconds (a week), "
+                        f"got {t.collective_timeout_s}")
+    for key in ("beta1", "beta2"):
+        if not 0 <= getattr(t, key) < 1:
+            raise SpecError(f"train.{key}", f"must be in [0, 1) (an Adam moment decay), got {getattr(t, key)}")
+    _one_of("train.on_nonfinite", t.on_nonfinite, ("stop", "skip"))
+    _positive("train.max_nonfinite_in_row", t.max_nonfinite_in_row)
+    _positive("train.keep_checkpoints", t.keep_checkpoints, 0)
+    if t.on_nonfinite == "skip" and t.engine == "deepspeed":
+        raise SpecError("train.on_nonfinite", "skip needs an engine that can drop an update; DeepSpeed applies it "
+                        "before the gradient norm is known: use stop, or train.engine: torch / fsdp2")
     _one_of("train.engine", t.engine, ("torch", "fsdp2", "deepspeed"))
     if t.zero_stage not in (0, 1, 2, 3):
         raise SpecError("train.zero_stage", f"{t.zero_stage} is not a ZeRO stage (0, 1, 2, 3)")
@@ -167,6 +189,37 @@ def _check_train(t):
         raise SpecError("train.ds_config", "only used with train.engine: deepspeed")
     if not t.output_dir:
         raise SpecError("train.output_dir", "must not be empty")
+    _check_output_dir(t.output_dir)
+
+
+def _check_output_dir(output_dir):
+    """The folder is a folder (or can be made one) that this user can write."""
+    path = Path(output_dir).absolute()
+    if path.exists() and not path.is_dir():
+        raise SpecError("train.output_dir", f"{output_dir} is a file, not a folder")
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise SpecError("train.output_dir", f"{existing} is a file, so {output_dir} cannot be created")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise SpecError("train.output_dir", f"{existing} is not writable by this user")
+
+
+def _check_sizes(spec):
+    """Values no run can have (a typo, an extra zero): refused before the memory model is asked."""
+    m, d = spec.model, spec.data
+    for key in ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size", "attn_head_dim"):
+        if getattr(m, key) > MAX_DIM:
+            raise SpecError(f"model.{key}", f"{getattr(m, key)} is beyond any model (at most {MAX_DIM})")
+    params = m.n_layers * (4 * m.dim * m.dim + 3 * m.dim * m.ffn_dim) + 2 * m.vocab_size * m.dim
+    if params > MAX_PARAMS:
+        raise SpecError("model.dim", f"the model would have about {params:.2e} parameters (more than "
+                        f"{MAX_PARAMS:.0e}); check model.dim, n_layers and ffn_dim")
+    for key in ("max_seq_len", "tokens_per_step", "micro_batch_tokens", "min_seq_len"):
+        if getattr(d, key) > MAX_TOKENS:
+            raise SpecError(f"data.{key}", f"{getattr(d, key)} tokens is beyond what positions and "
+                            f"cu_seqlens (int32 offsets per micro-batch) can index ({MAX_TOKENS})")
+    if spec.train.steps > 10**9:
+        raise SpecError("train.steps", f"{spec.train.steps} steps is beyond any run (at most 1e9)")
 
 
 def _check_launch(launch):
@@ -212,6 +265,7 @@ def _check_tokenizer_vocab(spec):
 def validate(spec, world_size: int):
     if spec.seed < 0:
         raise SpecError("seed", f"must be >= 0, got {spec.seed}")
+    _check_sizes(spec)
     _check_model(spec.model)
     _check_launch(spec.launch)
     _check_parallel(spec.parallel, spec.model, world_size)

@@ -26,6 +26,7 @@ ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 INDEX_FILE, SINGLE_FILE = "model.safetensors.index.json", "model.safetensors"
+BIN_INDEX_FILE, BIN_FILE = "pytorch_model.bin.index.json", "pytorch_model.bin"
 # Checkpoint entries that carry no parameter (old Llama exports saved the RoPE buffer).
 IGNORED = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
 
@@ -84,16 +85,21 @@ def _rope(hf: dict, path, head_dim: int, rope_theta=None, rope_scaling=None,
     if not params.get("rope_type") and hf.get("rope_scaling"):
         params.update(hf["rope_scaling"])
     max_pos = hf.get("max_position_embeddings")
-    where = f"{path}/config.json: rope_parameters"
+    if isinstance(rope_scaling, dict) and "rope_theta" in rope_scaling:  # transformers' form carries theta
+        rope_scaling = dict(rope_scaling)
+        inner = rope_scaling.pop("rope_theta")
+        if rope_theta is not None and float(inner) != float(rope_theta):
+            raise HFError(f"rope_scaling.rope_theta: {inner} disagrees with rope_theta={rope_theta}")
+        rope_theta = inner
     if rope_theta is not None:
-        theta, where = float(rope_theta), "rope_theta"
+        theta = float(rope_theta)
         if theta <= 0:
             raise HFError(f"rope_theta: must be > 0, got {rope_theta}")
+    where = f"{path}/config.json: rope_parameters" if rope_scaling is None else "rope_scaling"
     try:
         if rope_scaling is None:
             scaling = scaling_from_params(params, max_pos, strict=False)
         else:
-            where = "rope_scaling"
             scaling = rope_scaling if isinstance(rope_scaling, RopeScalingConfig) else \
                 scaling_from_params(dict(rope_scaling), max_pos, strict=True)
         if seq_len is not None and scaling.type in ("dynamic", "longrope"):
@@ -140,26 +146,41 @@ def config_from_hf(path, **rope_overrides) -> ModelConfig:
     return ModelConfig(**model_config_fields(path, **rope_overrides))
 
 
-def _weight_files(folder: Path) -> list[Path]:
-    index = folder / INDEX_FILE
-    if index.is_file():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        missing = [n for n in names if not (folder / n).is_file()]
-        if missing:
-            raise HFError(f"{folder}: shard(s) {', '.join(missing)} listed in {INDEX_FILE} are missing")
-        return [folder / n for n in names]
-    if (folder / SINGLE_FILE).is_file():
-        return [folder / SINGLE_FILE]
-    raise HFError(f"{folder}: no weights ({SINGLE_FILE} or {INDEX_FILE}); only safetensors are read")
+def weight_files(folder: Path) -> list[Path]:
+    """The folder's weight files: safetensors (one file or the shards of its index), else the
+    older ``pytorch_model.bin`` form (read with torch's ``weights_only`` loader: tensors only,
+    no code). Every shard an index lists must be present."""
+    for index_name, single_name in ((INDEX_FILE, SINGLE_FILE), (BIN_INDEX_FILE, BIN_FILE)):
+        index = folder / index_name
+        if index.is_file():
+            try:
+                names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            except (ValueError, KeyError, AttributeError) as err:
+                raise HFError(f"{index}: not a weight index ({type(err).__name__}: {err})") from None
+            missing = [n for n in names if not (folder / n).is_file()]
+            if missing:
+                raise HFError(f"{folder}: shard(s) {', '.join(missing)} listed in {index_name} are missing")
+            return [folder / n for n in names]
+        if (folder / single_name).is_file():
+            return [folder / single_name]
+    raise HFError(f"{folder}: no weights ({SINGLE_FILE}, {INDEX_FILE}, {BIN_FILE} or {BIN_INDEX_FILE})")
 
 
 def read_weights(path) -> dict[str, torch.Tensor]:
-    """Every tensor of the folder's safetensors file(s), by Hugging Face name."""
+    """Every tensor of the folder's weight file(s), by Hugging Face name."""
     from safetensors.torch import load_file
 
     out = {}
-    for file in _weight_files(Path(path)):
-        out.update(load_file(str(file)))
+    for file in weight_files(Path(path)):
+        if file.suffix == ".safetensors":
+            out.update(load_file(str(file)))
+            continue
+        try:
+            out.update(torch.load(file, map_location="cpu", weights_only=True))
+        except Exception as err:  # noqa: BLE001 - an unsafe or broken pickle: one line, no traceback
+            first = str(err).splitlines()[0] if str(err) else ""
+            raise HFError(f"{file}: cannot be read as plain tensors ({type(err).__name__}: {first}); "
+                          "convert it to safetensors") from None
     return out
 
 

@@ -44,6 +44,8 @@ def scaling_from_params(params: dict, max_position_embeddings: int | None = None
     original length from ``max_position_embeddings`` when params do not name one.
     """
     kind = rope_type(params)
+    if strict and "rope_theta" in params:
+        raise RopeError("rope_theta", "is not a scaling parameter: set model.rope_theta (from_hf: rope_theta=)")
     if kind not in TYPES:
         raise RopeError("type", f"{kind!r} is not a RoPE type seqshard models (known: default, "
                         f"{', '.join(TYPES[1:])})")

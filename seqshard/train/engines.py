@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 
@@ -53,10 +54,11 @@ class TorchEngine:
         if self.reducer is not None:
             self.reducer.finish()
         clip = self.spec.train.grad_clip if self.spec.train.grad_clip > 0 else float("inf")
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
-        self.optimizer.step()
+        norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
+        if math.isfinite(norm):  # a non-finite gradient is never applied (train/guards.py)
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(norm)
+        return norm
 
     def save(self, output_dir, step, trainer_state):
         if not self.spec.train.async_checkpoint:

@@ -16,6 +16,8 @@ micro-batches, so the repeats keep the group's SP collectives matched too.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
@@ -66,9 +68,11 @@ class FSDP2Engine(TorchEngine):
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
         if isinstance(norm, DTensor):
             norm = norm.full_tensor()
-        self.optimizer.step()
+        norm = float(norm)
+        if math.isfinite(norm):  # a non-finite gradient is never applied (train/guards.py)
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(norm)
+        return norm
 
 
 def equalize_micro_batches(local: list, padding=None) -> list[bool]:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import resource
 import sys
 import time
@@ -29,28 +30,64 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
+def parse_metrics(path) -> tuple[list[dict], list[str]]:
+    """The step records of a ``metrics.jsonl`` and a note for each line that is not one (a line
+    torn by a crash mid-write, named by file and 1-based line): such lines are skipped."""
+    records, bad = [], []
+    for number, line in enumerate(Path(path).read_text(errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if isinstance(record, dict) and isinstance(record.get("step"), int):
+            records.append(record)
+        else:
+            bad.append(f"{path} line {number}: not a complete JSON step record (skipped)")
+    return records, bad
+
+
 def read_metrics(output_dir) -> list[dict]:
+    """The step records of ``<output_dir>/metrics.jsonl`` (torn lines skipped with a warning)."""
     path = Path(output_dir) / "metrics.jsonl"
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records, bad = parse_metrics(path)
+    for note in bad:
+        logging.getLogger("seqshard").warning(note)
+    return records
 
 
 class MetricsWriter:
-    """One JSON object per optimizer step in ``<output_dir>/metrics.jsonl`` (rank 0 writes)."""
+    """One JSON object per optimizer step in ``<output_dir>/metrics.jsonl`` (rank 0 writes).
+
+    On resume the lines of steps after the checkpoint (they are trained again) move to
+    ``metrics.replaced.jsonl`` and the file is rewritten atomically: nothing is lost, and a line
+    torn by a crash is dropped with a warning naming it."""
 
     def __init__(self, output_dir, rank: int, keep_through: int = 0):
         """``keep_through``: on resume, keep the lines of steps <= the checkpoint's step."""
         self.file = None
-        if rank == 0:
-            path = Path(output_dir) / "metrics.jsonl"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            kept = []
-            if keep_through and path.exists():
-                kept = [ln for ln in path.read_text().splitlines()
-                        if ln.strip() and json.loads(ln)["step"] <= keep_through]
-            self.file = path.open("w")
-            self.file.writelines(ln + "\n" for ln in kept)
+        if rank != 0:
+            return
+        path = Path(output_dir) / "metrics.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if keep_through and path.exists():
+            records, bad = parse_metrics(path)
+            for note in bad:
+                logging.getLogger("seqshard").warning(note)
+            replaced = [r for r in records if r["step"] > keep_through]
+            if replaced:
+                with (path.parent / "metrics.replaced.jsonl").open("a") as f:
+                    f.writelines(json.dumps(r) + "\n" for r in replaced)
+            tmp = path.with_name(".metrics.jsonl.tmp")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in records if r["step"] <= keep_through))
+            os.replace(tmp, path)
+        elif path.exists() and path.stat().st_size:  # claim_output_dir allowed it: --resume found no checkpoint
+            with (path.parent / "metrics.replaced.jsonl").open("a") as f:
+                f.write(path.read_text())
+        self.file = path.open("a" if keep_through else "w")
 
     def write(self, metrics: dict):
         if self.file:

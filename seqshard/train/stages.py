@@ -13,12 +13,14 @@ full run of its own spec over its range of global steps, joined through checkpoi
   new length; ``pack``: the same next document, the previous stage's leftover pieces dropped);
   otherwise (``decompose``, or a change of ``data.batching``) the new stage starts the seed's stream
   afresh. Either way it is a function of the boundary checkpoint alone, hence of the seed.
-- ``--resume`` picks the stage holding the step after the newest complete checkpoint.
+- ``--resume`` picks the stage holding the step after the newest complete checkpoint. The spec a
+  checkpoint recorded is compared with the spec of the stage that saved it (train/rundir.py).
 - Every metrics row carries ``stage`` (0-based).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 WINDOW_STATE = {"epoch", "cursor", "offset"}
 PACK_STATE = {"epoch", "cursor", "carry"}
@@ -29,6 +31,7 @@ class Stage:
     index: int
     first: int  # first global step of the stage (1-based)
     last: int  # last global step, inclusive
+    previous: object = field(default=None, compare=False)  # the previous stage's Spec (None: first stage)
 
 
 def stages_of(spec) -> list[Stage]:
@@ -40,10 +43,24 @@ def stages_of(spec) -> list[Stage]:
 
 
 def _newest_step(output_dir) -> int:
-    from seqshard.dist.resume import complete_checkpoints
+    """The step of the newest complete checkpoint whose files are intact, as rank 0 sees it (every
+    rank starts the same stage; resume skips the damaged ones the same way)."""
+    import torch
+    import torch.distributed as dist
 
-    newest = complete_checkpoints(output_dir)
-    return int(newest[0].name.split("_")[-1]) if newest else 0
+    from seqshard.dist.resume import DamagedCheckpoint, complete_checkpoints, verify_checkpoint
+
+    found = 0
+    for path in complete_checkpoints(output_dir):
+        try:
+            verify_checkpoint(path)
+        except DamagedCheckpoint:
+            continue
+        found = int(path.name.split("_")[-1])
+        break
+    step = torch.tensor([found])
+    dist.broadcast(step, 0)
+    return int(step.item())
 
 
 def train_stages(spec, resume: bool, stop_after, train_fn) -> list[dict]:
@@ -61,6 +78,7 @@ def train_stages(spec, resume: bool, stop_after, train_fn) -> list[dict]:
     stop = stop_after or spec.train.steps
     history, first_run = [], True
     for stage, stage_spec in zip(stages_of(spec), specs):
+        stage = replace(stage, previous=specs[stage.index - 1] if stage.index else None)
         if stage.last <= done:
             continue
         if stage.first > stop:
@@ -82,8 +100,9 @@ def load_data_state(builder, state: dict, stage: Stage | None):
         builder.load_state_dict(state["data"])
         return
     if state["step"] != stage.first - 1:
-        raise RuntimeError(f"stage {stage.index} starts after step {stage.first - 1}, but the newest loadable "
-                           f"checkpoint is step {state['step']}; resume the run with --resume")
+        raise RuntimeError(f"stage {stage.index} starts after step {stage.first - 1}, but the newest checkpoint "
+                           f"that loads is step {state['step']}, of an earlier stage: move the newer ones that "
+                           "do not load out of checkpoints/, then --resume continues in that step's stage")
     mine, theirs = set(builder.state_dict()), set(state["data"])
     if mine == theirs == WINDOW_STATE:
         builder.load_state_dict(state["data"])
@@ -91,9 +110,10 @@ def load_data_state(builder, state: dict, stage: Stage | None):
         builder.load_state_dict({**state["data"], "carry": []})
 
 
-def rope_record(spec) -> dict:
-    """The RoPE a checkpoint was trained with (its stage's), for ``seqshard export``."""
-    from dataclasses import asdict
-
-    m = spec.model
-    return {"rope_theta": m.rope_theta, "rope_scaling": asdict(m.rope_scaling), "max_seq_len": spec.data.max_seq_len}
+def resume_reference(spec, stage: Stage | None, checkpoint) -> dict:
+    """The spec ``checkpoint`` should have recorded (train/rundir.py compares them): the running
+    spec's, or at ``stage``'s boundary the previous stage's."""
+    step = int(Path(checkpoint).name.split("_")[-1])
+    if stage is not None and stage.previous is not None and step < stage.first:
+        return stage.previous.to_dict()
+    return spec.to_dict()

@@ -19,23 +19,27 @@ import torch.distributed as dist
 from seqshard.data.batches import Row
 from seqshard.data.hf_tokenizer import load_tokenizer
 from seqshard.dist.bootstrap import DistEnv, init_distributed
+from seqshard.dist.cause import heartbeat, start_heartbeat, stop_heartbeat
 from seqshard.dist.comm_stats import COMM_LOG, record
 from seqshard.dist.guard import named_barrier, shared_failure
 from seqshard.dist.mesh import ParallelDims, build_mesh
+from seqshard.dist.checkpoint import prune_checkpoints
 from seqshard.dist.resume import resume_from_newest_loadable
 from seqshard.models import VarlenContext, build_model
 
 from .engines import build_engine
 from .evaluate import eval_due, evaluate, load_data
+from .guards import NonFiniteGuard, Preempted, Preemption
 from .fsdp import equal_micro_batches
 from .loggers import RunLoggers
 from .long_eval import TrainingLongEval
 from .logs import Progress, get_logger, peak_memory_mb
 from .memory import apply_memory_options
 from .oom import exit_on_oom, is_oom
+from .rundir import check_resume_spec, claim_output_dir, recorded_spec
 from .runinfo import describe_engine, engine_settings, run_config
 from .schedule import Schedule, lr_at as schedule_lr_at
-from .stages import load_data_state, rope_record, train_stages
+from .stages import load_data_state, resume_reference, train_stages
 
 if TYPE_CHECKING:  # the typed spec lives in launch/, a room above this one
     from seqshard.launch.spec import Spec
@@ -136,6 +140,7 @@ class Run:
     scatter: object  # StaticScatter | AdaptiveScatter
     schedule: Schedule = None
     held_out: object = None  # data.eval documents (evaluate.py), or None
+    preemption: object = None  # guards.Preemption while train() runs
 
 
 def setup(spec: Spec) -> Run:
@@ -158,6 +163,7 @@ def setup(spec: Spec) -> Run:
 def train_step(run: Run, step: int) -> dict:
     spec, engine = run.spec, run.engine
     start = time.perf_counter()
+    heartbeat(f"step {step}")
     COMM_LOG.reset()
     with shared_failure("step data"):
         batch = run.builder.next_batch()
@@ -179,23 +185,27 @@ def train_step(run: Run, step: int) -> dict:
             loss_sum += loss.detach().double().cpu()
     micro_batch_s = time.perf_counter() - loop_start
     grad_norm = engine.step()
-    slowest_loop_s = micro_batch_s
+    # one gather: the summed loss, the slowest rank's micro-batch loop (step predictions take the
+    # slowest group), each rank's peak memory (the max is reported, with its rank) and whether a
+    # preemption signal reached any rank (every rank then checkpoints this step)
+    mine = torch.tensor([loss_sum.item(), micro_batch_s, peak_memory_mb(run.device),
+                         float(run.preemption is not None and run.preemption.requested)], dtype=torch.float64)
+    every = mine.unsqueeze(0)
     if dist.get_world_size() > 1:  # one process sends nothing (its comm accounting stays 0)
-        # one gather: the summed loss, and the slowest rank's micro-batch loop (step predictions
-        # take the slowest group, metrics are rank 0's)
-        mine = torch.stack([loss_sum, torch.tensor(micro_batch_s, dtype=torch.float64)])
-        every = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
-        with record("all_gather.loss", 16 * len(every)):
-            dist.all_gather(every, mine)
-        every = torch.stack(every)
-        loss_sum, slowest_loop_s = every[:, 0].sum(), float(every[:, 1].max())
+        gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+        with record("all_gather.step", 32 * len(gathered)):
+            dist.all_gather(gathered, mine)
+        every = torch.stack(gathered)
+    loss_sum, slowest_loop_s = every[:, 0].sum(), float(every[:, 1].max())
+    peak_rank = int(every[:, 2].argmax())
     elapsed = time.perf_counter() - start
     comm = COMM_LOG.snapshot()
     return {"step": step, "loss": loss_sum.item() / n_loss, "tokens": batch.num_tokens,
             "loss_tokens": n_loss, "lr": lr, "grad_norm": grad_norm, "step_time_s": elapsed,
             "tokens_per_s": batch.num_tokens / elapsed, "micro_batch_s": micro_batch_s,
             "slowest_micro_batch_s": slowest_loop_s,
-            "peak_mem_mb": peak_memory_mb(run.device),
+            "peak_mem_mb": float(every[peak_rank, 2]), "peak_mem_rank": peak_rank,
+            "preempt": bool(every[:, 3].max() > 0),
             "comm_bytes": comm["total"]["bytes"], "comm_time_s": comm["total"]["seconds"],
             "compute_time_s": elapsed - comm["total"]["seconds"],
             "comm": {op: {"bytes": v["bytes"], "seconds": v["seconds"], "calls": v["calls"]}
@@ -205,7 +215,7 @@ def train_step(run: Run, step: int) -> dict:
 
 def _trainer_state(run: Run, step: int) -> dict:
     return {"step": step, "data": run.builder.state_dict(), "spec_name": run.spec.name,
-            "schedule": run.schedule.state_dict(), "rope": rope_record(run.spec)}
+            "schedule": run.schedule.state_dict(), "spec": run.spec.to_dict()}
 
 
 def write_run_info(run: Run):
@@ -228,31 +238,79 @@ def write_run_info(run: Run):
     (out / "spec.yaml").write_text(yaml.safe_dump(run.spec.to_dict(), sort_keys=False))
 
 
-def train(spec: Spec, resume: bool = False, stop_after: int | None = None, stage=None) -> list[dict]:
+def train(spec: Spec, resume: bool = False, stop_after: int | None = None, overwrite: bool = False) -> list[dict]:
     """Train per spec; returns the metrics of the steps run (every rank returns the same).
-    With ``train.stages``, runs them one by one; ``stage`` is the one this call runs (stages.py)."""
-    if spec.train.stages and stage is None:
-        return train_stages(spec, resume, stop_after, train)
+
+    Rank 0 holds the run folder's lock for the whole run (train/rundir.py); a folder that holds a
+    run needs ``resume`` (continue) or ``overwrite`` (start over). A preemption signal checkpoints
+    the current step and raises :class:`~seqshard.train.guards.Preempted`; a non-finite step
+    raises :class:`~seqshard.train.guards.NonFiniteError` under ``train.on_nonfinite: stop``."""
+    denv, _ = init_distributed(spec.train.collective_timeout_s)
+    log = get_logger(denv.rank)
+    lock = None
+    start_heartbeat()
+    try:
+        with shared_failure("run folder"):
+            if denv.rank == 0:
+                lock = claim_output_dir(spec.train.output_dir, resume, overwrite, log)
+        with Preemption() as preemption:
+            if spec.train.stages:  # one stage after another, under this lock (stages.py)
+                return train_stages(spec, resume, stop_after,
+                                    lambda s, **kw: _train(s, log=log, preemption=preemption, **kw))
+            return _train(spec, resume, stop_after, log, preemption)
+    finally:
+        stop_heartbeat()
+        if lock is not None:
+            lock.release()
+
+
+def _resume(run: Run, log, stage=None) -> int:
+    """Load the newest loadable checkpoint (if any) into ``run``; return its step (0: none).
+    ``stage`` (stages.py): at its first step the checkpoint is the previous stage's."""
+    spec = run.spec
+    recorded = recorded_spec(spec.train.output_dir)  # compared before loading: the error names the key
+    if recorded is not None:
+        safe = check_resume_spec(recorded[1], resume_reference(spec, stage, recorded[0]), recorded[0])
+        if safe:
+            log.warning("resume: changed since %s: %s", recorded[0].name, "; ".join(safe))
+    ckpt, state = resume_from_newest_loadable(spec.train.output_dir, run.engine.load,
+                                              log if run.denv.rank == 0 else None)
+    if ckpt is None:
+        return 0
+    load_data_state(run.builder, state, stage)
+    changed = run.schedule.load_state_dict(state.get("schedule", {}))
+    log.info("resumed from %s (step %d)", ckpt, state["step"])
+    if changed and (stage is None or state["step"] >= stage.first):  # a new stage may change the lr
+        log.warning("resume: the lr schedule differs from the checkpoint's: %s", "; ".join(changed))
+    return state["step"]
+
+
+def _save(run: Run, step: int, log):
+    spec = run.spec
+    heartbeat(f"checkpoint step {step}")
+    path = run.engine.save(spec.train.output_dir, step, _trainer_state(run, step))
+    log.info("checkpoint %s", path)
+    if spec.train.keep_checkpoints and run.denv.rank == 0:
+        for old in prune_checkpoints(spec.train.output_dir, spec.train.keep_checkpoints):
+            log.info("removed %s (train.keep_checkpoints %d)", old, spec.train.keep_checkpoints)
+    return path
+
+
+def _train(spec: Spec, resume: bool, stop_after: int | None, log, preemption, stage=None) -> list[dict]:
     run = setup(spec)
-    log = get_logger(run.denv.rank)
+    run.preemption = preemption
+    with shared_failure("resume"):
+        start_step = _resume(run, log, stage) if resume else 0
     if run.denv.rank == 0:
         write_run_info(run)
-    start_step = 0
-    ckpt, state = (resume_from_newest_loadable(spec.train.output_dir, run.engine.load,
-                                               log if run.denv.rank == 0 else None) if resume else (None, None))
-    if ckpt is not None:
-        load_data_state(run.builder, state, stage)
-        start_step = state["step"]
-        changed = run.schedule.load_state_dict(state.get("schedule", {}))
-        log.info("resumed from %s (step %d)", ckpt, start_step)
-        if changed:
-            log.warning("resume: the lr schedule differs from the checkpoint's: %s", "; ".join(changed))
     last = min(spec.train.steps, stop_after or spec.train.steps)
     long_eval = TrainingLongEval.for_run(run)  # train.eval_long: loss by position, passkey
     writer = RunLoggers(spec, run.denv.rank, run_config(spec, run.engine, run.denv.launcher), start_step)
     log.info("%s: world %d (dp %d x sp %d, %s), %d steps, launcher %s", spec.name, run.denv.world_size,
              run.mesh["dp"].size(), spec.parallel.sp, spec.parallel.sp_method, spec.train.steps, run.denv.launcher)
     log.info("%s, lr schedule %s", describe_engine(engine_settings(spec, run.engine)), spec.train.lr_schedule)
+    guard = NonFiniteGuard(spec.train.on_nonfinite, spec.train.max_nonfinite_in_row,
+                           engine_skips=spec.train.engine != "deepspeed")
     history = []
     with Progress(start_step, last, run.denv.rank) as bar:
         for step in range(start_step + 1, last + 1):
@@ -262,18 +320,28 @@ def train(spec: Spec, resume: bool = False, stop_after: int | None = None, stage
                 if not is_oom(err):
                     raise
                 exit_on_oom(err, step, spec.data.max_seq_len, run.denv.rank)
+            preempt = metrics.pop("preempt")
             metrics["stage"] = stage.index if stage else 0
-            if eval_due(spec, step, last):
-                metrics.update(evaluate(run, run.held_out))
-            if long_eval is not None:
-                metrics.update(long_eval(step, last))
-            history.append(metrics)
-            writer.write(metrics)
-            bar.update(metrics, log if step % spec.train.log_every == 0 else None)
+            try:
+                guard.check(metrics)
+            finally:  # the non-finite step is logged before the run stops on it
+                if eval_due(spec, step, last) and "nonfinite" not in metrics:
+                    metrics.update(evaluate(run, run.held_out))
+                if long_eval is not None and "nonfinite" not in metrics:
+                    metrics.update(long_eval(step, last))
+                history.append(metrics)
+                writer.write(metrics)
+                bar.update(metrics, log if step % spec.train.log_every == 0 else None)
             every = spec.train.checkpoint_every
-            if (every and step % every == 0) or step == last:
-                path = run.engine.save(spec.train.output_dir, step, _trainer_state(run, step))
-                log.info("checkpoint %s", path)
+            if (every and step % every == 0) or step == last or preempt:
+                path = _save(run, step, log)
+            if preempt:
+                if hasattr(run.engine, "finish_checkpoint"):
+                    run.engine.finish_checkpoint()
+                writer.close()
+                raise Preempted(f"preempted by {preemption.signal_name or 'a signal on another rank'} at step "
+                                f"{step}: checkpoint {path} saved {preemption.seconds_since():.1f} s after the "
+                                "signal; continue with --resume")
     if hasattr(run.engine, "finish_checkpoint"):
         run.engine.finish_checkpoint()  # an async save commits before the run ends
     writer.close()

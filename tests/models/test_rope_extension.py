@@ -69,3 +69,37 @@ def test_bad_rope_overrides_name_the_parameter(tmp_path):
             from_hf(tmp_path, rope_scaling=scaling)
     with pytest.raises(HFError, match=r"rope_theta: must be > 0"):
         from_hf(tmp_path, rope_theta=-1.0)
+    with pytest.raises(HFError, match=r"rope_scaling.rope_theta: 5.0 disagrees with rope_theta=6.0"):
+        from_hf(tmp_path, rope_theta=6.0, rope_scaling={"rope_type": "linear", "factor": 2.0, "rope_theta": 5.0})
+
+
+def test_rope_theta_inside_rope_scaling_is_used(tmp_path):
+    """transformers' rope_parameters carry rope_theta: from_hf takes it from there too."""
+    save_hf_model("llama", tmp_path)
+    inside = from_hf(tmp_path, rope_scaling={"rope_type": "linear", "factor": 2.0, "rope_theta": 5e5})
+    beside = from_hf(tmp_path, rope_theta=5e5, rope_scaling={"rope_type": "linear", "factor": 2.0})
+    assert inside.cfg.rope_theta == beside.cfg.rope_theta == 5e5
+    assert torch.equal(inside.layers[0].attn.inv_freq, beside.layers[0].attn.inv_freq)
+
+
+@pytest.mark.parametrize("case", ["yarn_mscale", "longrope"])
+def test_loss_and_gradients_with_an_attention_factor(case, tmp_path):
+    """The cos/sin amplitude is in the backward too: loss and every gradient equal transformers'."""
+    from seqshard.models.hf import hf_name
+    from tests.helpers.hf_models import per_document_reference
+
+    hf = save_hf_model("qwen2", tmp_path, **CASES[case])
+    tokens, positions = packed_tokens()
+    labels = torch.full_like(tokens, -100)
+    start = 0
+    for n in LENGTHS:  # every document is longer than ORIG: transformers uses long_factor for each
+        labels[start:start + n - 1] = tokens[start + 1:start + n]
+        start += n
+    ours = from_hf(tmp_path, seq_len=LONG)
+    loss = ours(tokens, positions, VarlenContext.from_lengths(LENGTHS), labels=labels)
+    loss.backward()
+    _, ref_loss = per_document_reference(hf, tokens, LENGTHS)
+    assert_rel_close(f"{case} loss", loss.detach(), ref_loss)
+    hf_params = dict(hf.named_parameters())
+    for name, p in ours.named_parameters():
+        assert_rel_close(f"{case} grad {name}", p.grad, hf_params[hf_name(name)].grad)

@@ -264,8 +264,8 @@ def test_an_earlier_stage_checkpoint_is_evaluated_with_its_own_rope(tmp_path):
     spec = small_spec(str(tmp_path), 1, HELD + ["model.rope_theta=160000.0", "data.max_seq_len=1024"])
     ckpt = tmp_path / "checkpoints" / "step_400"
     ckpt.mkdir(parents=True)
-    rope = {"rope_theta": 10000.0, "rope_scaling": {"type": "none"}, "max_seq_len": 512}
-    (ckpt / "trainer.json").write_text(json.dumps({"step": 400, "rope": rope}))
+    stage0 = small_spec(str(tmp_path), 1, HELD + ["data.max_seq_len=512"]).to_dict()  # theta 10000
+    (ckpt / "trainer.json").write_text(json.dumps({"step": 400, "spec": stage0}))
     mine, trained = checkpoint_spec(spec, ckpt, [])
     assert (mine.model.rope_theta, trained) == (10000.0, 512) and mine.data == spec.data
     theirs, _ = checkpoint_spec(spec, ckpt, ["model.rope_theta=160000.0"])  # asked for at eval time

@@ -1,10 +1,11 @@
 """``train.stages``: every stage validated up front (one SpecError naming ``train.stages[i]...``);
 a 2-stage run (length, theta and sp 1 -> sp 2 change) equals the same two runs done by hand with a
-resume between them, step for step; a resume in the middle of stage 2 is exact; metrics carry
-``stage``."""
+resume between them, step for step; a resume in the middle of stage 2 is exact, and so is one whose
+newest checkpoint is damaged (back to the stage boundary); metrics carry ``stage``."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -36,6 +37,19 @@ def by_hand_raw(output_dir, changes):
     return apply_overrides(raw, [f"{k}={v}" for k, v in changes.items()])
 
 
+def forget_recorded_spec(rank, checkpoint):
+    """--resume refuses a changed data.max_seq_len or model.rope_theta (train/rundir.py): to do the
+    stage change by hand, the checkpoint is made one that records no spec (as an older seqshard's)."""
+    import torch.distributed as dist
+
+    if rank == 0:
+        meta = Path(checkpoint) / "trainer.json"
+        state = json.loads(meta.read_text())
+        del state["spec"]
+        meta.write_text(json.dumps(state))
+    dist.barrier()
+
+
 def staged_runs(rank, world, root):
     from seqshard.train.trainer import train
 
@@ -45,6 +59,7 @@ def staged_runs(rank, world, root):
     out["stage"] = [m["stage"] for m in full]
     # by hand: stage 0's spec stopped at 3, then stage 1's spec resumed from that checkpoint
     first = train(from_dict(by_hand_raw(f"{root}/hand", STAGE0), world), stop_after=3)
+    forget_recorded_spec(rank, f"{root}/hand/checkpoints/step_3")
     rest = train(from_dict(by_hand_raw(f"{root}/hand", STAGE1), world), resume=True)
     out["hand"] = [m["loss"] for m in first + rest]
     # interrupted in the middle of stage 1 (after step 4), then --resume
@@ -53,6 +68,22 @@ def staged_runs(rank, world, root):
     out["cut"] = [m["loss"] for m in part + again]
     out["cut_steps"] = [m["step"] for m in part + again]
     return out
+
+
+def damaged_resume_runs(rank, world, root):
+    """The newest checkpoint (step 5, stage 1) damaged: --resume falls back to stage 0's last step."""
+    import torch.distributed as dist
+
+    from seqshard.train.trainer import train
+
+    full = train(from_dict(base_raw(f"{root}/full"), world))
+    part = train(from_dict(base_raw(f"{root}/damaged"), world), stop_after=5)
+    if rank == 0:
+        shard = sorted((Path(root) / "damaged/checkpoints/step_5").glob("*.distcp"))[0]
+        shard.write_bytes(shard.read_bytes()[:100])
+    dist.barrier()
+    again = train(from_dict(base_raw(f"{root}/damaged"), world), resume=True)
+    return [m["loss"] for m in full], [m["loss"] for m in part[:3] + again], [m["step"] for m in again]
 
 
 def test_two_stages_equal_two_runs_by_hand_and_resume_is_exact(tmp_path):
@@ -73,6 +104,12 @@ def test_two_stages_equal_two_runs_by_hand_and_resume_is_exact(tmp_path):
         assert main(["export", str(tmp_path / "full"), "--step", str(step), "--out", str(tmp_path / f"x{step}")]) == 0
         config = json.loads((tmp_path / f"x{step}" / "config.json").read_text())
         assert config["rope_parameters"] == {"rope_type": "default", "rope_theta": theta}
+
+
+def test_resume_over_a_damaged_checkpoint_goes_back_to_the_stage_boundary(tmp_path):
+    full, damaged, steps = run_ranks(2, damaged_resume_runs, str(tmp_path))[0]
+    assert steps == [4, 5, 6]
+    assert_losses_close(damaged, full, rel=1e-5)
 
 
 def test_stage_specs_apply_their_set(tmp_path):
@@ -157,5 +194,27 @@ def test_data_state_at_a_boundary_and_inside_a_stage():
     assert b.state == {"sampler": 0}
     load_data_state(b, {"step": 5, "data": {"sampler": 3}}, stage)  # inside the stage: exact
     assert b.state == {"sampler": 3}
-    with pytest.raises(RuntimeError, match="newest loadable checkpoint is step 2"):
+    with pytest.raises(RuntimeError, match="newest checkpoint that loads is step 2, of an earlier stage"):
         load_data_state(b, {"step": 2, "data": {}}, stage)
+
+
+def fsdp2_stage_runs(rank, world, root):
+    from seqshard.train.trainer import train
+
+    raw = base_raw(f"{root}/full")
+    raw["train"]["engine"] = "fsdp2"
+    full = train(from_dict(raw, world))
+    first, rest = by_hand_raw(f"{root}/hand", STAGE0), by_hand_raw(f"{root}/hand", STAGE1)
+    for r in (first, rest):
+        r["train"]["engine"] = "fsdp2"
+    hand = train(from_dict(first, world), stop_after=3)
+    forget_recorded_spec(rank, f"{root}/hand/checkpoints/step_3")
+    hand += train(from_dict(rest, world), resume=True)
+    return [m["loss"] for m in full], [m["loss"] for m in hand]
+
+
+@pytest.mark.slow
+def test_two_stages_under_fsdp2_reshard_dp2_to_sp2(tmp_path):
+    """FSDP2's sharded parameters and optimizer states move from dp 2 to dp 1 x sp 2 at the boundary."""
+    full, hand = run_ranks(2, fsdp2_stage_runs, str(tmp_path))[0]
+    assert_losses_close(full, hand, rel=1e-5)
