@@ -168,7 +168,9 @@ class _Capture:
 
 
 def _head_hook(model):
-    """(module, hook) that scores the hidden states reaching the LM head inside the forward."""
+    """(box, module, hook): ``hook`` on ``module`` scores the hidden states reaching the LM head inside
+    the forward against ``box.labels`` and leaves ``(losses, hits)`` in ``box.scores``. The model's
+    own fused loss still runs beside it (one more pass over the head's chunks)."""
     box = _Capture()
 
     def score(hidden, weight):
