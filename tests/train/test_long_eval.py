@@ -300,3 +300,27 @@ def test_staged_run_eval_of_the_first_stage_matches_its_in_training_eval(tmp_pat
         assert x["tokens"] == y["tokens"] and abs(x["loss"] - y["loss"]) <= REL * y["loss"], (x, y)
     other = json.loads((root / "eval" / "step30_theta1000.json").read_text())
     assert max(abs(x["loss"] - y["loss"]) for x, y in zip(other, after)) > 1e-3
+
+
+def test_every_invalid_mutation_of_the_example_is_one_line_naming_its_key():
+    """Each leaf of examples/extend_context.yaml (train.eval_long included) set to a wrong type or an
+    absurd value, or an unknown key beside it: one SpecError line naming it (tests/launch/test_bad_input.py)."""
+    import copy
+
+    from seqshard.launch.spec import apply_overrides, from_dict, load_raw
+    from tests.helpers.training import ROOT
+    from tests.launch.test_bad_input import _invalid_values, _leaves, _set
+
+    raw = load_raw(ROOT / "examples" / "extend_context.yaml")
+    cases = [(path, bad) for path, value in _leaves(raw) for bad in _invalid_values(value) if path != ("name",)]
+    assert any(path[:2] == ("train", "eval_long") for path, _ in cases)
+    for path, bad in cases:
+        for where in (path, path[:-1] + ("no_such_key",)):
+            mutated = copy.deepcopy(raw)
+            _set(mutated, where, bad)
+            dotted = ".".join(map(str, where))
+            with pytest.raises(SpecError) as caught:
+                from_dict(apply_overrides(mutated, []), 2)
+            err = caught.value
+            assert "\n" not in str(err) and (err.path == dotted or (err.path and dotted.startswith(err.path))), \
+                (dotted, bad, str(err))
