@@ -68,6 +68,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--step", type=int, help="checkpoint step (default: the newest complete one)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
                    help="override a key of the run's spec.yaml, e.g. --set data.eval.source=held_out/")
+    from .eval_cli import add_long_eval_args
+
+    add_long_eval_args(p)
     p = sub.add_parser("calibrate", help="fit the cost model's hardware profile on this machine",
                        description="Measure matmul FLOP/s and 2-process all-to-all bandwidth/latency here "
                        "and print (or save) a hardware profile for the adaptive planner and simulate.")
@@ -116,12 +119,13 @@ def cmd_train(args) -> int:
     from seqshard.train.trainer import train
 
     from seqshard.train.guards import NonFiniteError, Preempted
+    from seqshard.train.long_eval import LongEvalError
 
     if args.resume and args.overwrite:
         raise SpecError("--overwrite", "and --resume contradict each other: continue the run or start over")
     try:
         train(spec, resume=args.resume, stop_after=args.stop_after, overwrite=args.overwrite)
-    except (CheckpointMismatch, NonFiniteError, Preempted) as err:  # raised alike on every rank
+    except (CheckpointMismatch, NonFiniteError, Preempted, LongEvalError) as err:  # raised alike on every rank
         if _rank() == 0:
             label = "seqshard:" if isinstance(err, Preempted) else "seqshard: error:"
             print(f"{label} {err}", file=sys.stderr, flush=True)
@@ -165,10 +169,16 @@ def cmd_eval(args) -> int:
     if not (spec.data.eval.fraction or spec.data.eval.source):
         raise SpecError("data.eval", f"{run_dir}/spec.yaml has no held-out data; add --set "
                         "data.eval.source=PATH (or data.eval.fraction, if the run trained with that split)")
+    from .eval_cli import checkpoint_spec, long_eval_config, run_long_eval
+
+    long_cfg = long_eval_config(spec, args, _world_size_from_env())  # checked before any process group
     path = checkpoint_dir(run_dir, args.step)
     if path is None:
         raise SpecError("--step", f"no complete checkpoint {'step_%d ' % args.step if args.step else ''}"
                         f"under {run_dir}/checkpoints")
+    spec, trained_len = checkpoint_spec(spec, path, args.overrides)  # a staged run: the checkpoint's RoPE
+    if long_cfg is not None:
+        return run_long_eval(spec, path, long_cfg, args, trained_len)
     result = evaluate_checkpoint(spec, path)
     import torch.distributed as dist
 

@@ -79,6 +79,23 @@ class ParallelSpec:
 
 
 @dataclass(frozen=True)
+class PasskeySpec:
+    lengths: list = field(default_factory=list)  # context lengths in tokens; [] = no passkey retrieval
+    depths: list = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])  # needle depth, 0 = start
+    trials: int = 4  # keys per (length, depth)
+
+
+@dataclass(frozen=True)
+class EvalLongSpec:
+    """Long-context evaluation (train/long_eval.py): loss by position and passkey retrieval."""
+    every: int = 0  # steps between evaluations during training (0 = never; ``seqshard eval`` runs them)
+    bucket: int = 0  # loss by position: bucket width in tokens (0 = off)
+    max_len: int = 0  # tokens of each held-out document scored by position (0 = data.max_seq_len)
+    documents: int = 8  # held-out documents of at least max_len tokens
+    passkey: PasskeySpec = field(default_factory=PasskeySpec)
+
+
+@dataclass(frozen=True)
 class TrainSpec:
     steps: int = 100
     lr: float = 3.0e-3
@@ -108,6 +125,7 @@ class TrainSpec:
     offload_activations: bool = False  # checkpointed block inputs to host memory (CUDA; CPU: no-op)
     mlp_tiles: int = 1  # SwiGLU over sequence tiles; 1 = untiled, 0 = auto (ceil(tokens / dim))
     device_memory_gb: float = 0.0  # per-rank memory for the fit check (parallel/memory_model.py); 0 = skip
+    eval_long: EvalLongSpec = field(default_factory=EvalLongSpec)  # loss by position, passkey retrieval
     on_nonfinite: str = "stop"  # stop | skip: a step whose loss or gradient norm is not finite (train/guards.py)
     max_nonfinite_in_row: int = 3  # skip: stop after this many non-finite steps in a row
     keep_checkpoints: int = 0  # keep the newest N committed checkpoints (0 = keep all)
@@ -277,5 +295,5 @@ def load_spec(path, overrides=None, world_size: int | None = None) -> Spec:
 
 
 __all__ = ["Spec", "SpecError", "ModelConfig", "LinearAttnConfig", "DataSpec", "ParallelSpec",
-           "TrainSpec", "LaunchSpec", "EvalSpec", "SlurmSpec", "PlannerSpec", "CurriculumSpec",
+           "TrainSpec", "LaunchSpec", "EvalSpec", "EvalLongSpec", "PasskeySpec", "SlurmSpec", "PlannerSpec", "CurriculumSpec",
            "load_spec", "from_dict", "apply_overrides", "load_raw"]

@@ -274,6 +274,7 @@ def validate(spec, world_size: int):
     _check_engine(spec)
     from .datacheck import check_data
     from .hf_checks import check_hf
+    from .long_eval_checks import check_long_eval
     from .memory_checks import check_fits, check_memory_keys
     from .validate_extras import check_extras
 
@@ -283,3 +284,4 @@ def validate(spec, world_size: int):
     check_hf(spec)
     check_memory_keys(spec.train)
     check_fits(spec, world_size)
+    check_long_eval(spec, world_size)

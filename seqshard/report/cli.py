@@ -139,6 +139,9 @@ def cmd_report(args) -> int:
              peak_note, "formulas: see the docstring of seqshard/report/report.py (MFU with the causal "
              "attention term 6 * d * sum L_i^2 per softmax layer)", *args.note]
     written = report.write_report(rows, args.out, args.title, notes)
+    from .long_eval import add_to_report as add_long_eval
+
+    written.update({p.name: p for p in add_long_eval(args.out, args.runs)})  # runs with train.eval_long
     print(report.markdown_table(rows))
     if args.tokens:
         from .recommend import add_to_report, parse_tokens

@@ -32,6 +32,7 @@ from .evaluate import eval_due, evaluate, load_data
 from .guards import NonFiniteGuard, Preempted, Preemption
 from .fsdp import equal_micro_batches
 from .loggers import RunLoggers
+from .long_eval import TrainingLongEval
 from .logs import Progress, get_logger, peak_memory_mb
 from .memory import apply_memory_options
 from .oom import exit_on_oom, is_oom
@@ -303,6 +304,7 @@ def _train(spec: Spec, resume: bool, stop_after: int | None, log, preemption, st
     if run.denv.rank == 0:
         write_run_info(run)
     last = min(spec.train.steps, stop_after or spec.train.steps)
+    long_eval = TrainingLongEval.for_run(run)  # train.eval_long: loss by position, passkey
     writer = RunLoggers(spec, run.denv.rank, run_config(spec, run.engine, run.denv.launcher), start_step)
     log.info("%s: world %d (dp %d x sp %d, %s), %d steps, launcher %s", spec.name, run.denv.world_size,
              run.mesh["dp"].size(), spec.parallel.sp, spec.parallel.sp_method, spec.train.steps, run.denv.launcher)
@@ -325,6 +327,8 @@ def _train(spec: Spec, resume: bool, stop_after: int | None, log, preemption, st
             finally:  # the non-finite step is logged before the run stops on it
                 if eval_due(spec, step, last) and "nonfinite" not in metrics:
                     metrics.update(evaluate(run, run.held_out))
+                if long_eval is not None and "nonfinite" not in metrics:
+                    metrics.update(long_eval(step, last))
                 history.append(metrics)
                 writer.write(metrics)
                 bar.update(metrics, log if step % spec.train.log_every == 0 else None)
