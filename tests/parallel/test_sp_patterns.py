@@ -1,0 +1,47 @@
+"""Issue #29: windows, soft-caps, chunks and sinks under every SP method on real gloo ranks,
+against the dense single-device reference (fp32, forward and every gradient), and the windowed
+ring's bytes against the analytic minimum."""
+import pytest
+
+from tests.helpers.ranks import run_ranks
+from tests.parallel.sp_pattern_checks import check_method_patterns, check_usp_patterns, measure_window_ring_bytes
+
+# (document lengths, heads, kv heads, causal, pattern): windows shorter than a rank's chunk and
+# longer than it, a soft-cap with sinks, chunks, a two-sided window without causality
+CASES_2 = [
+    ([3, 41, 1, 27], 4, 2, True, dict(window_size=(6, 0))),
+    ([50], 4, 2, True, dict(window_size=(17, -1), softcap=4.0, sinks=True)),
+    ([30, 9], 4, 1, True, dict(chunk_size=8)),
+    ([23, 18], 4, 4, False, dict(window_size=(5, 3))),
+    ([19, 12], 4, 2, True, dict(softcap=3.0, sinks=True)),
+]
+CASES_4 = [
+    ([70, 5], 4, 2, True, dict(window_size=(9, 0), sinks=True)),
+    ([64], 8, 2, True, dict(chunk_size=16, softcap=2.0)),
+]
+METHODS = [("ulysses", "stream"), ("ulysses", "zigzag"), ("allgather", "zigzag"), ("allgather", "contiguous"),
+           ("ring", "zigzag"), ("ring", "contiguous"), ("ring", "stream")]
+
+
+@pytest.mark.parametrize("method,layout", METHODS)
+def test_patterns_two_ranks(method, layout):
+    assert all(run_ranks(2, check_method_patterns, method, CASES_2, layout))
+
+
+@pytest.mark.parametrize("method,layout", [("ulysses", "zigzag"), ("allgather", "zigzag"), ("ring", "zigzag"),
+                                           ("ring", "contiguous")])
+def test_patterns_four_ranks(method, layout):
+    assert all(run_ranks(4, check_method_patterns, method, CASES_4, layout))
+
+
+def test_patterns_usp_2x2():
+    assert all(run_ranks(4, check_usp_patterns, 2, CASES_4 + CASES_2[:2], "zigzag"))
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+def test_window_ring_sends_only_the_window(layout):
+    """W << L: each rank sends the keys inside other ranks' windows, nothing else (<= 1.05x the
+    brute-force minimum, and far below the full ring)."""
+    for sent, minimum, full_ring in run_ranks(4, measure_window_ring_bytes, 1024, 32, layout, 2, 8):
+        assert sent <= 1.05 * minimum, (sent, minimum)
+        assert sent <= full_ring / 10, (sent, full_ring)
