@@ -67,10 +67,18 @@ def model_state(ckpt: Path) -> dict[str, torch.Tensor]:
     return state["model"]
 
 
+PATTERN_KEYS = ("layer_types", "sliding_window", "sliding_window_pattern", "attn_chunk_size", "attn_softcap",
+                "final_softcap", "attn_scale", "local_rope_theta", "attn_sinks", "block")
+
+
 def hf_config(cfg: ModelConfig) -> dict:
     """config.json: the source checkpoint's when the run came from one, else a LlamaConfig's."""
     if cfg.hf:
         return json.loads((Path(cfg.hf) / "config.json").read_text())
+    patterned = [k for k in PATTERN_KEYS if getattr(cfg, k) != getattr(ModelConfig(), k)]
+    if patterned:  # a LlamaConfig would drop them (DESIGN.md invariant 10)
+        raise SpecError(f"model.{patterned[0]}", "a LlamaConfig cannot carry this attention pattern; "
+                        "export with --format torch")
     out = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": cfg.dim,
            "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
            "num_key_value_heads": cfg.n_kv_heads, "intermediate_size": cfg.ffn_dim,
@@ -129,7 +137,7 @@ def export_hf(state: dict, cfg: ModelConfig, tokenizer: str, out: Path, max_shar
         return
     if cfg.arch != "llama":
         raise SpecError("model.arch", f"{cfg.arch} has no Hugging Face counterpart; use --format torch")
-    tensors = {hf_name(k): v for k, v in state.items()
+    tensors = {hf_name(k, cfg.block): v for k, v in state.items()
                if not (cfg.tie_embeddings and k == "lm_head.weight")}
     out.mkdir(parents=True, exist_ok=True)
     write_safetensors(tensors, out, max_shard_bytes)

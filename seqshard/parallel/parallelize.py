@@ -21,28 +21,28 @@ class SPContext:
     ring_group: Any = None  # usp only
 
 
-def _ulysses(q, k, v, ctx):
+def _ulysses(q, k, v, ctx, **pattern):
     from .ulysses import ulysses_attention
 
-    return ulysses_attention(q, k, v, ctx.plan, ctx.group, causal=True)
+    return ulysses_attention(q, k, v, ctx.plan, ctx.group, causal=True, **pattern)
 
 
-def _allgather(q, k, v, ctx):
+def _allgather(q, k, v, ctx, **pattern):
     from .allgather import allgather_attention
 
-    return allgather_attention(q, k, v, ctx.plan, ctx.group, causal=True)
+    return allgather_attention(q, k, v, ctx.plan, ctx.group, causal=True, **pattern)
 
 
-def _ring(q, k, v, ctx):
+def _ring(q, k, v, ctx, **pattern):
     from .ring import ring_attention
 
-    return ring_attention(q, k, v, ctx.plan, ctx.group, causal=True)
+    return ring_attention(q, k, v, ctx.plan, ctx.group, causal=True, **pattern)
 
 
-def _usp(q, k, v, ctx):
+def _usp(q, k, v, ctx, **pattern):
     from .usp import usp_attention
 
-    return usp_attention(q, k, v, ctx.plan, (ctx.ulysses_group, ctx.ring_group), causal=True)
+    return usp_attention(q, k, v, ctx.plan, (ctx.ulysses_group, ctx.ring_group), causal=True, **pattern)
 
 
 def _lasp1(q, k, v, g, ctx):

@@ -74,16 +74,16 @@ class _MixerStash:
             self.mode = None
 
     def wrap(self, fn):
-        def mixer(*args):
+        def mixer(*args, **kwargs):  # kwargs: the layer's attention pattern (window, softcap, sinks)
             if self.mode == "replay":  # same value; a leaf so the recompute saves what forward did
                 out = self.outputs.pop(0)
                 return out.detach().requires_grad_(out.requires_grad)
             if self.mode == "record":
                 with saved_tensors_hooks(_identity, _identity):  # keep the mixer's saved tensors
-                    out = fn(*args)
+                    out = fn(*args, **kwargs)
                 self.outputs.append(out)
                 return out
-            return fn(*args)
+            return fn(*args, **kwargs)
 
         mixer.seqshard_inner = fn
         return mixer

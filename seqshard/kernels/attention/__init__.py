@@ -114,9 +114,11 @@ class _FlashAttention(torch.autograd.Function):
 
 def attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seqlen_k=None,
               causal=False, softmax_scale=None, return_lse=False, window_size=(-1, -1), softcap=0.0,
-              chunk_size=None, sinks=None):
-    """``flash_attn_varlen_func``-compatible varlen attention (see ``reference.py`` and ``masks.py``)."""
-    pattern = dict(window_size=tuple(window_size), softcap=softcap, chunk_size=chunk_size)
+              chunk_size=None, sinks=None, q_pos=None, k_pos=None):
+    """``flash_attn_varlen_func``-compatible varlen attention (see ``reference.py`` and ``masks.py``);
+    ``q_pos`` / ``k_pos`` (int ``[total_q]`` / ``[total_k]``, positions in the document) replace
+    the bottom-right alignment where a caller holds queries and keys of different spans."""
+    pattern = dict(window_size=tuple(window_size), softcap=softcap, chunk_size=chunk_size, q_pos=q_pos, k_pos=k_pos)
     if _impl(q) == "reference":
         return attention_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                    causal=causal, softmax_scale=softmax_scale, return_lse=return_lse,
