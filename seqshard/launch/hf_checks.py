@@ -24,7 +24,8 @@ WRAP_SP_METHODS = ("none", "ulysses", "ring", "allgather", "usp")
 # model keys only seqshard's own model code reads
 NATIVE_ONLY_KEYS = ("arch", "rope_theta", "norm_eps", "layer_pattern", "linear_attn", "qkv_bias", "qk_norm",
                     "rope_scaling", "layer_types", "sliding_window", "sliding_window_pattern", "attn_chunk_size",
-                    "attn_softcap", "final_softcap", "attn_scale", "local_rope_theta", "attn_sinks", "block")
+                    "attn_softcap", "final_softcap", "attn_scale", "local_rope_theta", "attn_sinks", "block",
+                    "embed_padding_idx")
 
 
 PATTERN_KEYS = ("layer_types", "sliding_window", "sliding_window_pattern", "attn_chunk_size", "attn_softcap",

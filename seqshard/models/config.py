@@ -55,6 +55,7 @@ class ModelConfig:
     local_rope_theta: float = 0.0  # RoPE theta of sliding layers, unscaled (Gemma 3); 0: rope_theta
     attn_sinks: bool = False  # a learned sink logit per query head (GPT-OSS)
     block: str = "llama"  # llama | gemma: (1 + w) norms, post-attention/MLP norms, GeLU-tanh, sqrt(dim) embed
+    embed_padding_idx: int = -1  # an embedding row that gets no gradient (HF's padding_idx); -1: none
 
     @property
     def head_dim(self) -> int:

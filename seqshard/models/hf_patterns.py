@@ -111,7 +111,8 @@ def gemma_config_fields(hf: dict, path, arch: str) -> dict:
                   vocab_size=int(hf["vocab_size"]), norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
                   tie_embeddings=bool(hf.get("tie_word_embeddings", True)), qkv_bias=False,
                   qk_norm=family == "gemma3", attn_head_dim=0 if head_dim * n_heads == dim else head_dim,
-                  hf=str(path), hf_arch=arch, block="gemma")
+                  hf=str(path), hf_arch=arch, block="gemma",
+                  embed_padding_idx=-1 if hf.get("pad_token_id") is None else int(hf["pad_token_id"]))
     fields.update(_gemma_rope(hf, path, family))
     fields.update(attention_fields(hf, path))
     fields.setdefault("attn_scale", head_dim ** -0.5)

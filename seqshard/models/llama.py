@@ -171,7 +171,8 @@ class Decoder(nn.Module):
     def __init__(self, cfg: ModelConfig, mixers: list[nn.Module]):
         super().__init__()
         self.cfg = cfg
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+        pad = cfg.embed_padding_idx if cfg.embed_padding_idx >= 0 else None
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim, padding_idx=pad)
         self.layers = nn.ModuleList(Block(cfg, m) for m in mixers)
         self.norm = (GemmaRMSNorm if cfg.block == "gemma" else RMSNorm)(cfg.dim, cfg.norm_eps)
         self.lm_head = LMHead(cfg.dim, cfg.vocab_size, cfg.final_softcap)

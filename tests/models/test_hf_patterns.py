@@ -22,8 +22,11 @@ def rel_err(got, ref):
     return float((got - ref).abs().max() / ref.abs().max().clamp_min(1e-6))
 
 
-def parity(family, folder, lengths, seed=1, **overrides):
-    """Max relative errors of logits, loss and every gradient, seqshard vs transformers."""
+def parity(family, folder, lengths, seed=1, chunk=0, **overrides):
+    """Max relative errors of logits, loss and every gradient, seqshard vs transformers (with
+    ``chunk``, transformers gets the chunked causal mask explicitly)."""
+    from tests.parallel.test_hf_patterns_sp import chunk_mask
+
     hf = save_hf_model(family, folder, **overrides)
     ours = from_hf(folder)
     tokens = torch.randint(0, 300, (sum(lengths),), generator=torch.Generator().manual_seed(seed))
@@ -39,7 +42,8 @@ def parity(family, folder, lengths, seed=1, **overrides):
     loss.backward()
     errs, ref_loss, start = {"logits": 0.0}, 0.0, 0
     for n in lengths:  # transformers runs each document alone
-        out = hf(input_ids=tokens[None, start:start + n], labels=tokens[None, start:start + n])
+        kw = {"attention_mask": chunk_mask(n, chunk)} if chunk else {}
+        out = hf(input_ids=tokens[None, start:start + n], labels=tokens[None, start:start + n], **kw)
         errs["logits"] = max(errs["logits"], rel_err(logits[start:start + n], out.logits[0].detach()))
         ref_loss = ref_loss + out.loss * (n - 1)
         start += n
@@ -57,6 +61,13 @@ def test_windowed_import_matches_transformers(family, tmp_path):
     errs = parity(family, tmp_path, [40, 9, 27])
     worst = max(errs, key=errs.get)
     assert errs[worst] <= RTOL, f"{family} {worst}: max rel error {errs[worst]:.2e}"
+
+
+def test_chunked_import_matches_transformers_with_the_chunk_mask(tmp_path):
+    errs = parity("llama", tmp_path, [40, 9, 27], chunk=8, attention_chunk_size=8,
+                  layer_types=["chunked_attention", "chunked_attention"])
+    worst = max(errs, key=errs.get)
+    assert errs[worst] <= RTOL, f"chunked {worst}: max rel error {errs[worst]:.2e}"
 
 
 def test_imported_patterns(tmp_path):
