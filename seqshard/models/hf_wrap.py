@@ -14,9 +14,10 @@ every shard. No ``[L, L]`` mask is built: the ``seqshard`` implementation has no
 transformers passes ``attention_mask=None``.
 
 The loss is summed over the shard's labels like the native model's: through the fused
-``linear_cross_entropy`` on the last hidden states when the model's logits are a plain
-``hidden @ lm_head.weight.T`` (checked once, on a few tokens, when the model is built), else from
-the model's own logits otherwise.
+``linear_cross_entropy`` on the last hidden states when the model's logits are
+``cap(scale * (hidden @ lm_head.weight.T + bias))`` with the head's bias, the config's
+``logit_scale`` and ``final_logit_softcapping`` (checked once, on a few tokens, when the model is
+built), else from the model's own logits.
 
 Attention patterns: transformers hands each layer's ``sliding_window`` (``W`` tokens, itself
 included: ``window_size=(W - 1, 0)``), ``softcap``, ``scaling`` and GPT-OSS's sink logits
@@ -153,17 +154,34 @@ class HFWrap(nn.Module):
             kw["seqshard_ctx"] = ctx
         return kw
 
+    def _head_terms(self) -> dict:
+        """The output head as ``linear_cross_entropy`` keywords: its bias, the config's logit scale
+        (Cohere) and final soft-cap (Gemma 2/3)."""
+        head, cfg = self.hf.get_output_embeddings(), self.hf.config
+        terms = {"bias": head.bias} if getattr(head, "bias", None) is not None else {}
+        if getattr(cfg, "logit_scale", None):
+            terms["logit_scale"] = float(cfg.logit_scale)
+        if getattr(cfg, "final_logit_softcapping", None):
+            terms["softcap"] = float(cfg.final_logit_softcapping)
+        return terms
+
     @torch.no_grad()
     def _logits_are_plain_linear(self) -> bool:
+        """Whether the model's logits are ``cap(scale * (hidden @ W.T + b))`` with the terms of
+        ``_head_terms`` (checked on a few tokens), so the fused loss can stand in for them."""
         head = self.hf.get_output_embeddings()
-        if not isinstance(head, nn.Linear) or head.bias is not None:
+        if not isinstance(head, nn.Linear):
             return False
+        terms = self._head_terms()
         tokens = torch.arange(8, device=head.weight.device) % self.hf.config.vocab_size
         args = (tokens, torch.arange(8, device=tokens.device), VarlenContext.from_lengths([8], tokens.device))
         with self._context(args[2]):
             h = self.hf.base_model(**self._kwargs(*args)).last_hidden_state[0]
             logits = self.hf(**self._kwargs(*args)).logits[0]
-        return torch.allclose(F.linear(h, head.weight), logits, rtol=1e-5, atol=1e-6)
+        ours = F.linear(h, head.weight, terms.get("bias")) * terms.get("logit_scale", 1.0)
+        if terms.get("softcap"):
+            ours = torch.tanh(ours / terms["softcap"]) * terms["softcap"]
+        return torch.allclose(ours, logits, rtol=1e-5, atol=1e-6)
 
     @contextmanager
     def _context(self, ctx):
@@ -185,7 +203,7 @@ class HFWrap(nn.Module):
         if labels is not None and self.fused_loss:
             h = self.hf.base_model(**kw).last_hidden_state[0]
             return linear_cross_entropy(h, self.hf.get_output_embeddings().weight, labels,
-                                        ignore_index=-100, reduction="sum")
+                                        ignore_index=-100, reduction="sum", **self._head_terms())
         logits = self.hf(**kw).logits[0]  # [T, vocab]
         if labels is None:
             return logits

@@ -69,7 +69,7 @@ def save_tokenizer(folder, vocab_size: int = 300, files: int = 20):
 
 # Causal LMs the native import does not cover, for the generic wrap (model.impl: transformers):
 # Gemma (sqrt(dim) embedding scale, (1 + w) RMSNorm, GeLU MLP, tied head, head_dim != dim / heads)
-# and Phi (LayerNorm, partial RoPE, parallel attention + MLP, lm_head bias: the unfused loss path).
+# and Phi (LayerNorm, partial RoPE, parallel attention + MLP, lm_head bias in the fused loss).
 WRAP_FAMILIES = {
     "gemma": ("GemmaConfig", "GemmaForCausalLM", dict(head_dim=24)),
     "phi": ("PhiConfig", "PhiForCausalLM", dict(partial_rotary_factor=0.5, layer_norm_eps=1e-5)),
