@@ -29,6 +29,8 @@ def compare_pattern(rank, world, run, case, layout, tag):
     ref_sinks = sinks.clone().requires_grad_() if with_sinks else None
     ref = attention_reference(*ref_in, cu, cu, causal=causal, sinks=ref_sinks, **pattern)
     ref.backward(dout)
+    plain = attention_reference(q, k, v, cu, cu, causal=causal)
+    assert (ref.detach() - plain).abs().max() > 1e-3, f"{pattern}: the case cannot tell a dropped pattern"
     plan = ShardPlan.build(cu.tolist(), world, layout)
     local = [plan.shard(t, rank).requires_grad_() for t in (q, k, v)]
     local_sinks = sinks.clone().requires_grad_() if with_sinks else None
