@@ -6,9 +6,9 @@ spec (one SpecError line each).
   ``model.layer_types`` that is not F/S/C, a count that is not ``n_layers``, a sliding or chunked
   layer without its size, a pattern on a model whose token mixers are not softmax attention.
 - The generic wrap (``impl: transformers``) runs transformers' own layers with seqshard's attention
-  and loss only: the options that patch seqshard's own blocks, chunked attention (transformers
-  builds it as a mask the wrap never gets), dropout and the model keys only the native model reads
-  are refused.
+  and loss (activation checkpointing, offload and the tiled MLP apply to its decoder layers too):
+  chunked attention (transformers builds it as a mask the wrap never gets), dropout and the model
+  keys only the native model reads are refused.
 """
 from __future__ import annotations
 
@@ -18,8 +18,6 @@ from seqshard.models.config import LAYER_LETTERS, ModelConfig
 
 from .spec import SpecError
 
-# train.<key>: value the wrap supports (each patches seqshard's Block/SwiGLU, which the wrap lacks)
-WRAP_TRAIN_DEFAULTS = {"activation_checkpointing": "none", "mlp_tiles": 1, "offload_activations": False}
 WRAP_SP_METHODS = ("none", "ulysses", "ring", "allgather", "usp")
 # model keys only seqshard's own model code reads
 NATIVE_ONLY_KEYS = ("arch", "rope_theta", "norm_eps", "layer_pattern", "linear_attn", "qkv_bias", "qk_norm",
@@ -83,11 +81,6 @@ def _check_wrap(spec, hf: dict):
     if spec.parallel.sp_method not in WRAP_SP_METHODS:
         raise SpecError("parallel.sp_method", f"{spec.parallel.sp_method} is not available with model.impl: "
                         f"transformers (use one of {', '.join(WRAP_SP_METHODS)})")
-    t = spec.train
-    for key, value in WRAP_TRAIN_DEFAULTS.items():
-        if getattr(t, key) != value:
-            raise SpecError(f"train.{key}", f"{getattr(t, key)!r} patches seqshard's own blocks; with "
-                            f"model.impl: transformers use {value!r} (or model.impl: native)")
 
 
 def check_hf(spec):

@@ -43,9 +43,10 @@ def test_generic_wrap_spec_and_refusals(tmp_path):
     m = from_dict(_wrap(tmp_path / "gemma"), world_size=1).model
     assert (m.impl, m.hf_arch, m.head_dim, m.n_heads, m.tie_embeddings) == ("transformers", "GemmaForCausalLM",
                                                                              24, 4, True)
+    # the memory options apply to the wrap's decoder layers too (#29)
+    from_dict(_wrap(tmp_path / "gemma", train__activation_checkpointing="selective", train__mlp_tiles=0,
+                    train__offload_activations=True), world_size=1)
     cases = {
-        "train.activation_checkpointing": dict(train__activation_checkpointing="selective"),
-        "train.mlp_tiles": dict(train__mlp_tiles=0),
         "parallel.sp_method": dict(parallel__sp_method="adaptive", parallel__max_sp=2),
     }
     for path, sections in cases.items():
