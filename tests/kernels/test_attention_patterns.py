@@ -1,6 +1,7 @@
 """Sliding windows, soft-capping, chunked attention and sinks (issue #29) on every attention path:
 the dense reference against the definition, then blockwise, the CPU dispatch and the Triton
-dispatch against the reference, forward (out, lse) and backward (dq, dk, dv, dsinks)."""
+kernels (under TRITON_INTERPRET=1, no fallback allowed) against the reference, forward (out, lse)
+and backward (dq, dk, dv, dsinks)."""
 import math
 
 import pytest
@@ -103,6 +104,15 @@ def _oracle(q, k, v, dout, sinks, cu_q, cu_k, causal, pat):
 def test_paths_match_reference(monkeypatch, kernels, case):
     if kernels == "triton":
         pytest.importorskip("triton")
+        import sys
+
+        dispatch = sys.modules["seqshard.kernels.attention"]  # the package (its name is shadowed by the function)
+
+        def no_fallback(*args, **kwargs):
+            raise AssertionError("the Triton path fell back to blockwise")
+
+        monkeypatch.setattr(dispatch, "blockwise_attention_forward", no_fallback)
+        monkeypatch.setattr(dispatch, "blockwise_attention_backward", no_fallback)
     monkeypatch.setenv("SEQSHARD_KERNELS", kernels)
     lq, lk, heads, kv, causal, pat = CASES[case]
     q, k, v, dout, sinks, cu_q, cu_k = make(lq, lk, heads, kv)
@@ -149,7 +159,7 @@ def test_window_blocks_cost_linear_in_length():
     for n in (4096, 8192, 16384):
         pos = torch.arange(n)
         cost[n] = sum((r1 - r0) * (k1 - k0) for r0, r1, k0, k1, _ in _doc_blocks(pos, pos, 4, mask))
-        assert cost[n] <= n * (256 + 256), f"{n}: {cost[n]} scores for window 256"
+        assert cost[n] <= n * (64 + 256), f"{n}: {cost[n]} scores for window 256"
     assert cost[16384] <= 4.2 * cost[4096], cost  # 4x the length, 4x the work
 
 

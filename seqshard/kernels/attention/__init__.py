@@ -9,10 +9,11 @@
 
 Attention patterns (``masks.py``): ``window_size=(left, right)``, ``softcap`` (flash-attn's
 names and semantics), ``chunk_size`` (Llama 4) and ``sinks`` (GPT-OSS, one logit per query head).
-Sinks work on every path (they are folded into the merged out and lse). Windows, chunks and
-soft-capping are done by the blockwise path wherever the Triton or CPU flash kernel would run
-(neither kernel has them): blockwise skips the key blocks outside a window, so the cost stays
-O(L * W), on any device. Nothing is dropped: every path honours every pattern.
+Sinks work on every path (they are folded into the merged out and lse). The Triton kernels take
+windows, chunks and soft-caps natively (skipping tiles outside the window); PyTorch's CPU flash
+kernel has none of them, so on CPU those calls run the blockwise path, which also skips the key
+blocks outside a window: O(L * W) everywhere. Calls with explicit positions (ring's block pairs)
+run blockwise. Nothing is dropped: every path honours every pattern.
 
 - ``attention(...)``: differentiable; ``return_lse=True`` also returns the fp32 lse ``[H, total_q]``.
 - ``attention_forward`` / ``attention_backward``: the no-autograd block pair ring attention
@@ -39,7 +40,7 @@ def _impl(q, mask: Mask | None = None, positioned: bool = False) -> str:
         return "reference"
     fancy = positioned or (mask is not None and not mask.plain)
     if use_triton(q):
-        return "blockwise" if fancy else "triton"
+        return "blockwise" if positioned else "triton"
     if os.environ.get("SEQSHARD_KERNELS") == "blockwise" or fancy:
         return "blockwise"
     return "flash_cpu" if q.device.type == "cpu" and HAS_CPU_FLASH else "blockwise"
@@ -54,7 +55,7 @@ def attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, ma
     if impl == "triton":
         from .triton_fa import triton_attention_forward
 
-        out, lse = triton_attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, softmax_scale)
+        out, lse = triton_attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, softmax_scale, mask)
     elif impl == "flash_cpu":
         out, lse = flash_cpu_attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, softmax_scale)
     elif impl == "blockwise":
@@ -77,7 +78,7 @@ def attention_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_
         from .triton_fa import triton_attention_backward
 
         grads = triton_attention_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, causal,
-                                          softmax_scale)
+                                          softmax_scale, mask)
     elif impl == "flash_cpu":
         grads = flash_cpu_attention_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, causal,
                                              softmax_scale)

@@ -29,12 +29,13 @@ def _doc_blocks(pq, pk, n_heads, mask: Mask):
     """``(r0, r1, k0, k1, visible)``: query rows ``[r0, r1)`` of a document, the key columns
     ``[k0, k1)`` they can see, and their ``[rows, k1 - k0]`` boolean mask (None: all visible).
     Blocks wholly outside the window or chunk are never produced; with a band of width W the
-    query blocks are at most ``max(64, W)`` rows, so a document costs O(L * W) time and memory."""
+    query blocks are at most ``max(64, W / 4)`` rows (each reads at most rows + W keys), so a
+    document costs O(L * W) time and O(W^2) score memory, whatever its length."""
     lq, lk = len(pq), len(pk)
     span = min(lk, mask.band) if mask.band else lk
     rows = max(16, SCORE_BUDGET_BYTES // max(1, 4 * n_heads * span))
     if mask.band:
-        rows = min(rows, max(MIN_BAND_ROWS, mask.band))
+        rows = min(rows, max(MIN_BAND_ROWS, mask.band // 4))
     pq_list, pk_list = pq.tolist(), pk.tolist()
     q_sorted = all(x <= y for x, y in zip(pq_list, pq_list[1:]))
     k_sorted = all(x <= y for x, y in zip(pk_list, pk_list[1:]))
