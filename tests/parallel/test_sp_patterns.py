@@ -19,8 +19,10 @@ CASES_4 = [
     ([70, 5], 4, 2, True, dict(window_size=(9, 0), sinks=True)),
     ([64], 8, 2, True, dict(chunk_size=16, softcap=2.0)),
 ]
-METHODS = [("ulysses", "stream"), ("ulysses", "zigzag"), ("allgather", "zigzag"), ("allgather", "contiguous"),
-           ("ring", "zigzag"), ("ring", "contiguous"), ("ring", "stream")]
+SLOW = pytest.mark.slow  # the default suite keeps one layout per method (two for ring)
+METHODS = [("ulysses", "stream"), pytest.param("ulysses", "zigzag", marks=SLOW), ("allgather", "zigzag"),
+           pytest.param("allgather", "contiguous", marks=SLOW), ("ring", "zigzag"), ("ring", "contiguous"),
+           pytest.param("ring", "stream", marks=SLOW)]
 
 
 @pytest.mark.parametrize("method,layout", METHODS)
@@ -28,8 +30,9 @@ def test_patterns_two_ranks(method, layout):
     assert all(run_ranks(2, check_method_patterns, method, CASES_2, layout))
 
 
-@pytest.mark.parametrize("method,layout", [("ulysses", "zigzag"), ("allgather", "zigzag"), ("ring", "zigzag"),
-                                           ("ring", "contiguous")])
+@pytest.mark.parametrize("method,layout", [pytest.param("ulysses", "zigzag", marks=SLOW),
+                                           pytest.param("allgather", "zigzag", marks=SLOW), ("ring", "zigzag"),
+                                           pytest.param("ring", "contiguous", marks=SLOW)])
 def test_patterns_four_ranks(method, layout):
     assert all(run_ranks(4, check_method_patterns, method, CASES_4, layout))
 
@@ -38,7 +41,7 @@ def test_patterns_usp_2x2():
     assert all(run_ranks(4, check_usp_patterns, 2, CASES_4 + CASES_2[:2], "zigzag"))
 
 
-@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+@pytest.mark.parametrize("layout", [pytest.param("contiguous", marks=SLOW), "zigzag"])
 def test_window_ring_sends_only_the_window(layout):
     """W << L: each rank sends the keys inside other ranks' windows, nothing else (<= 1.05x the
     brute-force minimum, and far below the full ring)."""
