@@ -34,8 +34,9 @@ def test_every_kernel_path_honours_the_pattern(monkeypatch, kernels, pattern):
 
 def test_every_sp_callable_takes_the_pattern_keywords():
     from seqshard.models.context import causal_varlen_attention
+    from seqshard.parallel.adaptive import adaptive_attention
 
-    for name, fn in [*SOFTMAX_METHODS.items(), ("default", causal_varlen_attention)]:
+    for name, fn in [*SOFTMAX_METHODS.items(), ("default", causal_varlen_attention), ("adaptive", adaptive_attention)]:
         params = inspect.signature(fn).parameters
         assert any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()), name
 
