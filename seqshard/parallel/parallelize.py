@@ -1,7 +1,8 @@
 """``parallelize(model, mesh, cfg)``: install sequence-parallel attention into an unchanged model.
 
 Softmax layers (modules with ``attention_fn``) get the spec's SP method; linear-attention layers
-(modules with ``linear_attention_fn``) get LASP. Every installed callable reads the step's
+(modules with ``linear_attention_fn``) get LASP. Each softmax callable passes the layer's attention
+pattern (``window_size``, ``softcap``, ``chunk_size``, ``softmax_scale``, ``sinks``) to its method. Every installed callable reads the step's
 :class:`SPContext` (the ShardPlan of the micro-batch and the groups) that the trainer's sharder
 builds, so the model itself never touches torch.distributed (DESIGN.md invariant 1).
 """

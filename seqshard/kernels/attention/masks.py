@@ -11,7 +11,8 @@ Semantics follow ``flash_attn_varlen_func`` (flash-attn >= 2.6):
   (Llama 4's chunked local attention), on top of causal / window.
 - ``sinks``: one learned logit per query head that joins every row's softmax denominator and
   carries no value (GPT-OSS). It is applied after the blocks are merged (``apply_sinks``), so
-  block-wise and ring paths add it exactly once; its gradient is
+  block-wise and ring paths add it exactly once (a returned lse includes it; a row that sees no
+  key returns 0 with lse = sink); its gradient is
   ``-sum_rows exp(sink - lse) * rowsum(dO * O)`` (``sinks_grad``).
 
 Ring attention computes block pairs whose queries and keys are not aligned bottom-right; it passes
