@@ -48,3 +48,9 @@ def test_window_ring_sends_only_the_window(layout):
     for sent, minimum, full_ring in run_ranks(4, measure_window_ring_bytes, 1024, 32, layout, 2, 8):
         assert sent <= 1.05 * minimum, (sent, minimum)
         assert sent <= full_ring / 10, (sent, full_ring)
+
+
+def test_ulysses_uneven_heads_cut_the_sinks_right():
+    """3 ranks, 4 query heads (2/1/1 by the uneven all-to-all): each rank's sinks are its heads'."""
+    cases = [([23, 9], 4, 2, True, dict(window_size=(5, 0), sinks=True))]
+    assert all(run_ranks(3, check_method_patterns, "ulysses", cases, "stream"))
