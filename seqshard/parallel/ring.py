@@ -20,7 +20,7 @@ from seqshard.kernels.attention import attention_backward, attention_forward
 from seqshard.kernels.attention.masks import apply_sinks, make_mask, sinks_grad
 
 from .comm import graph_anchor, ring_exchange
-from .ring_window import window_ring_attention
+from .ring_window import merge_block, window_ring_attention
 
 
 def _ranges(spans, device):
@@ -65,16 +65,6 @@ def _call(q_spans, k_spans, q_lens, k_lens, causal, device):
     return _ranges(q_spans, device), _ranges(k_spans, device), cu_q, cu_k, max(q_lens), max(k_lens), causal
 
 
-def _merge(out, lse, idx, o, block_lse):
-    """Fold a block's (o, lse) into the running fp32 accumulators of rows ``idx``."""
-    old = lse[:, idx]
-    new = torch.logaddexp(old, block_lse)
-    w_old = torch.exp(old - new).nan_to_num(0.0).t().unsqueeze(-1)  # [rows, H, 1]
-    w_new = torch.exp(block_lse - new).nan_to_num(0.0).t().unsqueeze(-1)
-    out[idx] = out[idx] * w_old + o.float() * w_new
-    lse[:, idx] = new
-
-
 class _RingAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, sinks, plan, group, causal, scale, softcap, _anchor):
@@ -88,7 +78,7 @@ class _RingAttention(torch.autograd.Function):
                 nxt, wait = ring_exchange(kv, group, "ring.kv")
             for qi, ki, cu_q, cu_k, mq, mk, c in calls[j]:
                 o, blse = attention_forward(q[qi], kv[0][ki], kv[1][ki], cu_q, cu_k, mq, mk, c, scale, softcap=softcap)
-                _merge(out, lse, qi, o, blse)
+                merge_block(out, lse, qi, o, blse)
             if j < world - 1:
                 kv = wait()
         if sinks is not None:

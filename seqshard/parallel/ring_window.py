@@ -160,12 +160,17 @@ def _block(out, lse, q, block, call, causal, scale, pattern):
     qi, ki, cu_q, cu_k, q_pos, k_pos = (t.to(q.device) for t in call)
     o, blse = attention_forward(q[qi], block[0][ki], block[1][ki], cu_q, cu_k, None, None, causal, scale,
                                 q_pos=q_pos, k_pos=k_pos, **pattern)
-    old = lse[:, qi]
-    new = torch.logaddexp(old, blse)
+    merge_block(out, lse, qi, o, blse)
+
+
+def merge_block(out, lse, idx, o, block_lse):
+    """Fold a block's (o, lse) into the running fp32 accumulators of rows ``idx``."""
+    old = lse[:, idx]
+    new = torch.logaddexp(old, block_lse)
     w_old = torch.exp(old - new).nan_to_num(0.0).t().unsqueeze(-1)  # [rows, H, 1]
-    w_new = torch.exp(blse - new).nan_to_num(0.0).t().unsqueeze(-1)
-    out[qi] = out[qi] * w_old + o.float() * w_new
-    lse[:, qi] = new
+    w_new = torch.exp(block_lse - new).nan_to_num(0.0).t().unsqueeze(-1)
+    out[idx] = out[idx] * w_old + o.float() * w_new
+    lse[:, idx] = new
 
 
 def window_ring_attention(q, k, v, plan, group, mask: Mask, softmax_scale=None, sinks=None):
