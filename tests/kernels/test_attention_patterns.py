@@ -187,3 +187,19 @@ def test_bf16_patterns_match_the_fp32_reference(monkeypatch, kernels, case):
     close("lse", lse, ref_lse, 3e-2)
     for name, got, want in zip(("dq", "dk", "dv", "dsinks"), grads, ref_grads):
         close(name, got, want, 3e-2)
+
+
+def test_a_window_wider_than_every_document_runs_the_fast_kernel(monkeypatch):
+    """Mistral's 4K window on 2K documents hides nothing: the CPU flash kernel runs (exact)."""
+    import sys
+
+    dispatch = sys.modules["seqshard.kernels.attention"]
+    q, k, v, dout, _, cu, _ = make([30, 12], [30, 12], 2, 1)
+    want = attention_reference(q, k, v, cu, cu, causal=True)
+    for name in ("blockwise_attention_forward", "blockwise_attention_backward"):
+        monkeypatch.setattr(dispatch, name, lambda *a, **kw: (_ for _ in ()).throw(AssertionError("blockwise")))
+    monkeypatch.setenv("SEQSHARD_KERNELS", "auto")
+    out = attention(q, k, v, cu, cu, causal=True, window_size=(4095, 0))
+    torch.testing.assert_close(out, want, rtol=2e-5, atol=2e-5)
+    with pytest.raises(AssertionError, match="blockwise"):  # a window that cuts still goes blockwise
+        attention(q, k, v, cu, cu, causal=True, window_size=(20, 0))

@@ -31,7 +31,7 @@ import torch
 from ..dispatch import HAS_TRITON, use_reference, use_triton
 from .blockwise import blockwise_attention_backward, blockwise_attention_forward
 from .flash_cpu import HAS_CPU_FLASH, flash_cpu_attention_backward, flash_cpu_attention_forward
-from .masks import Mask, apply_sinks, make_mask, sinks_grad
+from .masks import Mask, apply_sinks, make_mask, sinks_grad, without_unreachable_band
 from .reference import attention_backward_reference, attention_forward_reference, attention_reference
 
 
@@ -46,11 +46,22 @@ def _impl(q, mask: Mask | None = None, positioned: bool = False) -> str:
     return "flash_cpu" if q.device.type == "cpu" and HAS_CPU_FLASH else "blockwise"
 
 
+def _effective(causal, window_size, chunk_size, softcap, cu_seqlens_q, cu_seqlens_k, q_pos):
+    """The call's mask, a window wider than every document dropped (exact: it hides nothing there,
+    and the plain kernels are faster), and its flash-attn keywords."""
+    mask = make_mask(causal, window_size, chunk_size, softcap)
+    if mask.banded and q_pos is None and len(cu_seqlens_k) > 1:
+        longest = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max() + (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).max())
+        mask = without_unreachable_band(mask, longest)
+    return mask, (mask.left, mask.right), mask.softcap, mask.chunk or None
+
+
 def attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seqlen_k=None,
                       causal=False, softmax_scale=None, *, window_size=(-1, -1), softcap=0.0, chunk_size=None,
                       sinks=None, q_pos=None, k_pos=None):
     """One block's ``(out, lse)``; sinks (if any) folded in."""
-    mask = make_mask(causal, window_size, chunk_size, softcap)
+    mask, window_size, softcap, chunk_size = _effective(causal, window_size, chunk_size, softcap, cu_seqlens_q,
+                                                        cu_seqlens_k, q_pos)
     impl = _impl(q, mask, q_pos is not None)
     if impl == "triton":
         from .triton_fa import triton_attention_forward
@@ -72,7 +83,8 @@ def attention_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_
                        max_seqlen_k=None, causal=False, softmax_scale=None, *, window_size=(-1, -1), softcap=0.0,
                        chunk_size=None, sinks=None, q_pos=None, k_pos=None):
     """``(dq, dk, dv)`` of one block from the final out and lse; ``(dq, dk, dv, dsinks)`` with sinks."""
-    mask = make_mask(causal, window_size, chunk_size, softcap)
+    mask, window_size, softcap, chunk_size = _effective(causal, window_size, chunk_size, softcap, cu_seqlens_q,
+                                                        cu_seqlens_k, q_pos)
     impl = _impl(q, mask, q_pos is not None)
     if impl == "triton":
         from .triton_fa import triton_attention_backward

@@ -98,6 +98,19 @@ def make_mask(causal=False, window_size=(-1, -1), chunk_size=None, softcap=0.0) 
     return Mask(bool(causal), left, right, chunk, softcap)
 
 
+def without_unreachable_band(mask: Mask, span: int) -> Mask:
+    """``mask`` without a window that cannot hide any key when no query-key distance reaches
+    ``span`` (bottom-right documents: the longest query plus the longest key run): such a call is
+    plain attention, which the fast kernels run. Exact, never an approximation. Chunks stay."""
+    if not mask.banded:
+        return mask
+    left_free = mask.left < 0 or mask.left >= span
+    right_free = mask.causal or mask.right < 0 or mask.right >= span
+    if left_free and right_free and mask.chunk == 0:
+        return Mask(mask.causal, -1, 0 if mask.causal else -1, 0, mask.softcap)
+    return mask
+
+
 def default_positions(lq: int, lk: int, device=None):
     """Bottom-right aligned positions of one document: ``(q_pos [Lq], k_pos [Lk])``."""
     return torch.arange(lk - lq, lk, device=device), torch.arange(lk, device=device)
