@@ -80,13 +80,15 @@ def _chunk_size(vocab: int, budget_bytes: int = 64 * 2**20) -> int:
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, ignore_index, reduction, chunk):
+    def forward(ctx, hidden, weight, labels, ignore_index, reduction, chunk, bias=None, logit_scale=1.0,
+                softcap=0.0):
         tokens = hidden.shape[0]
         count = int((labels != ignore_index).sum())
         denom = max(count, 1) if reduction == "mean" else 1
-        need_grad = hidden.requires_grad or weight.requires_grad
+        need_grad = hidden.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
         d_hidden = torch.zeros_like(hidden, dtype=torch.float32) if need_grad else None
         d_weight = torch.zeros_like(weight, dtype=torch.float32) if need_grad else None
+        d_bias = torch.zeros_like(bias, dtype=torch.float32) if need_grad and bias is not None else None
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         w = weight.float()
         step = _softmax_step_triton if use_triton(hidden) else _softmax_step_reference
@@ -94,24 +96,43 @@ class _LinearCrossEntropy(torch.autograd.Function):
             end = min(tokens, start + chunk)
             h = hidden[start:end].float()
             logits = h @ w.t()  # [chunk, vocab], becomes d loss / d logits in place
+            if bias is not None:
+                logits += bias.float()
+            if logit_scale != 1.0:
+                logits *= logit_scale
+            tanh = None
+            if softcap:  # logits -> softcap * tanh(logits / softcap); keep tanh for its derivative
+                tanh = torch.tanh(logits / softcap)
+                logits = tanh * softcap
             loss += step(logits, labels[start:end], ignore_index, 1.0 / denom, need_grad).sum()
             if need_grad:
+                if tanh is not None:
+                    logits *= 1.0 - tanh * tanh
+                if logit_scale != 1.0:
+                    logits *= logit_scale
                 d_hidden[start:end] = logits @ w
                 d_weight += logits.t() @ h
-        ctx.save_for_backward(d_hidden, d_weight)
-        ctx.dtypes = (hidden.dtype, weight.dtype)
+                if d_bias is not None:
+                    d_bias += logits.sum(0)
+        ctx.save_for_backward(d_hidden, d_weight, d_bias)
+        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         return loss / denom
 
     @staticmethod
     def backward(ctx, grad_loss):
-        d_hidden, d_weight = ctx.saved_tensors
+        d_hidden, d_weight, d_bias = ctx.saved_tensors
+        d_bias = None if d_bias is None else (d_bias * grad_loss).to(ctx.dtypes[2])
         return ((d_hidden * grad_loss).to(ctx.dtypes[0]), (d_weight * grad_loss).to(ctx.dtypes[1]),
-                None, None, None, None)
+                None, None, None, None, d_bias, None, None)
 
 
-def linear_cross_entropy(hidden, weight, labels, ignore_index=-100, reduction="sum", chunk_size=None):
-    """``cross_entropy(hidden @ weight.T, labels)`` with ``reduction`` sum or mean, chunked.
-    hidden ``[T, D]``, weight ``[V, D]``, labels ``[T]`` (``ignore_index`` rows carry no loss)."""
+def linear_cross_entropy(hidden, weight, labels, ignore_index=-100, reduction="sum", chunk_size=None, bias=None,
+                         logit_scale=1.0, softcap=0.0):
+    """``cross_entropy(cap(logit_scale * (hidden @ weight.T + bias)), labels)`` with ``reduction``
+    sum or mean, chunked; ``cap(z) = softcap * tanh(z / softcap)`` when ``softcap > 0`` (Gemma's
+    final logits), the identity otherwise. hidden ``[T, D]``, weight ``[V, D]``, bias ``[V]`` or
+    None, labels ``[T]`` (``ignore_index`` rows carry no loss)."""
     assert reduction in ("sum", "mean"), reduction
     chunk = chunk_size or _chunk_size(weight.shape[0])
-    return _LinearCrossEntropy.apply(hidden, weight, labels, ignore_index, reduction, chunk)
+    return _LinearCrossEntropy.apply(hidden, weight, labels, ignore_index, reduction, chunk, bias,
+                                     float(logit_scale), float(softcap or 0.0))

@@ -67,6 +67,10 @@ def model_state(ckpt: Path) -> dict[str, torch.Tensor]:
     return state["model"]
 
 
+PATTERN_KEYS = ("layer_types", "sliding_window", "sliding_window_pattern", "attn_chunk_size", "attn_softcap",
+                "final_softcap", "attn_scale", "local_rope_theta", "attn_sinks", "block")
+
+
 def hf_config(cfg: ModelConfig, max_seq_len: int = 0) -> dict:
     """config.json: the source checkpoint's when the run came from one, else a LlamaConfig's; either
     way with the run's RoPE (``rope_parameters``, overrides included) and a
@@ -79,6 +83,10 @@ def hf_config(cfg: ModelConfig, max_seq_len: int = 0) -> dict:
         for key in ("rope_scaling", "rope_theta"):  # transformers 5 prefers rope_scaling over rope_parameters
             out.pop(key, None)
     else:
+        patterned = [k for k in PATTERN_KEYS if getattr(cfg, k) != getattr(ModelConfig(), k)]
+        if patterned:  # a LlamaConfig would drop them (DESIGN.md invariant 10)
+            raise SpecError(f"model.{patterned[0]}", "a LlamaConfig cannot carry this attention pattern; "
+                            "export with --format torch")
         out = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": cfg.dim,
                "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
                "num_key_value_heads": cfg.n_kv_heads, "intermediate_size": cfg.ffn_dim,
@@ -86,7 +94,13 @@ def hf_config(cfg: ModelConfig, max_seq_len: int = 0) -> dict:
                "head_dim": cfg.head_dim, "tie_word_embeddings": cfg.tie_embeddings,
                "max_position_embeddings": 4096, "attention_bias": False, "mlp_bias": False}
     rs = cfg.rope_scaling
-    out["rope_parameters"] = to_hf_params(cfg.rope_theta, rs)
+    params = out.get("rope_parameters")
+    if isinstance(params, dict) and params and all(isinstance(v, dict) for v in params.values()):
+        # per layer type (Gemma 3: full and sliding layers with their own theta): the run's RoPE is
+        # the full-attention layers'; the local layers keep theirs (model.local_rope_theta)
+        params["full_attention"] = to_hf_params(cfg.rope_theta, rs)
+    else:
+        out["rope_parameters"] = to_hf_params(cfg.rope_theta, rs)
     if "original_max_position_embeddings" in out:  # a top-level one wins in transformers (Phi-3 style)
         out["original_max_position_embeddings"] = rs.original_max_position_embeddings
     out["max_position_embeddings"] = hf_max_positions(rs, max_seq_len, int(out.get("max_position_embeddings") or 0))
@@ -138,7 +152,7 @@ def export_hf(state: dict, cfg: ModelConfig, tokenizer: str, out: Path, max_shar
         return
     if cfg.arch != "llama":
         raise SpecError("model.arch", f"{cfg.arch} has no Hugging Face counterpart; use --format torch")
-    tensors = {hf_name(k): v for k, v in state.items()
+    tensors = {hf_name(k, cfg.block): v for k, v in state.items()
                if not (cfg.tie_embeddings and k == "lm_head.weight")}
     out.mkdir(parents=True, exist_ok=True)
     write_safetensors(tensors, out, max_shard_bytes)

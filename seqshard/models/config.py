@@ -4,6 +4,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
+LAYER_LETTERS = {"F": "full_attention", "S": "sliding_attention", "C": "chunked_attention"}
+
+
 @dataclass(frozen=True)
 class LinearAttnConfig:
     decay: str = "none"  # none | fixed | data
@@ -50,7 +53,30 @@ class ModelConfig:
     hf: str = ""  # a local Hugging Face model folder: weights and the keys above come from it
     impl: str = "native"  # native (seqshard's model code) | transformers (generic wrap)
     hf_arch: str = ""  # the checkpoint's architecture (e.g. LlamaForCausalLM), for export
+    # attention patterns per layer (issue #29); the defaults keep every layer full causal
+    layer_types: str = ""  # one letter per layer: F full, S sliding window, C chunked ("" = see layer_type)
+    sliding_window: int = 0  # sliding layers see their last `sliding_window` tokens, themselves included
+    sliding_window_pattern: int = 0  # with no layer_types: every n-th layer full, the others sliding
+    attn_chunk_size: int = 0  # chunked layers: a token sees only its own chunk (Llama 4)
+    attn_softcap: float = 0.0  # attention scores -> softcap * tanh(scores / softcap) (Gemma 2)
+    final_softcap: float = 0.0  # the same on the output logits (Gemma 2 and 3)
+    attn_scale: float = 0.0  # softmax scale; 0: head_dim ** -0.5 (Gemma: query_pre_attn_scalar ** -0.5)
+    local_rope_theta: float = 0.0  # RoPE theta of sliding layers, unscaled (Gemma 3); 0: rope_theta
+    attn_sinks: bool = False  # a learned sink logit per query head (GPT-OSS)
+    block: str = "llama"  # llama | gemma: (1 + w) norms, post-attention/MLP norms, GeLU-tanh, sqrt(dim) embed
+    embed_padding_idx: int = -1  # an embedding row that gets no gradient (HF's padding_idx); -1: none
 
     @property
     def head_dim(self) -> int:
         return self.attn_head_dim or self.dim // self.n_heads
+
+    def layer_type(self, i: int) -> str:
+        """Attention kind of layer ``i``: ``layer_types``, else ``sliding_window_pattern``, else
+        sliding everywhere when ``sliding_window`` is set (Mistral), chunked with a chunk size."""
+        if self.layer_types:
+            return LAYER_LETTERS[self.layer_types[i]]
+        if self.sliding_window and self.sliding_window_pattern:
+            return "full_attention" if (i + 1) % self.sliding_window_pattern == 0 else "sliding_attention"
+        if self.sliding_window:
+            return "sliding_attention"
+        return "chunked_attention" if self.attn_chunk_size else "full_attention"

@@ -27,7 +27,8 @@ class VarlenContext:
         return cls(cu, int(max(lengths)) if len(lengths) else 0)
 
 
-def causal_varlen_attention(q, k, v, ctx: VarlenContext):
-    """Default softmax attention: causal, per document. q ``[T, H, D]``, k/v ``[T, H_kv, D]``."""
+def causal_varlen_attention(q, k, v, ctx: VarlenContext, **pattern):
+    """Default softmax attention: causal, per document. q ``[T, H, D]``, k/v ``[T, H_kv, D]``;
+    ``pattern``: a layer's ``window_size``, ``softcap``, ``chunk_size``, ``softmax_scale``, ``sinks``."""
     return attention(q, k, v, ctx.cu_seqlens, ctx.cu_seqlens, ctx.max_seqlen, ctx.max_seqlen,
-                     causal=True)
+                     causal=True, **pattern)

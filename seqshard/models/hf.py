@@ -5,9 +5,9 @@ listed in ``model.safetensors.index.json``) of a Llama, Mistral, Qwen2 or Qwen3 
 a :class:`~seqshard.models.llama.Decoder` with the same forward as ``build_model``'s. Weights map
 by name through one checked table (:func:`hf_name`): a missing or unexpected key is an error
 naming it. Nothing is downloaded; ``transformers`` is not needed for the native path.
-A ``sliding_window`` in config.json is not modelled (attention is full per document): the job spec
-refuses a window below ``data.max_seq_len`` (launch/hf_checks.py); library users of :func:`from_hf`
-must keep documents within the window themselves.
+Gemma 2 and Gemma 3 text import too (``hf_patterns.py``). Every layer's attention pattern
+(sliding window, chunks, soft-caps, softmax scale) comes from config.json (``attention_fields``);
+one seqshard cannot honour is an error, never dropped.
 """
 from __future__ import annotations
 
@@ -19,10 +19,11 @@ from pathlib import Path
 import torch
 
 from .config import ModelConfig, RopeScalingConfig
+from .hf_patterns import GEMMA_ARCHITECTURES, GEMMA_NAMES, SINK_NAMES, attention_fields, gemma_config_fields
 from .rope_params import RopeError, check_scaling, scaling_from_params
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
-                 "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}
+                 "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3", **GEMMA_ARCHITECTURES}
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 INDEX_FILE, SINGLE_FILE = "model.safetensors.index.json", "model.safetensors"
@@ -53,10 +54,10 @@ class HFError(ValueError):
     """A Hugging Face folder seqshard cannot use; ``str(err)`` names the path and the problem."""
 
 
-def hf_name(name: str) -> str:
+def hf_name(name: str, block: str = "llama") -> str:
     """seqshard parameter name -> Hugging Face checkpoint name (``layers.0.mlp.w1.weight`` ->
-    ``model.layers.0.mlp.gate_proj.weight``)."""
-    for pattern, target in _NAME_TABLE:
+    ``model.layers.0.mlp.gate_proj.weight``); ``block: gemma`` names its extra norms Gemma's way."""
+    for pattern, target in (GEMMA_NAMES if block == "gemma" else []) + SINK_NAMES + _NAME_TABLE:
         if re.fullmatch(pattern, name):
             return re.sub(pattern, target, name)
     raise KeyError(f"no Hugging Face name for seqshard parameter {name!r}")
@@ -121,6 +122,9 @@ def model_config_fields(path, rope_theta=None, rope_scaling=None, seq_len=None) 
                       f"supported natively (supported: {', '.join(ARCHITECTURES)}; "
                       "model.impl: transformers wraps other causal LMs)")
     family = ARCHITECTURES[arch]
+    if arch in GEMMA_ARCHITECTURES:
+        return gemma_config_fields(hf, path, arch, rope_theta=rope_theta, rope_scaling=rope_scaling,
+                                   seq_len=seq_len)
     if hf.get("hidden_act", "silu") != "silu":
         raise HFError(f"{path}/config.json: hidden_act {hf['hidden_act']!r} is not supported (silu only)")
     if hf.get("mlp_bias"):
@@ -139,7 +143,7 @@ def model_config_fields(path, rope_theta=None, rope_scaling=None, seq_len=None) 
                 tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
                 qkv_bias=family == "qwen2", qk_norm=family == "qwen3", rope_scaling=scaling,
                 attn_head_dim=0 if head_dim * n_heads == dim else head_dim,
-                hf=str(path), hf_arch=arch)
+                hf=str(path), hf_arch=arch, **attention_fields(hf, path))
 
 
 def config_from_hf(path, **rope_overrides) -> ModelConfig:
@@ -199,7 +203,7 @@ def load_hf_weights(model, path):
     if model.cfg.tie_embeddings:
         params.pop("lm_head.weight")
         weights.pop("lm_head.weight", None)  # some tied checkpoints store the copy too
-    wanted = {hf_name(n): n for n in params}
+    wanted = {hf_name(n, model.cfg.block): n for n in params}
     missing = sorted(set(wanted) - set(weights))
     unexpected = sorted(k for k in set(weights) - set(wanted) if not IGNORED.fullmatch(k))
     if missing or unexpected:

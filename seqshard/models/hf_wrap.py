@@ -14,9 +14,17 @@ every shard. No ``[L, L]`` mask is built: the ``seqshard`` implementation has no
 transformers passes ``attention_mask=None``.
 
 The loss is summed over the shard's labels like the native model's: through the fused
-``linear_cross_entropy`` on the last hidden states when the model's logits are a plain
-``hidden @ lm_head.weight.T`` (checked once, on a few tokens, when the model is built), else from
-the model's own logits (e.g. an ``lm_head`` bias or a logit soft-cap).
+``linear_cross_entropy`` on the last hidden states when the model's logits are
+``cap(scale * (hidden @ lm_head.weight.T + bias))`` with the head's bias, the config's
+``logit_scale`` and ``final_logit_softcapping`` (checked once, on a few tokens, when the model is
+built), else from the model's own logits.
+
+Attention patterns: transformers hands each layer's ``sliding_window`` (``W`` tokens, itself
+included: ``window_size=(W - 1, 0)``), ``softcap``, ``scaling`` and GPT-OSS's sink logits
+(``s_aux``) to the attention function; they go to ``attention_fn`` as seqshard's keywords. The
+wrap checks each layer's window against config.json's ``layer_types`` (a model that expresses a
+window only through a mask would otherwise lose it) and refuses chunked attention (Llama 4
+builds it as a mask the wrap cannot take): nothing is dropped silently.
 """
 from __future__ import annotations
 
@@ -34,7 +42,7 @@ ATTN_IMPLEMENTATION = "seqshard"
 
 
 def seqshard_attention(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0,
-                       sliding_window=None, softcap=None, seqshard_ctx=None, **kwargs):
+                       sliding_window=None, softcap=None, seqshard_ctx=None, s_aux=None, **kwargs):
     """transformers' attention-interface signature -> seqshard's ``attention_fn(q, k, v, ctx)``.
 
     query ``[1, H, T, D]``, key/value ``[1, H_kv, T, D]`` -> (out ``[1, T, H, D]``, None)."""
@@ -47,9 +55,13 @@ def seqshard_attention(module, query, key, value, attention_mask=None, scaling=N
         raise ValueError(f"{type(module).__name__} passed an attention mask of shape "
                          f"{tuple(attention_mask.shape)}; seqshard attention is causal per document "
                          "(cu_seqlens) and cannot honour another mask")
-    if dropout or softcap:
-        raise ValueError(f"{type(module).__name__}: attention dropout ({dropout}) and soft-capping "
-                         f"({softcap}) are not supported by seqshard attention")
+    if dropout:
+        raise ValueError(f"{type(module).__name__}: attention dropout ({dropout}) is not supported by seqshard "
+                         "attention (every layout must give the same loss)")
+    expected = getattr(module, "seqshard_window", None)
+    if expected != sliding_window:
+        raise ValueError(f"{type(module).__name__} (layer {getattr(module, 'layer_idx', '?')}): config.json gives "
+                         f"a sliding window of {expected}, the layer passed {sliding_window}; refusing to guess")
     ctx = seqshard_ctx if seqshard_ctx is not None else getattr(module, "seqshard_ctx", None)
     if ctx is None:
         if kwargs.get("cu_seq_lens_q") is None:
@@ -61,11 +73,33 @@ def seqshard_attention(module, query, key, value, attention_mask=None, scaling=N
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else value.dtype
     # [1, heads, T, head_dim] -> [T, heads, head_dim]
     q, k, v = (x[0].transpose(0, 1).to(dtype).contiguous() for x in (query, key, value))
-    d = q.shape[-1]
-    if scaling is not None and abs(scaling * d ** 0.5 - 1.0) > 1e-12:
-        q = q * (scaling * d ** 0.5)  # seqshard's kernels scale by d^-0.5
-    out = fn(q, k, v, ctx)  # [T, heads, head_dim]
+    pattern = {}
+    if sliding_window:
+        pattern["window_size"] = (int(sliding_window) - 1, 0)
+    if softcap:
+        pattern["softcap"] = float(softcap)
+    if scaling is not None and abs(scaling * q.shape[-1] ** 0.5 - 1.0) > 1e-12:
+        pattern["softmax_scale"] = float(scaling)
+    if s_aux is not None:
+        pattern["sinks"] = s_aux
+    out = fn(q, k, v, ctx, **pattern)  # [T, heads, head_dim]
     return out[None], None
+
+
+def layer_windows(config) -> list | None:
+    """Each layer's sliding window per the config (None: full), or None when the config has none.
+    Chunked attention is refused: transformers expresses it as a mask, which the wrap never gets."""
+    types = getattr(config, "layer_types", None)
+    chunk = getattr(config, "attention_chunk_size", None)
+    if chunk or (types and "chunked_attention" in types):
+        raise ValueError(f"{type(config).__name__}: chunked attention (attention_chunk_size {chunk}) is built as "
+                         "a mask by transformers and cannot run under model.impl: transformers")
+    window = getattr(config, "sliding_window", None)
+    if not window:
+        return None
+    if types:
+        return [window if t == "sliding_attention" else None for t in types]
+    return [window] * config.num_hidden_layers
 
 
 def register_attention():
@@ -99,8 +133,10 @@ class HFWrap(nn.Module):
         mods = _attention_modules(hf_model)
         if not mods:
             raise ValueError(f"{type(hf_model).__name__}: no *Attention modules to install seqshard attention in")
+        windows = layer_windows(hf_model.config)
         for m in mods:
             m.attention_fn = causal_varlen_attention
+            m.seqshard_window = windows[m.layer_idx] if windows and hasattr(m, "layer_idx") else None
         self._attention = tuple(mods)  # a tuple: not registered again as submodules
         self.fused_loss = self._logits_are_plain_linear()
 
@@ -118,17 +154,34 @@ class HFWrap(nn.Module):
             kw["seqshard_ctx"] = ctx
         return kw
 
+    def _head_terms(self) -> dict:
+        """The output head as ``linear_cross_entropy`` keywords: its bias, the config's logit scale
+        (Cohere) and final soft-cap (Gemma 2/3)."""
+        head, cfg = self.hf.get_output_embeddings(), self.hf.config
+        terms = {"bias": head.bias} if getattr(head, "bias", None) is not None else {}
+        if getattr(cfg, "logit_scale", None):
+            terms["logit_scale"] = float(cfg.logit_scale)
+        if getattr(cfg, "final_logit_softcapping", None):
+            terms["softcap"] = float(cfg.final_logit_softcapping)
+        return terms
+
     @torch.no_grad()
     def _logits_are_plain_linear(self) -> bool:
+        """Whether the model's logits are ``cap(scale * (hidden @ W.T + b))`` with the terms of
+        ``_head_terms`` (checked on a few tokens), so the fused loss can stand in for them."""
         head = self.hf.get_output_embeddings()
-        if not isinstance(head, nn.Linear) or head.bias is not None:
+        if not isinstance(head, nn.Linear):
             return False
+        terms = self._head_terms()
         tokens = torch.arange(8, device=head.weight.device) % self.hf.config.vocab_size
         args = (tokens, torch.arange(8, device=tokens.device), VarlenContext.from_lengths([8], tokens.device))
         with self._context(args[2]):
             h = self.hf.base_model(**self._kwargs(*args)).last_hidden_state[0]
             logits = self.hf(**self._kwargs(*args)).logits[0]
-        return torch.allclose(F.linear(h, head.weight), logits, rtol=1e-5, atol=1e-6)
+        ours = F.linear(h, head.weight, terms.get("bias")) * terms.get("logit_scale", 1.0)
+        if terms.get("softcap"):
+            ours = torch.tanh(ours / terms["softcap"]) * terms["softcap"]
+        return torch.allclose(ours, logits, rtol=1e-5, atol=1e-6)
 
     @contextmanager
     def _context(self, ctx):
@@ -150,7 +203,7 @@ class HFWrap(nn.Module):
         if labels is not None and self.fused_loss:
             h = self.hf.base_model(**kw).last_hidden_state[0]
             return linear_cross_entropy(h, self.hf.get_output_embeddings().weight, labels,
-                                        ignore_index=-100, reduction="sum")
+                                        ignore_index=-100, reduction="sum", **self._head_terms())
         logits = self.hf(**kw).logits[0]  # [T, vocab]
         if labels is None:
             return logits

@@ -3,7 +3,15 @@
 RMSNorm, RoPE with per-document positions, grouped-query attention, SwiGLU MLP, optional tied
 embeddings. Input is a flat token stream ``[T]`` with per-token ``positions`` ``[T]`` and an
 opaque attention context (see ``context.py``). Every attention layer calls
-``self.attention_fn(q, k, v, ctx)``; ``parallelize()`` replaces it from outside.
+``self.attention_fn(q, k, v, ctx, **pattern)``; ``parallelize()`` replaces it from outside.
+
+Attention patterns per layer (``ModelConfig.layer_type``): full, sliding-window (Mistral, Qwen2,
+Gemma 2/3) or chunked (Llama 4), with optional soft-capping, a custom softmax scale, per-layer
+RoPE theta (Gemma 3's local layers) and learned sinks (GPT-OSS). ``pattern`` holds only what
+differs from plain causal attention, so a callable that cannot take a keyword fails loudly
+instead of dropping the pattern. ``block: gemma`` gives Gemma's (1 + w) norms, the extra
+post-attention / post-MLP norms, the GeLU-tanh MLP, the sqrt(dim) embedding scale and the final
+logit soft-cap.
 """
 from __future__ import annotations
 
@@ -30,21 +38,60 @@ class RMSNorm(nn.Module):
         return rms_norm(x, self.weight, self.eps)
 
 
+class GemmaRMSNorm(RMSNorm):
+    """RMSNorm scaled by ``1 + weight`` (weights stored as offsets from 1, initialised to 0)."""
+
+    def __init__(self, dim, eps):
+        super().__init__(dim, eps)
+        nn.init.zeros_(self.weight)
+
+    def forward(self, x):
+        return rms_norm(x, 1.0 + self.weight, self.eps)
+
+
+LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention")
+
+
+def attention_pattern(cfg: ModelConfig, layer: int) -> dict:
+    """The attention keywords of layer ``layer`` beyond plain causal (flash-attn's names)."""
+    kind = cfg.layer_type(layer)
+    assert kind in LAYER_TYPES, f"layer {layer}: attention kind {kind!r} not one of {LAYER_TYPES}"
+    pattern = {}
+    if kind == "sliding_attention":
+        assert cfg.sliding_window > 0, f"layer {layer} is sliding but sliding_window is {cfg.sliding_window}"
+        pattern["window_size"] = (cfg.sliding_window - 1, 0)
+    if kind == "chunked_attention":
+        assert cfg.attn_chunk_size > 0, f"layer {layer} is chunked but attn_chunk_size is {cfg.attn_chunk_size}"
+        pattern["chunk_size"] = cfg.attn_chunk_size
+    if cfg.attn_softcap:
+        pattern["softcap"] = cfg.attn_softcap
+    if cfg.attn_scale:
+        pattern["softmax_scale"] = cfg.attn_scale
+    return pattern
+
+
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer: int = 0):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        self.rope_theta = cfg.rope_theta
+        self.pattern = attention_pattern(cfg, layer)
+        local = cfg.local_rope_theta and cfg.layer_type(layer) == "sliding_attention"
+        self.rope_theta = cfg.local_rope_theta if local else cfg.rope_theta
         self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
         self.attention_fn = causal_varlen_attention
-        if cfg.qk_norm:  # Qwen3: per-head RMSNorm of q and k
-            self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
-            self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
+        if cfg.qk_norm:  # Qwen3, Gemma 3: per-head RMSNorm of q and k
+            norm = GemmaRMSNorm if cfg.block == "gemma" else RMSNorm
+            self.q_norm = norm(cfg.head_dim, cfg.norm_eps)
+            self.k_norm = norm(cfg.head_dim, cfg.norm_eps)
+        if cfg.attn_sinks:  # GPT-OSS: one sink logit per query head
+            self.sinks = nn.Parameter(torch.zeros(cfg.n_heads))
         rs = cfg.rope_scaling
         inv_freq, self.rope_scale = rope_frequencies(cfg.head_dim, cfg.rope_theta, rs)
+        if local:  # Gemma 3's sliding layers: their own theta, unscaled
+            inv_freq, self.rope_scale = None, 1.0
         self.register_buffer("inv_freq", None if rs.type == "none" else inv_freq, persistent=False)
 
     def forward(self, x, positions, ctx):
@@ -57,7 +104,8 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q = apply_rope(q, positions, self.rope_theta, self.inv_freq, self.rope_scale)
         k = apply_rope(k, positions, self.rope_theta, self.inv_freq, self.rope_scale)
-        o = self.attention_fn(q, k, v, ctx)  # [T, heads, head_dim]
+        pattern = dict(self.pattern, sinks=self.sinks) if hasattr(self, "sinks") else self.pattern
+        o = self.attention_fn(q, k, v, ctx, **pattern)  # [T, heads, head_dim]
         return self.wo(o.reshape(t, self.n_heads * self.head_dim))
 
 
@@ -72,29 +120,48 @@ class SwiGLU(nn.Module):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
+class GeluMLP(SwiGLU):
+    """Gemma's gated MLP: ``w2(gelu_tanh(w1 x) * w3 x)`` (same weights as SwiGLU)."""
+
+    def forward(self, x):
+        return self.w2(F.gelu(self.w1(x), approximate="tanh") * self.w3(x))
+
+
 class LMHead(nn.Linear):
     """Output projection; with labels, the summed token loss through the fused linear
     cross-entropy (no ``[tokens, vocab]`` logits are kept). A module of its own, so wrappers
-    that gather parameters on forward (ZeRO-3) see the weight being used."""
+    that gather parameters on forward (ZeRO-3) see the weight being used. ``softcap``: logits
+    become ``softcap * tanh(logits / softcap)`` (Gemma), in the fused loss too."""
 
-    def __init__(self, dim, vocab):
+    def __init__(self, dim, vocab, softcap: float = 0.0):
         super().__init__(dim, vocab, bias=False)
+        self.softcap = softcap
 
     def forward(self, h, labels=None):
         if labels is None:
-            return super().forward(h)
-        return linear_cross_entropy(h, self.weight, labels, ignore_index=-100, reduction="sum")
+            logits = super().forward(h)
+            return torch.tanh(logits / self.softcap) * self.softcap if self.softcap else logits
+        return linear_cross_entropy(h, self.weight, labels, ignore_index=-100, reduction="sum",
+                                    **({"softcap": self.softcap} if self.softcap else {}))
 
 
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, mixer: nn.Module):
         super().__init__()
-        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        gemma = cfg.block == "gemma"
+        norm = GemmaRMSNorm if gemma else RMSNorm
+        self.attn_norm = norm(cfg.dim, cfg.norm_eps)
         self.attn = mixer
-        self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.mlp = SwiGLU(cfg.dim, cfg.ffn_dim)
+        self.mlp_norm = norm(cfg.dim, cfg.norm_eps)
+        self.mlp = (GeluMLP if gemma else SwiGLU)(cfg.dim, cfg.ffn_dim)
+        if gemma:  # Gemma 2/3 "sandwich" norms on each branch's output
+            self.post_attn_norm = norm(cfg.dim, cfg.norm_eps)
+            self.post_mlp_norm = norm(cfg.dim, cfg.norm_eps)
 
     def forward(self, x, positions, ctx):
+        if hasattr(self, "post_attn_norm"):
+            x = x + self.post_attn_norm(self.attn(self.attn_norm(x), positions, ctx))
+            return x + self.post_mlp_norm(self.mlp(self.mlp_norm(x)))
         x = x + self.attn(self.attn_norm(x), positions, ctx)
         return x + self.mlp(self.mlp_norm(x))
 
@@ -105,10 +172,12 @@ class Decoder(nn.Module):
     def __init__(self, cfg: ModelConfig, mixers: list[nn.Module]):
         super().__init__()
         self.cfg = cfg
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+        pad = cfg.embed_padding_idx if cfg.embed_padding_idx >= 0 else None
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim, padding_idx=pad)
         self.layers = nn.ModuleList(Block(cfg, m) for m in mixers)
-        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.lm_head = LMHead(cfg.dim, cfg.vocab_size)
+        self.norm = (GemmaRMSNorm if cfg.block == "gemma" else RMSNorm)(cfg.dim, cfg.norm_eps)
+        self.lm_head = LMHead(cfg.dim, cfg.vocab_size, cfg.final_softcap)
+        self.embed_scale = cfg.dim ** 0.5 if cfg.block == "gemma" else 0.0
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         self.reset_parameters()
@@ -124,6 +193,8 @@ class Decoder(nn.Module):
 
     def hidden(self, tokens, positions, ctx):
         x = self.embed(tokens)
+        if self.embed_scale:  # Gemma: the scale rounded to the weights' dtype, as transformers does
+            x = x * torch.tensor(self.embed_scale, dtype=x.dtype)
         for layer in self.layers:
             x = layer(x, positions, ctx)
         return self.norm(x)
@@ -138,4 +209,4 @@ class Decoder(nn.Module):
 
 
 def build_llama(cfg: ModelConfig) -> Decoder:
-    return Decoder(cfg, [Attention(cfg) for _ in range(cfg.n_layers)])
+    return Decoder(cfg, [Attention(cfg, i) for i in range(cfg.n_layers)])

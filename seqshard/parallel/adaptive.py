@@ -75,21 +75,22 @@ def my_work(plan, doc_lengths, rank: int) -> GroupWork:
     raise AssertionError(f"rank {rank} is in no group of {plan.groups}")
 
 
-def adaptive_attention(q, k, v, ctx):
-    """Installed on every softmax layer: the group's method (``ctx.method``), local for groups of one."""
+def adaptive_attention(q, k, v, ctx, **pattern):
+    """Installed on every softmax layer: the group's method (``ctx.method``), local for groups of one;
+    the layer's attention ``pattern`` (window, soft-cap, chunk, sinks) goes to whichever runs."""
     if isinstance(ctx, VarlenContext):
-        return causal_varlen_attention(q, k, v, ctx)
+        return causal_varlen_attention(q, k, v, ctx, **pattern)
     if ctx.method == "ring":
         from .ring import ring_attention
 
-        return ring_attention(q, k, v, ctx.plan, ctx.group, causal=True)
+        return ring_attention(q, k, v, ctx.plan, ctx.group, causal=True, **pattern)
     if ctx.method == "usp":
         from .usp import usp_attention
 
-        return usp_attention(q, k, v, ctx.plan, (ctx.ulysses_group, ctx.ring_group), causal=True)
+        return usp_attention(q, k, v, ctx.plan, (ctx.ulysses_group, ctx.ring_group), causal=True, **pattern)
     from .ulysses import ulysses_attention
 
-    return ulysses_attention(q, k, v, ctx.plan, ctx.group, causal=True)
+    return ulysses_attention(q, k, v, ctx.plan, ctx.group, causal=True, **pattern)
 
 
 def install_adaptive(model) -> None:

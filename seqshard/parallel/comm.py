@@ -142,3 +142,26 @@ def ring_exchange(tensor: torch.Tensor, group, op: str = "ring.p2p"):
         return received
 
     return received, wait
+
+
+def peer_exchange(sends: dict, recv_shapes: dict, like: torch.Tensor, group, op: str = "p2p"):
+    """Point-to-point exchange with chosen peers: ``sends[j]`` goes to group rank j, a tensor of
+    ``recv_shapes[i]`` comes from group rank i (both sides derive the pairs from the same plan,
+    so every send has its receive). Returns ``(received dict, wait)``; call ``wait()`` before
+    reading. Pairs with nothing to move are simply absent: no empty messages."""
+    ops, received = [], {}
+    for peer, tensor in sends.items():
+        ops.append(dist.P2POp(dist.isend, tensor.contiguous(), dist.get_global_rank(group, peer), group))
+    for peer, shape in recv_shapes.items():
+        received[peer] = like.new_empty(shape)
+        ops.append(dist.P2POp(dist.irecv, received[peer], dist.get_global_rank(group, peer), group))
+    requests = dist.batch_isend_irecv(ops) if ops else []
+    nbytes = sum(_nbytes(t) for t in sends.values())
+
+    def wait():
+        with record(op, nbytes):
+            for req in requests:
+                req.wait()
+        return received
+
+    return received, wait

@@ -19,10 +19,16 @@ USP (Fang & Zhao, 2024): Ulysses over U = gcd(heads, d) consecutive ranks (all-t
 Ulysses on U), Ring over R = d/U of them carrying ``kv_dim / U`` per token.
 Memory: activations of ``L/d`` tokens per device whatever the method; the planner bounds that
 by ``memory_tokens``.
+Attention patterns (issue #29): ``attn_layers`` lists each layer's ``(kind, size)``; attention
+compute is priced by the masked area, not L^2: ``L^2`` per full layer (twice the causal pairs),
+``2 L W - W^2`` per sliding layer of window W (``L^2`` while L <= W), ``L C`` per chunked layer of
+chunk C (``L^2`` while L <= C), averaged over layers. Ring P2P stays priced as the full ring
+(an upper bound: the window-aware ring sends only the keys in reach).
 """
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -44,10 +50,30 @@ class CostModel:
     # d x memory_tokens): a calibrated fixed cost per micro-batch is shared by the sequences packed
     # together, so one sequence of L tokens pays L / (d x pack_tokens) of it; None: a whole one
     pack_tokens: int | None = None
+    # per layer ("full", 0) | ("window", W) | ("chunk", C); empty: every layer full causal
+    attn_layers: tuple = ()
 
     @classmethod
     def from_model_config(cls, cfg, profile: HardwareProfile, bytes_per_element: int = 2):
-        return cls(profile, cfg.dim, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.ffn_dim, bytes_per_element)
+        return cls(profile, cfg.dim, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.ffn_dim, bytes_per_element,
+                   attn_layers=attention_layers(cfg))
+
+    def attention_area(self, length):
+        """``L^2`` for full causal attention, less for windows and chunks (see the module doc):
+        twice the query-key pairs the masks keep, averaged over the layers."""
+        length = np.asarray(length, dtype=np.float64)
+        if not self.attn_layers:
+            return length * length
+        total = 0.0 * length
+        for (kind, size), count in Counter(self.attn_layers).items():
+            if kind == "window":
+                area = np.where(length <= size, length * length, 2.0 * length * size - float(size) ** 2)
+            elif kind == "chunk":
+                area = np.where(length <= size, length * length, length * size)
+            else:
+                area = length * length
+            total = total + count * area
+        return total / len(self.attn_layers)
 
     @property
     def params_per_layer(self) -> int:
@@ -58,7 +84,7 @@ class CostModel:
     def flops(self, length):
         """Training FLOPs (fwd + bwd) of one sequence, all layers."""
         linear = 2.0 * self.params_per_layer * length
-        attention = 2.0 * length * length * self.dim  # 2 matmuls x 2 FLOPs x L^2/2 pairs x dim
+        attention = 2.0 * self.attention_area(length) * self.dim  # 2 matmuls x 2 FLOPs x area/2 pairs x dim
         return 3.0 * self.n_layers * (linear + attention)
 
     def compute_time(self, length, d: int):
@@ -66,7 +92,8 @@ class CostModel:
 
     def attention_compute_time(self, length, d: int):
         """The attention part of :meth:`compute_time` (what ring P2P overlaps with)."""
-        return 3.0 * self.n_layers * 2.0 * length * length * self.dim / d / (self.profile.peak_flops * self.profile.mfu)
+        area = self.attention_area(length)
+        return 3.0 * self.n_layers * 2.0 * area * self.dim / d / (self.profile.peak_flops * self.profile.mfu)
 
     def link_bandwidth(self, d: int) -> float:
         """Bandwidth of an aligned group of d devices: the profile's measured figure for that
@@ -172,10 +199,9 @@ class CostModel:
         return (c0, lin + float(self.comm_time_over(1.0, d, u)) - c0, 0.0, att,
                 p0, float(self.ring_p2p_time(1.0, d, d // u)) - p0)
 
-    @staticmethod
-    def _evaluate(coef, length):
+    def _evaluate(self, coef, length):
         a0, a1, a2, b2, p0, p1 = coef
-        squared = length * length
+        squared = self.attention_area(length)  # L^2, or the masked area of windowed / chunked layers
         return a0 + a1 * length + a2 * squared + np.maximum(b2 * squared, p0 + p1 * length)
 
     def method_time(self, length, d: int, method: str):
@@ -269,3 +295,13 @@ class CostModel:
 
     def memory_per_device(self, length: int, d: int, bytes_per_token: float) -> float:
         return length / d * bytes_per_token
+
+
+def attention_layers(cfg) -> tuple:
+    """``CostModel.attn_layers`` of a model config: each layer's mask kind and size."""
+    if not hasattr(cfg, "layer_type") or getattr(cfg, "arch", "llama") != "llama":
+        return ()
+    sizes = {"sliding_attention": ("window", getattr(cfg, "sliding_window", 0)),
+             "chunked_attention": ("chunk", getattr(cfg, "attn_chunk_size", 0))}
+    layers = tuple(sizes.get(cfg.layer_type(i), ("full", 0)) for i in range(cfg.n_layers))
+    return () if all(kind == "full" for kind, _ in layers) else layers

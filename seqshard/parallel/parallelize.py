@@ -1,7 +1,8 @@
 """``parallelize(model, mesh, cfg)``: install sequence-parallel attention into an unchanged model.
 
 Softmax layers (modules with ``attention_fn``) get the spec's SP method; linear-attention layers
-(modules with ``linear_attention_fn``) get LASP. Every installed callable reads the step's
+(modules with ``linear_attention_fn``) get LASP. Each softmax callable passes the layer's attention
+pattern (``window_size``, ``softcap``, ``chunk_size``, ``softmax_scale``, ``sinks``) to its method. Every installed callable reads the step's
 :class:`SPContext` (the ShardPlan of the micro-batch and the groups) that the trainer's sharder
 builds, so the model itself never touches torch.distributed (DESIGN.md invariant 1).
 """
@@ -21,28 +22,28 @@ class SPContext:
     ring_group: Any = None  # usp only
 
 
-def _ulysses(q, k, v, ctx):
+def _ulysses(q, k, v, ctx, **pattern):
     from .ulysses import ulysses_attention
 
-    return ulysses_attention(q, k, v, ctx.plan, ctx.group, causal=True)
+    return ulysses_attention(q, k, v, ctx.plan, ctx.group, causal=True, **pattern)
 
 
-def _allgather(q, k, v, ctx):
+def _allgather(q, k, v, ctx, **pattern):
     from .allgather import allgather_attention
 
-    return allgather_attention(q, k, v, ctx.plan, ctx.group, causal=True)
+    return allgather_attention(q, k, v, ctx.plan, ctx.group, causal=True, **pattern)
 
 
-def _ring(q, k, v, ctx):
+def _ring(q, k, v, ctx, **pattern):
     from .ring import ring_attention
 
-    return ring_attention(q, k, v, ctx.plan, ctx.group, causal=True)
+    return ring_attention(q, k, v, ctx.plan, ctx.group, causal=True, **pattern)
 
 
-def _usp(q, k, v, ctx):
+def _usp(q, k, v, ctx, **pattern):
     from .usp import usp_attention
 
-    return usp_attention(q, k, v, ctx.plan, (ctx.ulysses_group, ctx.ring_group), causal=True)
+    return usp_attention(q, k, v, ctx.plan, (ctx.ulysses_group, ctx.ring_group), causal=True, **pattern)
 
 
 def _lasp1(q, k, v, g, ctx):

@@ -148,6 +148,23 @@ class ShardPlan:
         """Query-key pairs this rank's queries attend to under a causal mask (balance metric)."""
         return int(sum(sum(range(p.start + 1, p.start + p.real_len + 1)) for p in self.pieces[rank]))
 
+    def mask_work(self, rank: int, mask=None) -> int:
+        """Query-key pairs this rank's queries keep under ``mask`` (``seqshard.kernels.attention.masks.Mask``:
+        causal with a window and / or chunks), the balance metric for windowed and chunked models;
+        without a mask, :meth:`causal_work`."""
+        if mask is None:
+            return self.causal_work(rank)
+        total = 0
+        for p in self.pieces[rank]:
+            pos = np.arange(p.start, p.start + p.real_len)
+            lo = np.zeros_like(pos)
+            if mask.left >= 0:
+                lo = np.maximum(lo, pos - mask.left)
+            if mask.chunk:
+                lo = np.maximum(lo, pos // mask.chunk * mask.chunk)
+            total += int((pos - lo + 1).sum())  # keys lo..pos, all inside the document
+        return total
+
     def padded_doc_starts(self) -> list[int]:
         """Where each document starts in the padded global stream."""
         if self.layout == "stream":

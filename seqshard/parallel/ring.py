@@ -7,6 +7,8 @@ so fully masked blocks cost nothing. Partial outputs are merged with their log-s
 The backward pass recomputes each block from the final output and LSE (FlashAttention-2 style)
 while K/V travel around again with their dK/dV accumulators, which arrive home after P hops.
 Works for any ShardPlan whose pieces of a document are disjoint, aligned chunks.
+Soft-capping and sinks ride along (sinks are added once, after the merge); sliding windows and
+chunked attention go to ``ring_window.py``, which computes and sends only the keys a window reaches.
 """
 from __future__ import annotations
 
@@ -15,8 +17,10 @@ import torch
 import torch.distributed as dist
 
 from seqshard.kernels.attention import attention_backward, attention_forward
+from seqshard.kernels.attention.masks import apply_sinks, make_mask, sinks_grad
 
 from .comm import graph_anchor, ring_exchange
+from .ring_window import merge_block, window_ring_attention
 
 
 def _ranges(spans, device):
@@ -61,19 +65,9 @@ def _call(q_spans, k_spans, q_lens, k_lens, causal, device):
     return _ranges(q_spans, device), _ranges(k_spans, device), cu_q, cu_k, max(q_lens), max(k_lens), causal
 
 
-def _merge(out, lse, idx, o, block_lse):
-    """Fold a block's (o, lse) into the running fp32 accumulators of rows ``idx``."""
-    old = lse[:, idx]
-    new = torch.logaddexp(old, block_lse)
-    w_old = torch.exp(old - new).nan_to_num(0.0).t().unsqueeze(-1)  # [rows, H, 1]
-    w_new = torch.exp(block_lse - new).nan_to_num(0.0).t().unsqueeze(-1)
-    out[idx] = out[idx] * w_old + o.float() * w_new
-    lse[:, idx] = new
-
-
 class _RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, plan, group, causal, scale, _anchor):
+    def forward(ctx, q, k, v, sinks, plan, group, causal, scale, softcap, _anchor):
         world, rank = dist.get_world_size(group), dist.get_rank(group)
         calls = [block_calls(plan, rank, (rank - j) % world, causal, q.device) for j in range(world)]
         out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
@@ -83,17 +77,19 @@ class _RingAttention(torch.autograd.Function):
             if j < world - 1:
                 nxt, wait = ring_exchange(kv, group, "ring.kv")
             for qi, ki, cu_q, cu_k, mq, mk, c in calls[j]:
-                o, blse = attention_forward(q[qi], kv[0][ki], kv[1][ki], cu_q, cu_k, mq, mk, c, scale)
-                _merge(out, lse, qi, o, blse)
+                o, blse = attention_forward(q[qi], kv[0][ki], kv[1][ki], cu_q, cu_k, mq, mk, c, scale, softcap=softcap)
+                merge_block(out, lse, qi, o, blse)
             if j < world - 1:
                 kv = wait()
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.calls, ctx.group, ctx.scale = calls, group, scale
+        if sinks is not None:
+            out, lse = apply_sinks(out, lse, sinks)
+        ctx.save_for_backward(q, k, v, out, lse, sinks)
+        ctx.calls, ctx.group, ctx.scale, ctx.softcap = calls, group, scale, softcap
         return out.to(q.dtype)
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, out, lse = ctx.saved_tensors
+        q, k, v, out, lse, sinks = ctx.saved_tensors
         group, world = ctx.group, dist.get_world_size(ctx.group)
         dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         kv = torch.stack([k, v])
@@ -101,7 +97,7 @@ class _RingAttention(torch.autograd.Function):
         for j in range(world):
             for qi, ki, cu_q, cu_k, mq, mk, c in ctx.calls[j]:
                 g = attention_backward(dout[qi], q[qi], kv[0][ki], kv[1][ki], out[qi], lse[:, qi],
-                                       cu_q, cu_k, mq, mk, c, ctx.scale)
+                                       cu_q, cu_k, mq, mk, c, ctx.scale, softcap=ctx.softcap)
                 dq[qi] += g[0].float()
                 dkv[0].index_add_(0, ki, g[1].float())
                 dkv[1].index_add_(0, ki, g[2].float())
@@ -111,10 +107,16 @@ class _RingAttention(torch.autograd.Function):
                 kv, dkv = wait_kv(), wait_dkv()
             else:  # the last hop brings every block's dK/dV home
                 dkv = ring_exchange(dkv, group, "ring.dkv")[1]()
-        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None, None, None
+        dsinks = sinks_grad(dout, out, lse, sinks) if sinks is not None else None
+        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), dsinks, None, None, None, None, None, None
 
 
-def ring_attention(q, k, v, plan, group, causal=True, softmax_scale=None):
-    """q ``[T/P, H, D]``, k/v ``[T/P, H_kv, D]`` local shards -> output ``[T/P, H, D]``."""
+def ring_attention(q, k, v, plan, group, causal=True, softmax_scale=None, window_size=(-1, -1), softcap=0.0,
+                   chunk_size=None, sinks=None):
+    """q ``[T/P, H, D]``, k/v ``[T/P, H_kv, D]`` local shards -> output ``[T/P, H, D]``; the
+    attention pattern keywords as ``seqshard.kernels.attention`` (``sinks`` ``[H]``)."""
+    mask = make_mask(causal, window_size, chunk_size, softcap)
+    if mask.banded:
+        return window_ring_attention(q, k, v, plan, group, mask, softmax_scale, sinks)
     # the anchor keeps the backward ring on every rank's graph (DESIGN.md invariant 8, comm.py)
-    return _RingAttention.apply(q, k, v, plan, group, causal, softmax_scale, graph_anchor(q))
+    return _RingAttention.apply(q, k, v, sinks, plan, group, causal, softmax_scale, mask.softcap, graph_anchor(q))

@@ -103,8 +103,17 @@ def gather_heads(out, group):
     return back.transpose(0, 1).reshape(local, world * hq, head_dim)
 
 
-def ulysses_attention(q, k, v, plan, group, causal=True, softmax_scale=None):
-    """q ``[T/P, H, D]``, k/v ``[T/P, H_kv, D]`` local shards -> output ``[T/P, H, D]``."""
+def local_heads(n_heads: int, world: int, rank: int) -> slice:
+    """The query heads rank ``rank`` holds after the all-to-all (even or uneven split)."""
+    counts = head_counts(n_heads, world)
+    return slice(sum(counts[:rank]), sum(counts[:rank + 1]))
+
+
+def ulysses_attention(q, k, v, plan, group, causal=True, softmax_scale=None, window_size=(-1, -1), softcap=0.0,
+                      chunk_size=None, sinks=None):
+    """q ``[T/P, H, D]``, k/v ``[T/P, H_kv, D]`` local shards -> output ``[T/P, H, D]``. Every rank
+    sees whole documents, so windows, chunks and soft-caps pass straight to the kernel; sinks
+    ``[H]`` are cut to the rank's heads."""
     world = dist.get_world_size(group)
     if world > q.shape[1]:
         raise ValueError(f"Ulysses over {world} ranks needs at least {world} query heads, got {q.shape[1]}; "
@@ -116,7 +125,10 @@ def ulysses_attention(q, k, v, plan, group, causal=True, softmax_scale=None):
     qf, kf, vf = qf[to_padded], kf[to_padded], vf[to_padded]  # padded global order
     cu = torch.tensor(plan.padded_cu_seqlens(), dtype=torch.int32, device=q.device)
     max_len = int((cu[1:] - cu[:-1]).max()) if len(cu) > 1 else 0
-    out = attention(qf, kf, vf, cu, cu, max_len, max_len, causal=causal, softmax_scale=softmax_scale)
+    if sinks is not None:
+        sinks = sinks[local_heads(q.shape[1], world, dist.get_rank(group))]
+    out = attention(qf, kf, vf, cu, cu, max_len, max_len, causal=causal, softmax_scale=softmax_scale,
+                    window_size=window_size, softcap=softcap, chunk_size=chunk_size, sinks=sinks)
     out = keep_in_graph(out, qf)  # backward reaches the first all-to-all on every rank
     if uneven:
         return _gather_heads_uneven(out[to_rank_major], group, q.shape[1])

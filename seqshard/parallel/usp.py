@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 from .plan import ShardPlan
 from .ring import ring_attention
-from .ulysses import gather_heads, scatter_heads
+from .ulysses import gather_heads, local_heads, scatter_heads
 
 
 def ring_plan(plan: ShardPlan, ulysses: int) -> ShardPlan:
@@ -26,10 +26,16 @@ def ring_plan(plan: ShardPlan, ulysses: int) -> ShardPlan:
                      np.stack([np.concatenate([plan.padded_index[r] for r in g]) for g in groups]))
 
 
-def usp_attention(q, k, v, plan, groups, causal=True, softmax_scale=None):
-    """q ``[T/P, H, D]``, k/v ``[T/P, H_kv, D]`` local shards; ``groups = (ulysses, ring)``."""
+def usp_attention(q, k, v, plan, groups, causal=True, softmax_scale=None, window_size=(-1, -1), softcap=0.0,
+                  chunk_size=None, sinks=None):
+    """q ``[T/P, H, D]``, k/v ``[T/P, H_kv, D]`` local shards; ``groups = (ulysses, ring)``. The
+    attention pattern goes to the ring (windows and chunks to its window-aware exchange); sinks
+    ``[H]`` are cut to the Ulysses rank's heads."""
     ulysses_group, ring_group = groups
+    u = dist.get_world_size(ulysses_group)
     qf, kf, vf = scatter_heads(q, k, v, ulysses_group)  # [U * T/P, H/U, D]
-    out = ring_attention(qf, kf, vf, ring_plan(plan, dist.get_world_size(ulysses_group)), ring_group,
-                         causal=causal, softmax_scale=softmax_scale)
+    if sinks is not None:
+        sinks = sinks[local_heads(q.shape[1], u, dist.get_rank(ulysses_group))]
+    out = ring_attention(qf, kf, vf, ring_plan(plan, u), ring_group, causal=causal, softmax_scale=softmax_scale,
+                         window_size=window_size, softcap=softcap, chunk_size=chunk_size, sinks=sinks)
     return gather_heads(out, ulysses_group)

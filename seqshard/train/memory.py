@@ -38,13 +38,15 @@ def mlp_tile_count(tokens: int, dim: int, mlp_tiles: int) -> int:
 
 
 def tiled_mlp_forward(mlp, x, mlp_tiles: int):
-    """``mlp(x)`` over sequence tiles of ``x`` ``[T, dim]``, each tile checkpointed."""
-    n = mlp_tile_count(x.shape[0], x.shape[-1], mlp_tiles)
+    """``mlp(x)`` over sequence tiles of ``x`` ``[T, dim]`` (or transformers' ``[1, T, dim]``),
+    each tile checkpointed."""
+    seq = x.dim() - 2  # the token dimension
+    n = mlp_tile_count(x.shape[seq], x.shape[-1], mlp_tiles)
     if n <= 1 or not torch.is_grad_enabled():
         if n <= 1:
             return mlp(x)
-        return torch.cat([mlp(t) for t in x.tensor_split(n, dim=0)])
-    return torch.cat([checkpoint(mlp, t, use_reentrant=False) for t in x.tensor_split(n, dim=0)])
+        return torch.cat([mlp(t) for t in x.tensor_split(n, dim=seq)], dim=seq)
+    return torch.cat([checkpoint(mlp, t, use_reentrant=False) for t in x.tensor_split(n, dim=seq)], dim=seq)
 
 
 def _identity(t):
@@ -74,16 +76,16 @@ class _MixerStash:
             self.mode = None
 
     def wrap(self, fn):
-        def mixer(*args):
+        def mixer(*args, **kwargs):  # kwargs: the layer's attention pattern (window, softcap, sinks)
             if self.mode == "replay":  # same value; a leaf so the recompute saves what forward did
                 out = self.outputs.pop(0)
                 return out.detach().requires_grad_(out.requires_grad)
             if self.mode == "record":
                 with saved_tensors_hooks(_identity, _identity):  # keep the mixer's saved tensors
-                    out = fn(*args)
+                    out = fn(*args, **kwargs)
                 self.outputs.append(out)
                 return out
-            return fn(*args)
+            return fn(*args, **kwargs)
 
         mixer.seqshard_inner = fn
         return mixer
@@ -117,11 +119,19 @@ def offload_hooks(device: torch.device):
     return saved_tensors_hooks(pack, unpack)
 
 
+def token_mixer(block):
+    """The module holding a block's attention callable: seqshard's ``block.attn``, or in a wrapped
+    transformers layer the submodule that carries ``attention_fn`` (its ``*Attention``)."""
+    if hasattr(block, "attn"):
+        return block.attn
+    return next(m for m in block.modules() if any(hasattr(m, name) for name in MIXER_FNS))
+
+
 def _checkpointed_forward(block, mode: str, offload: bool):
     inner = block.forward
     stash = _MixerStash() if mode == "selective" else None
     if stash is not None:
-        mixer = block.attn
+        mixer = token_mixer(block)
         for name in MIXER_FNS:
             if hasattr(mixer, name) and not hasattr(getattr(mixer, name), "seqshard_inner"):
                 setattr(mixer, name, stash.wrap(getattr(mixer, name)))
@@ -129,12 +139,12 @@ def _checkpointed_forward(block, mode: str, offload: bool):
     def contexts():
         return (stash.recording(), stash.replaying()) if stash else (nullcontext(), nullcontext())
 
-    def forward(x, positions, ctx):
+    def forward(x, *args, **kwargs):  # seqshard blocks: (x, positions, ctx); transformers layers: (h, **kw)
         if not torch.is_grad_enabled():
-            return inner(x, positions, ctx)
+            return inner(x, *args, **kwargs)
         device = x.device
         with offload_hooks(device) if offload else nullcontext():
-            return checkpoint(inner, x, positions, ctx, use_reentrant=False, context_fn=contexts)
+            return checkpoint(inner, x, *args, use_reentrant=False, context_fn=contexts, **kwargs)
 
     return forward
 
@@ -142,8 +152,8 @@ def _checkpointed_forward(block, mode: str, offload: bool):
 def apply_memory_options(model, train_spec):
     """Install tiled MLP and per-block checkpointing/offload per ``train_spec``; returns ``model``.
 
-    Blocks are the entries of ``model.layers``; each has ``.attn`` (the token mixer, holding its
-    attention callable) and ``.mlp``.
+    Blocks are the entries of ``model.layers``; each has ``.mlp`` and a token mixer holding its
+    attention callable (``.attn``, or a transformers ``*Attention`` submodule in the generic wrap).
     """
     ac = train_spec.activation_checkpointing
     tiles = train_spec.mlp_tiles

@@ -25,7 +25,7 @@ def make_hf_model(family: str, seed: int = 0, **overrides):
     so a mapping that drops or swaps one shows)."""
     import transformers
 
-    cfg_cls, model_cls, extra = {**FAMILIES, **WRAP_FAMILIES}[family]
+    cfg_cls, model_cls, extra = {**FAMILIES, **WRAP_FAMILIES, **PATTERN_FAMILIES}[family]
     cfg = getattr(transformers, cfg_cls)(**{**COMMON, **extra, **overrides})
     cfg._attn_implementation = "eager"
     torch.manual_seed(seed)
@@ -69,13 +69,36 @@ def save_tokenizer(folder, vocab_size: int = 300, files: int = 20):
 
 # Causal LMs the native import does not cover, for the generic wrap (model.impl: transformers):
 # Gemma (sqrt(dim) embedding scale, (1 + w) RMSNorm, GeLU MLP, tied head, head_dim != dim / heads)
-# and Phi (LayerNorm, partial RoPE, parallel attention + MLP, lm_head bias: the unfused loss path).
+# and Phi (LayerNorm, partial RoPE, parallel attention + MLP, lm_head bias in the fused loss).
 WRAP_FAMILIES = {
     "gemma": ("GemmaConfig", "GemmaForCausalLM", dict(head_dim=24)),
     "phi": ("PhiConfig", "PhiForCausalLM", dict(partial_rotary_factor=0.5, layer_norm_eps=1e-5)),
     # StableLM's attention does not pass **kwargs on: the context reaches it through its module
     "stablelm": ("StableLmConfig", "StableLmForCausalLM", dict(partial_rotary_factor=0.25, pad_token_id=0,
                                                                bos_token_id=1, eos_token_id=2)),
+}
+
+
+# Attention patterns (issue #29), windows smaller than the test documents: Mistral and Qwen2 with
+# sliding windows (Qwen2: only layers >= max_window_layers slide), Gemma 2 (attention and final
+# soft-caps, alternating windows, query_pre_attn_scalar), Gemma 3 text (local/global layers, two
+# RoPEs, q/k norms), and GPT-OSS (sinks, alternating windows; MoE: the generic wrap only).
+PATTERN_FAMILIES = {
+    "mistral_window": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=8)),
+    "qwen2_window": ("Qwen2Config", "Qwen2ForCausalLM", dict(use_sliding_window=True, sliding_window=8,
+                                                             max_window_layers=1)),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(
+        head_dim=16, query_pre_attn_scalar=24, sliding_window=8, attn_logit_softcapping=5.0,
+        final_logit_softcapping=3.0, hidden_activation="gelu_pytorch_tanh")),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(
+        head_dim=16, query_pre_attn_scalar=16, sliding_window=8, num_hidden_layers=3,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                         "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1000000.0}})),
+    "gpt_oss": ("GptOssConfig", "GptOssForCausalLM", dict(
+        head_dim=16, sliding_window=8, num_local_experts=4, num_experts_per_tok=2,
+        layer_types=["sliding_attention", "full_attention"], attention_dropout=0.0,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0})),
 }
 
 

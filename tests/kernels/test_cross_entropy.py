@@ -60,3 +60,30 @@ def test_triton_without_grad_gives_the_loss_only(force_triton):
     labels = torch.tensor([0, 3, -100, 39, 5, 5, 1, 2, 7])
     ref = F.cross_entropy(hidden @ weight.t(), labels, ignore_index=-100, reduction="sum")
     torch.testing.assert_close(linear_cross_entropy(hidden, weight, labels), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kernels", ["auto", "triton"])
+def test_bias_scale_and_softcap_equal_unfused(monkeypatch, kernels):
+    """Heads with a bias (Phi), a logit scale (Cohere) or a final soft-cap (Gemma): value and grads."""
+    if kernels == "triton":
+        pytest.importorskip("triton")
+    monkeypatch.setenv("SEQSHARD_KERNELS", kernels)
+    gen = torch.Generator().manual_seed(3)
+    h = torch.randn(37, 16, generator=gen, dtype=torch.float64).float()
+    w = torch.randn(50, 16, generator=gen).float()
+    b = torch.randn(50, generator=gen).float()
+    labels = torch.randint(0, 50, (37,), generator=gen)
+    labels[::5] = -100
+    for bias, scale, cap in ((b, 1.0, 0.0), (None, 0.25, 0.0), (None, 1.0, 3.0), (b, 0.5, 2.0)):
+        ins = [t.clone().requires_grad_() for t in (h, w)] + ([bias.clone().requires_grad_()] if bias is not None else [])
+        refs = [t.detach().clone().requires_grad_() for t in ins]
+        loss = linear_cross_entropy(ins[0], ins[1], labels, bias=ins[2] if bias is not None else None,
+                                    logit_scale=scale, softcap=cap, chunk_size=8)
+        z = (refs[0] @ refs[1].t() + (refs[2] if bias is not None else 0.0)) * scale
+        z = torch.tanh(z / cap) * cap if cap else z
+        ref = torch.nn.functional.cross_entropy(z, labels, ignore_index=-100, reduction="sum")
+        loss.backward()
+        ref.backward()
+        torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
+        for a, r in zip(ins, refs):
+            torch.testing.assert_close(a.grad, r.grad, rtol=1e-5, atol=1e-5)

@@ -43,9 +43,10 @@ def test_generic_wrap_spec_and_refusals(tmp_path):
     m = from_dict(_wrap(tmp_path / "gemma"), world_size=1).model
     assert (m.impl, m.hf_arch, m.head_dim, m.n_heads, m.tie_embeddings) == ("transformers", "GemmaForCausalLM",
                                                                              24, 4, True)
+    # the memory options apply to the wrap's decoder layers too (#29)
+    from_dict(_wrap(tmp_path / "gemma", train__activation_checkpointing="selective", train__mlp_tiles=0,
+                    train__offload_activations=True), world_size=1)
     cases = {
-        "train.activation_checkpointing": dict(train__activation_checkpointing="selective"),
-        "train.mlp_tiles": dict(train__mlp_tiles=0),
         "parallel.sp_method": dict(parallel__sp_method="adaptive", parallel__max_sp=2),
     }
     for path, sections in cases.items():
@@ -60,14 +61,38 @@ def test_generic_wrap_spec_and_refusals(tmp_path):
         from_dict(_wrap(tmp_path / "phi"), world_size=1)
 
 
-def test_sliding_window_refused_below_max_seq_len(tmp_path):
-    """Mistral's sliding_window: no effect when >= data.max_seq_len (accepted), refused below it."""
+def test_sliding_window_below_max_seq_len_is_trained_with_it(tmp_path):
+    """Issue #29: a window smaller than data.max_seq_len is honoured (no refusal, no silent drop);
+    a window switched off by use_sliding_window: false stays off."""
     save_hf_model("mistral", tmp_path, sliding_window=512)
-    spec = from_dict({"model": {"hf": str(tmp_path)}, "data": {"max_seq_len": 512, "tokens_per_step": 512}},
-                     world_size=1)
-    assert spec.model.hf_arch == "MistralForCausalLM"
-    with pytest.raises(SpecError, match=r"^model.hf: .*config.json: sliding_window 512 is smaller than "
-                                        r"data.max_seq_len 1024"):
-        from_dict({"model": {"hf": str(tmp_path)}, "data": {"max_seq_len": 1024}}, world_size=1)
+    spec = from_dict({"model": {"hf": str(tmp_path)}, "data": {"max_seq_len": 1024}}, world_size=1)
+    assert (spec.model.hf_arch, spec.model.sliding_window, spec.model.layer_type(1)) == \
+        ("MistralForCausalLM", 512, "sliding_attention")
     save_hf_model("qwen2", tmp_path / "q", sliding_window=64, use_sliding_window=False)  # window switched off
-    from_dict({"model": {"hf": str(tmp_path / "q")}, "data": {"max_seq_len": 1024}}, world_size=1)
+    spec = from_dict({"model": {"hf": str(tmp_path / "q")}, "data": {"max_seq_len": 1024}}, world_size=1)
+    assert spec.model.layer_type(0) == "full_attention" and spec.model.sliding_window == 0
+
+
+def test_attention_pattern_keys_are_checked(tmp_path):
+    """One line naming the key for a pattern that cannot mean anything."""
+    base = {"model": {"n_layers": 2}}
+    for model, match in [({"layer_types": "SX"}, r"^model.layer_types: letter\(s\) X"),
+                         ({"layer_types": "S"}, r"^model.layer_types: 1 letters for model.n_layers 2"),
+                         ({"layer_types": "SF"}, r"^model.sliding_window: sliding layers"),
+                         ({"layer_types": "CF"}, r"^model.attn_chunk_size: chunked layers"),
+                         ({"attn_softcap": -1.0}, r"^model.attn_softcap: must be >= 0"),
+                         ({"block": "gpt"}, r"^model.block: 'gpt' is not one of"),
+                         ({"arch": "linear_llama", "sliding_window": 8}, r"^model.sliding_window: attention patterns "
+                                                                           r"apply to arch llama")]:
+        with pytest.raises(SpecError, match=match):
+            from_dict({**base, "model": {**base["model"], **model}}, world_size=1)
+    spec = from_dict({"model": {"n_layers": 3, "layer_types": "SCF", "sliding_window": 16, "attn_chunk_size": 32,
+                                "attn_sinks": True}}, world_size=1)
+    assert [spec.model.layer_type(i) for i in range(3)] == ["sliding_attention", "chunked_attention", "full_attention"]
+
+
+def test_wrap_refuses_chunked_attention(tmp_path):
+    save_hf_model("llama", tmp_path, attention_chunk_size=16)
+    with pytest.raises(SpecError, match=r"^model.hf: .*chunked attention \(attention_chunk_size 16\) is a mask"):
+        from_dict(_wrap(tmp_path), world_size=1)
+

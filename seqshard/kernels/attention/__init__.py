@@ -7,9 +7,20 @@
 - the dense torch reference (``reference.py``, ``[H, L, L]`` scores per document) only with
   ``SEQSHARD_KERNELS=reference``: it is the test oracle.
 
+Attention patterns (``masks.py``): ``window_size=(left, right)``, ``softcap`` (flash-attn's
+names and semantics), ``chunk_size`` (Llama 4) and ``sinks`` (GPT-OSS, one logit per query head).
+Sinks work on every path (they are folded into the merged out and lse). The Triton kernels take
+windows, chunks and soft-caps natively (skipping tiles outside the window); PyTorch's CPU flash
+kernel has none of them, so on CPU those calls run the blockwise path, which also skips the key
+blocks outside a window: O(L * W) everywhere. Calls with explicit positions (ring's block pairs)
+run blockwise. Nothing is dropped: every path honours every pattern.
+
 - ``attention(...)``: differentiable; ``return_lse=True`` also returns the fp32 lse ``[H, total_q]``.
 - ``attention_forward`` / ``attention_backward``: the no-autograd block pair ring attention
-  merges and differentiates block by block (backward from the *final* out and lse).
+  merges and differentiates block by block (backward from the *final* out and lse). With
+  ``sinks``, the forward folds them in and the backward also returns their gradient.
+  ``q_pos`` / ``k_pos`` (per-token positions in the document) place blocks whose queries and
+  keys are not bottom-right aligned (ring attention's block pairs).
 """
 from __future__ import annotations
 
@@ -20,49 +31,77 @@ import torch
 from ..dispatch import HAS_TRITON, use_reference, use_triton
 from .blockwise import blockwise_attention_backward, blockwise_attention_forward
 from .flash_cpu import HAS_CPU_FLASH, flash_cpu_attention_backward, flash_cpu_attention_forward
+from .masks import Mask, apply_sinks, make_mask, sinks_grad, without_unreachable_band
 from .reference import attention_backward_reference, attention_forward_reference, attention_reference
 
 
-def _impl(q) -> str:
-    if use_triton(q):
-        return "triton"
+def _impl(q, mask: Mask | None = None, positioned: bool = False) -> str:
     if use_reference():
         return "reference"
-    if os.environ.get("SEQSHARD_KERNELS") == "blockwise":
+    fancy = positioned or (mask is not None and not mask.plain)
+    if use_triton(q):
+        return "blockwise" if positioned else "triton"
+    if os.environ.get("SEQSHARD_KERNELS") == "blockwise" or fancy:
         return "blockwise"
     return "flash_cpu" if q.device.type == "cpu" and HAS_CPU_FLASH else "blockwise"
 
 
+def _effective(causal, window_size, chunk_size, softcap, cu_seqlens_q, cu_seqlens_k, q_pos):
+    """The call's mask, a window wider than every document dropped (exact: it hides nothing there,
+    and the plain kernels are faster), and its flash-attn keywords."""
+    mask = make_mask(causal, window_size, chunk_size, softcap)
+    if mask.banded and q_pos is None and len(cu_seqlens_k) > 1:
+        longest = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max() + (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).max())
+        mask = without_unreachable_band(mask, longest)
+    return mask, (mask.left, mask.right), mask.softcap, mask.chunk or None
+
+
 def attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seqlen_k=None,
-                      causal=False, softmax_scale=None):
-    impl = _impl(q)
+                      causal=False, softmax_scale=None, *, window_size=(-1, -1), softcap=0.0, chunk_size=None,
+                      sinks=None, q_pos=None, k_pos=None):
+    """One block's ``(out, lse)``; sinks (if any) folded in."""
+    mask, window_size, softcap, chunk_size = _effective(causal, window_size, chunk_size, softcap, cu_seqlens_q,
+                                                        cu_seqlens_k, q_pos)
+    impl = _impl(q, mask, q_pos is not None)
     if impl == "triton":
         from .triton_fa import triton_attention_forward
 
-        return triton_attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, softmax_scale)
-    if impl == "flash_cpu":
-        return flash_cpu_attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, softmax_scale)
-    if impl == "blockwise":
-        return blockwise_attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, softmax_scale)
-    return attention_forward_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                       causal, softmax_scale)
+        out, lse = triton_attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, softmax_scale, mask)
+    elif impl == "flash_cpu":
+        out, lse = flash_cpu_attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, softmax_scale)
+    elif impl == "blockwise":
+        out, lse = blockwise_attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, softmax_scale,
+                                               window_size, softcap, chunk_size, q_pos, k_pos)
+    else:
+        out, lse = attention_forward_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                               causal, softmax_scale, window_size=window_size, softcap=softcap,
+                                               chunk_size=chunk_size, q_pos=q_pos, k_pos=k_pos)
+    return apply_sinks(out, lse, sinks) if sinks is not None else (out, lse)
 
 
 def attention_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None,
-                       max_seqlen_k=None, causal=False, softmax_scale=None):
-    impl = _impl(q)
+                       max_seqlen_k=None, causal=False, softmax_scale=None, *, window_size=(-1, -1), softcap=0.0,
+                       chunk_size=None, sinks=None, q_pos=None, k_pos=None):
+    """``(dq, dk, dv)`` of one block from the final out and lse; ``(dq, dk, dv, dsinks)`` with sinks."""
+    mask, window_size, softcap, chunk_size = _effective(causal, window_size, chunk_size, softcap, cu_seqlens_q,
+                                                        cu_seqlens_k, q_pos)
+    impl = _impl(q, mask, q_pos is not None)
     if impl == "triton":
         from .triton_fa import triton_attention_backward
 
-        return triton_attention_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, causal, softmax_scale)
-    if impl == "flash_cpu":
-        return flash_cpu_attention_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, causal,
-                                            softmax_scale)
-    if impl == "blockwise":
-        return blockwise_attention_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, causal,
-                                            softmax_scale)
-    return attention_backward_reference(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                        max_seqlen_k, causal, softmax_scale)
+        grads = triton_attention_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, causal,
+                                          softmax_scale, mask)
+    elif impl == "flash_cpu":
+        grads = flash_cpu_attention_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, causal,
+                                             softmax_scale)
+    elif impl == "blockwise":
+        grads = blockwise_attention_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, causal,
+                                             softmax_scale, window_size, softcap, chunk_size, q_pos, k_pos)
+    else:
+        grads = attention_backward_reference(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                             max_seqlen_k, causal, softmax_scale, window_size, softcap, chunk_size,
+                                             q_pos, k_pos)
+    return tuple(grads) + (sinks_grad(dout, out, lse, sinks),) if sinks is not None else grads
 
 
 class _FlashAttention(torch.autograd.Function):
@@ -70,27 +109,34 @@ class _FlashAttention(torch.autograd.Function):
     out and lse (O(T * H * D)); the backward recomputes the scores tile by tile from them."""
 
     @staticmethod
-    def forward(ctx, q, k, v, cu_q, cu_k, causal, scale):
-        out, lse = attention_forward(q, k, v, cu_q, cu_k, None, None, causal, scale)
-        ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
-        ctx.causal, ctx.scale = causal, scale
+    def forward(ctx, q, k, v, sinks, cu_q, cu_k, causal, scale, pattern):
+        out, lse = attention_forward(q, k, v, cu_q, cu_k, None, None, causal, scale, sinks=sinks, **pattern)
+        ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, sinks)
+        ctx.causal, ctx.scale, ctx.pattern = causal, scale, pattern
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, _dlse):
-        q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
-        dq, dk, dv = attention_backward(dout, q, k, v, out, lse, cu_q, cu_k, None, None, ctx.causal, ctx.scale)
-        return dq, dk, dv, None, None, None, None
+        q, k, v, out, lse, cu_q, cu_k, sinks = ctx.saved_tensors
+        grads = attention_backward(dout, q, k, v, out, lse, cu_q, cu_k, None, None, ctx.causal, ctx.scale,
+                                   sinks=sinks, **ctx.pattern)
+        dsinks = grads[3] if sinks is not None else None
+        return grads[0], grads[1], grads[2], dsinks, None, None, None, None, None
 
 
 def attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seqlen_k=None,
-              causal=False, softmax_scale=None, return_lse=False):
-    """``flash_attn_varlen_func``-compatible varlen attention (see ``reference.py``)."""
+              causal=False, softmax_scale=None, return_lse=False, window_size=(-1, -1), softcap=0.0,
+              chunk_size=None, sinks=None, q_pos=None, k_pos=None):
+    """``flash_attn_varlen_func``-compatible varlen attention (see ``reference.py`` and ``masks.py``);
+    ``q_pos`` / ``k_pos`` (int ``[total_q]`` / ``[total_k]``, positions in the document) replace
+    the bottom-right alignment where a caller holds queries and keys of different spans."""
+    pattern = dict(window_size=tuple(window_size), softcap=softcap, chunk_size=chunk_size, q_pos=q_pos, k_pos=k_pos)
     if _impl(q) == "reference":
         return attention_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                   causal=causal, softmax_scale=softmax_scale, return_lse=return_lse)
-    out, lse = _FlashAttention.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, softmax_scale)
+                                   causal=causal, softmax_scale=softmax_scale, return_lse=return_lse,
+                                   sinks=sinks, **pattern)
+    out, lse = _FlashAttention.apply(q, k, v, sinks, cu_seqlens_q, cu_seqlens_k, causal, softmax_scale, pattern)
     return (out, lse) if return_lse else out
 
 
