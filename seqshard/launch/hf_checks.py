@@ -23,7 +23,7 @@ WRAP_SP_METHODS = ("none", "ulysses", "ring", "allgather", "usp")
 UNUSED_BY_CAUSAL_LM = ("classifier_dropout", "summary_first_dropout", "summary_proj_to_labels")
 # model keys only seqshard's own model code reads
 NATIVE_ONLY_KEYS = ("arch", "rope_theta", "norm_eps", "layer_pattern", "linear_attn", "qkv_bias", "qk_norm",
-                    "rope_scaling")
+                    "rope_scaling", "moe", "minimax")
 
 
 def sliding_window(hf: dict) -> int | None:

@@ -67,5 +67,8 @@ def resolve_hf_model(raw: dict) -> dict:
 
         max_pos = read_config(path).get("max_position_embeddings")
         merged["rope_scaling"] = dict(parse_rope_scaling(model["rope_scaling"], max_pos).__dict__)
+    for key in ("moe", "minimax"):  # MoE families: nested sections as mappings, like the spec's own
+        if hasattr(merged.get(key), "__dataclass_fields__"):
+            merged[key] = dict(merged[key].__dict__)
     raw["model"] = merged
     return resolve_rope(raw)
