@@ -103,3 +103,27 @@ def test_bad_moe_configs_are_named(tmp_path):
     _edit(tmp_path, layer_types=["linear_attention", "full_attention", "linear_attention"], num_experts_per_tok=5)
     with pytest.raises(HFError, match=r"num_experts_per_tok 5 must be in \[1, num_experts 3\]"):
         from_hf(tmp_path)
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe_norm", "mixtral", "minimax"])
+def test_export_round_trip_loads_in_transformers(family, tmp_path):
+    """seqshard weights (changed, as training changes them) -> ``export_hf`` -> transformers'
+    ``from_pretrained``: the same logits as the seqshard model."""
+    from transformers import AutoModelForCausalLM
+
+    from seqshard.launch.export import export_hf
+
+    save_hf_model(family, tmp_path / "src")
+    ours = from_hf(tmp_path / "src")
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    export_hf({k: v.detach() for k, v in ours.state_dict().items()}, ours.cfg, "byte", tmp_path / "out", 2**30)
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "out", attn_implementation="eager", dtype=torch.float32)
+    doc = torch.randint(0, 300, (29,), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        ref = back(input_ids=doc[None]).logits[0]
+        got = ours(doc, torch.arange(29), VarlenContext.from_lengths([29]))
+    assert_rel_close(f"{family} exported logits", got, ref)
+    assert_rel_close(f"{family} re-imported logits", from_hf(tmp_path / "out")(
+        doc, torch.arange(29), VarlenContext.from_lengths([29])).detach(), got)

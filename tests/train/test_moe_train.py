@@ -52,6 +52,28 @@ def test_qwen3_moe_dp2_and_ulysses_sp2_follow_one_process(tmp_path):
 
 def test_minimax_lasp2_sp2_follows_one_process(tmp_path):
     _check(tmp_path, "minimax", [(2, "lasp2", 2, "allgather")])
+    check_export(tmp_path)
+
+
+def check_export(tmp_path):
+    """``seqshard export`` of the trained one-process run loads in transformers with seqshard's logits."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from seqshard.launch.export import export
+    from seqshard.models import VarlenContext, from_hf
+    from tests.helpers.hf_models import assert_rel_close
+
+    export(tmp_path / "one", tmp_path / "exported")
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "exported", attn_implementation="eager",
+                                                dtype=torch.float32)
+    initial = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", attn_implementation="eager", dtype=torch.float32)
+    doc = torch.randint(0, 259, (40,), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        ref = back(input_ids=doc[None]).logits[0]
+        got = from_hf(tmp_path / "exported")(doc, torch.arange(40), VarlenContext.from_lengths([40]))
+        assert (ref - initial(input_ids=doc[None]).logits[0]).abs().max() > 1e-3  # the trained weights
+    assert_rel_close("exported logits", got, ref)
 
 
 @pytest.mark.slow
