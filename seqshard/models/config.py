@@ -37,7 +37,7 @@ class MoEConfig:
     expert_ffn_dim: int = 0  # 0 = ffn_dim
     score: str = "softmax"  # router scores: softmax | sigmoid
     norm_topk: bool = True  # renormalise the k chosen scores to sum to 1
-    aux_loss_coef: float = 0.0  # load-balancing loss weight (transformers' router_aux_loss_coef)
+    aux_loss_coef: float = 0.001  # load-balancing loss weight (transformers' router_aux_loss_coef default)
     shared_expert_ffn_dim: int = 0  # 0 = no shared expert
     layers: str = ""  # one letter per layer: E mixture of experts, D dense MLP; "" = every layer E
 
