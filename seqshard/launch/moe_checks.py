@@ -30,6 +30,9 @@ def check_moe(spec):
     if m.arch not in ("llama", "minimax"):
         raise SpecError("model.moe.num_experts", f"mixture-of-experts MLPs are built for arch llama and minimax, "
                         f"not {m.arch}")
+    if spec.train.mlp_tiles != 1:
+        raise SpecError("train.mlp_tiles", f"{spec.train.mlp_tiles}: tiling splits the router's statistics; "
+                        "mixture-of-experts MLPs run untiled (set 1)")
     if p.sp_method == "adaptive":
         raise SpecError("parallel.sp_method", "adaptive groups do not carry the MoE load-balancing counts; "
                         "use ulysses, ring, allgather or usp")

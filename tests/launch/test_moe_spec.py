@@ -21,6 +21,7 @@ MOE = ["model.moe.num_experts=4", "model.moe.top_k=2"]
     (MOE + ["model.moe.layers=EDX"], "model.moe.layers", "must be 2 letters of E"),
     (MOE + ["model.moe.aux_loss_coef=-1"], "model.moe.aux_loss_coef", "must be >= 0"),
     (MOE + ["parallel.sp_method=adaptive", "parallel.max_sp=2"], "parallel.sp_method", "adaptive groups do not carry"),
+    (MOE + ["train.mlp_tiles=4"], "train.mlp_tiles", "mixture-of-experts MLPs run untiled"),
     (["model.arch=minimax", "model.layer_pattern=LA"], "model.moe.num_experts", "arch minimax has mixture"),
     (MOE + ["model.arch=minimax", "model.layer_pattern=LA", "parallel.sp=2", "parallel.sp_method=lasp2",
             "parallel.softmax_method=ring"], "parallel.softmax_method", "ring shards each document"),

@@ -127,3 +127,22 @@ def test_export_round_trip_loads_in_transformers(family, tmp_path):
     assert_rel_close(f"{family} exported logits", got, ref)
     assert_rel_close(f"{family} re-imported logits", from_hf(tmp_path / "out")(
         doc, torch.arange(29), VarlenContext.from_lengths([29])).detach(), got)
+
+
+@pytest.mark.parametrize("mode", ["full", "selective"])
+def test_activation_checkpointing_keeps_the_aux_loss_gradient(mode, tmp_path):
+    """The router probabilities logged inside a checkpointed block still carry the aux gradient."""
+    from types import SimpleNamespace
+
+    from seqshard.train.memory import apply_memory_options
+
+    save_hf_model("minimax", tmp_path)
+    tokens, positions, labels = packed_batch()
+    grads = []
+    for ac in ("none", mode):
+        model = apply_memory_options(from_hf(tmp_path), SimpleNamespace(
+            activation_checkpointing=ac, mlp_tiles=1, offload_activations=False))
+        model(tokens, positions, VarlenContext.from_lengths(LENGTHS), labels=labels).backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    for name, g in grads[0].items():
+        assert_rel_close(f"{mode} grad {name}", grads[1][name], g)
