@@ -13,20 +13,20 @@ from tests.helpers.training import assert_losses_close  # noqa: E402
 from tests.train.test_hf_wrap_train import write_docs  # noqa: E402
 
 
-def spec_raw(folder, out, sp_method="none", sp=1, softmax_method="allgather", steps=5):
+def spec_raw(folder, out, sp_method="none", sp=1, softmax_method="allgather", steps=5, engine="torch"):
     docs = str(__import__("pathlib").Path(folder).parent / "docs.jsonl")
     return {"model": {"hf": folder}, "seed": 0,
             "data": {"source": docs, "max_seq_len": 64, "tokens_per_step": 256},
             "parallel": {"sp": sp, "sp_method": sp_method, "softmax_method": softmax_method},
             "train": {"steps": steps, "warmup_steps": 1, "lr": 1e-2, "log_every": 100, "checkpoint_every": 0,
-                      "output_dir": out}}
+                      "output_dir": out, "engine": engine}}
 
 
-def train_moe_rank(rank, world, folder, out, sp_method, sp, softmax_method="allgather"):
+def train_moe_rank(rank, world, folder, out, sp_method, sp, softmax_method="allgather", engine="torch"):
     from seqshard.launch.spec import from_dict
     from seqshard.train.trainer import train
 
-    history = train(from_dict(spec_raw(folder, out, sp_method, sp, softmax_method), world))
+    history = train(from_dict(spec_raw(folder, out, sp_method, sp, softmax_method, engine=engine), world))
     return [(m["loss"], m["aux_loss"], m["expert_load"]) for m in history]
 
 
@@ -36,9 +36,9 @@ def _check(tmp_path, family, layouts):
     write_docs(tmp_path / "docs.jsonl", n=30)
     ref = run_ranks(1, train_moe_rank, str(folder), str(tmp_path / "one"), "none", 1)[0]
     assert all(0 < aux for _, aux, _ in ref)
-    for world, sp_method, sp, softmax in layouts:
-        got = run_ranks(world, train_moe_rank, str(folder), str(tmp_path / f"{sp_method}{sp}x{world}"),
-                        sp_method, sp, softmax)[0]
+    for world, sp_method, sp, softmax, *engine in layouts:
+        got = run_ranks(world, train_moe_rank, str(folder), str(tmp_path / f"{sp_method}{sp}x{world}{engine}"),
+                        sp_method, sp, softmax, *engine)[0]
         tag = f"{family} {sp_method} sp{sp} world{world}"
         assert_losses_close([loss for loss, _, _ in got], [loss for loss, _, _ in ref])
         assert_losses_close([aux for _, aux, _ in got], [aux for _, aux, _ in ref]), tag
@@ -78,6 +78,6 @@ def check_export(tmp_path):
 
 @pytest.mark.slow
 def test_more_layouts_follow_one_process(tmp_path):
-    _check(tmp_path / "m", "mixtral", [(2, "ring", 2, "allgather")])
+    _check(tmp_path / "m", "mixtral", [(2, "ring", 2, "allgather"), (2, "none", 1, "allgather", "fsdp2")])
     _check(tmp_path / "x", "minimax", [(4, "lasp2", 4, "allgather"), (4, "lasp1", 4, "ulysses"),
                                       (4, "lasp2", 2, "allgather")])
