@@ -146,3 +146,27 @@ def test_activation_checkpointing_keeps_the_aux_loss_gradient(mode, tmp_path):
         grads.append({n: p.grad for n, p in model.named_parameters()})
     for name, g in grads[0].items():
         assert_rel_close(f"{mode} grad {name}", grads[1][name], g)
+
+
+@pytest.mark.parametrize("score, norm", [("sigmoid", True), ("softmax", False)])
+def test_moe_block_with_shared_expert_equals_its_definition(score, norm):
+    """Router scores (softmax or sigmoid), top-k (renormalised or not), experts and the shared expert."""
+    from seqshard.models.config import ModelConfig, MoEConfig
+    from seqshard.models.moe import MoE
+
+    torch.manual_seed(1)
+    moe = MoE(ModelConfig(dim=16, ffn_dim=8, moe=MoEConfig(num_experts=6, top_k=2, score=score, norm_topk=norm,
+                                                            shared_expert_ffn_dim=12)))
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    x = torch.randn(11, 16)
+    logits = x @ moe.router.weight.T
+    scores = logits.softmax(-1) if score == "softmax" else logits.sigmoid()
+    ref = moe.shared(x)
+    for t in range(11):
+        w, i = scores[t].topk(2)
+        w = w / w.sum() if norm else w
+        for wj, e in zip(w, i):
+            gate, up = (moe.experts.gate_up[e] @ x[t]).chunk(2)
+            ref[t] = ref[t] + wj * (moe.experts.down[e] @ (torch.nn.functional.silu(gate) * up))
+    assert_rel_close(f"{score} moe", moe(x).detach(), ref.detach())

@@ -81,3 +81,22 @@ def test_more_layouts_follow_one_process(tmp_path):
     _check(tmp_path / "m", "mixtral", [(2, "ring", 2, "allgather"), (2, "none", 1, "allgather", "fsdp2")])
     _check(tmp_path / "x", "minimax", [(4, "lasp2", 4, "allgather"), (4, "lasp1", 4, "ulysses"),
                                       (4, "lasp2", 2, "allgather")])
+
+
+def native_moe_rank(rank, world, out, extra):
+    from seqshard.train.trainer import train
+    from tests.helpers.training import small_spec
+
+    history = train(small_spec(out, world, [
+        "model.moe.num_experts=4", "model.moe.top_k=2", "model.moe.expert_ffn_dim=64", "model.moe.aux_loss_coef=0.01",
+        "model.moe.score=sigmoid", "model.moe.shared_expert_ffn_dim=32", "train.steps=3"] + extra))
+    return [(m["loss"], m["aux_loss"]) for m in history]
+
+
+@pytest.mark.slow
+def test_native_moe_spec_ring_sp2_follows_one_process(tmp_path):
+    """``model.moe`` on seqshard's own llama (sigmoid router, shared expert) under Ring sp 2."""
+    ref = run_ranks(1, native_moe_rank, str(tmp_path / "one"), [])[0]
+    got = run_ranks(2, native_moe_rank, str(tmp_path / "ring"), ["parallel.sp=2", "parallel.sp_method=ring"])[0]
+    assert_losses_close([x for x, _ in got], [x for x, _ in ref])
+    assert_losses_close([a for _, a in got], [a for _, a in ref])
