@@ -40,6 +40,11 @@ def test_hf_moe_spec_fills_the_model_and_refuses_what_kernels_cannot_honour(tmp_
     spec = load_spec(TINY, [f"model={{hf: {tmp_path}}}", "parallel.sp=2", "parallel.sp_method=lasp2"], 2)
     assert (spec.model.arch, spec.model.layer_pattern, spec.model.moe.num_experts) == ("minimax", "LAL", 3)
     assert spec.model.minimax.full_alpha == 1.2 and spec.model.moe.aux_loss_coef == 0.02
+    spec = load_spec(TINY, [f"model={{hf: {tmp_path}, moe: {{aux_loss_coef: 0.0, top_k: 2}}}}"], 2)
+    assert spec.model.moe.aux_loss_coef == 0.0 and spec.model.moe.num_experts == 3  # a training choice
+    with pytest.raises(SpecError) as caught:
+        load_spec(TINY, [f"model={{hf: {tmp_path}, moe: {{top_k: 1}}}}"], 2)
+    assert caught.value.path == "model.moe.top_k" and "conflicts with" in str(caught.value)
     cfg = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**cfg, "sliding_window": 32}))
     proc = subprocess.run([sys.executable, "-m", "seqshard", "validate", str(TINY), "--set", f"model={{hf: {tmp_path}}}",
