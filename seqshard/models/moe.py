@@ -133,9 +133,10 @@ def load_balancing_terms(log, labels, ctx, doc_sums_fn, doc_reduce_fn):
 
 
 class MoEDecoder(Decoder):
-    """A Decoder whose MLPs are :class:`MoE` where ``cfg.moe.layers`` says; with labels it returns the
-    summed token loss plus ``aux_loss_coef * sum_d w_d aux_d`` and keeps, in ``moe_metrics``, this
-    rank's uncoefficiented ``aux_sum`` and per-layer expert ``load`` (detached) for the trainer."""
+    """A Decoder whose MLPs are :class:`MoE` where ``cfg.moe.layers`` says; with labels, in training
+    mode, it returns the summed token loss plus ``aux_loss_coef * sum_d w_d aux_d`` and keeps, in
+    ``moe_metrics``, this rank's uncoefficiented ``aux_sum`` and per-layer expert ``load`` (detached)
+    for the trainer. In eval mode (held-out evaluation) it returns the summed token loss only."""
 
     def __init__(self, cfg: ModelConfig, mixers):
         self.doc_sums_fn, self.doc_reduce_fn = varlen_doc_sums, no_reduce
@@ -159,7 +160,7 @@ class MoEDecoder(Decoder):
 
     def forward(self, tokens, positions, ctx, labels=None):
         moes = self.moe_modules()
-        if labels is None or not moes:
+        if labels is None or not moes or not self.training:  # evaluation: the token loss only
             return super().forward(tokens, positions, ctx, labels)
         log = []
         for m in moes:

@@ -170,3 +170,14 @@ def test_moe_block_with_shared_expert_equals_its_definition(score, norm):
             gate, up = (moe.experts.gate_up[e] @ x[t]).chunk(2)
             ref[t] = ref[t] + wj * (moe.experts.down[e] @ (torch.nn.functional.silu(gate) * up))
     assert_rel_close(f"{score} moe", moe(x).detach(), ref.detach())
+
+
+def test_eval_mode_loss_is_the_token_loss_only(tmp_path):
+    hf = save_hf_model("mixtral", tmp_path)
+    ours = from_hf(tmp_path).eval()
+    doc = torch.randint(0, 300, (30,), generator=torch.Generator().manual_seed(7))
+    labels = torch.cat([doc[1:], torch.tensor([-100])])
+    with torch.no_grad():
+        loss = ours(doc, torch.arange(30), VarlenContext.from_lengths([30]), labels=labels)
+        ref = hf(input_ids=doc[None], labels=doc[None], output_router_logits=False).loss * 29
+    assert_rel_close("eval loss", loss, ref)
