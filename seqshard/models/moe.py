@@ -151,8 +151,8 @@ class MoEDecoder(Decoder):
 
     def reset_parameters(self):
         super().reset_parameters()
-        for name, p in self.named_parameters():  # 3-D expert tensors: the same N(0, 0.02)
-            if name.endswith(("experts.down",)):
+        for name, p in self.named_parameters():  # expert down projections: residual std, like w2
+            if name.endswith("experts.down"):
                 nn.init.normal_(p, std=0.02 / len(self.layers) ** 0.5 / 2 ** 0.5)
 
     def moe_modules(self):
