@@ -100,3 +100,13 @@ def test_native_moe_spec_ring_sp2_follows_one_process(tmp_path):
     got = run_ranks(2, native_moe_rank, str(tmp_path / "ring"), ["parallel.sp=2", "parallel.sp_method=ring"])[0]
     assert_losses_close([x for x, _ in got], [x for x, _ in ref])
     assert_losses_close([a for _, a in got], [a for _, a in ref])
+
+
+@pytest.mark.slow
+def test_native_moe_deepspeed_zero3_dp2_follows_one_process(tmp_path):
+    """Experts are partitioned by ZeRO-3 like any other parameter."""
+    pytest.importorskip("deepspeed")
+    ref = run_ranks(1, native_moe_rank, str(tmp_path / "one"), [])[0]
+    got = run_ranks(2, native_moe_rank, str(tmp_path / "ds"), ["train.engine=deepspeed", "train.zero_stage=3"])[0]
+    assert_losses_close([x for x, _ in got], [x for x, _ in ref])
+    assert_losses_close([a for _, a in got], [a for _, a in ref])
