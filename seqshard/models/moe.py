@@ -20,7 +20,11 @@ transformers' ``loss`` (with ``output_router_logits``), and independent of dp x 
 micro-batching, since documents are never split across micro-batches and a document split over
 SP ranks gets its counts ``C_d``, ``N_d``, ``w_d`` summed over the group (``doc_reduce_fn``, installed
 by ``parallelize()``), while each rank differentiates only its own ``P_d`` (the gradient of the
-sum over ranks is the exact gradient, since ``C`` is piecewise constant).
+sum over ranks is the exact gradient, since ``C`` is piecewise constant). A step-global aux loss
+(one ``C`` over all documents of the step) would also be layout-independent, but its gradient needs
+the step's counts before the first micro-batch's backward: an extra forward pass, or every
+micro-batch's graph kept alive; the per-document loss needs neither and matches transformers on each
+document.
 """
 from __future__ import annotations
 
