@@ -150,10 +150,18 @@ def export_hf(state: dict, cfg: ModelConfig, tokenizer: str, out: Path, max_shar
         export_wrapped(state, cfg, out, max_shard_bytes)
         _copy_tokenizer(tokenizer, out)
         return
-    if cfg.arch != "llama":
+    if cfg.moe.num_experts:  # Qwen3-MoE, Mixtral, MiniMax: per-expert tensors, the source's config.json
+        from seqshard.models.hf_moe import MOE_FAMILIES, seqshard_to_hf
+
+        if cfg.hf_arch not in MOE_FAMILIES:
+            raise SpecError("model.moe", "a mixture-of-experts model exports to Hugging Face only when it was "
+                            f"imported from one ({', '.join(MOE_FAMILIES)}); use --format torch")
+        tensors = seqshard_to_hf(state, cfg)
+    elif cfg.arch != "llama":
         raise SpecError("model.arch", f"{cfg.arch} has no Hugging Face counterpart; use --format torch")
-    tensors = {hf_name(k, cfg.block): v for k, v in state.items()
-               if not (cfg.tie_embeddings and k == "lm_head.weight")}
+    else:
+        tensors = {hf_name(k, cfg.block): v for k, v in state.items()
+                   if not (cfg.tie_embeddings and k == "lm_head.weight")}
     out.mkdir(parents=True, exist_ok=True)
     write_safetensors(tensors, out, max_shard_bytes)
     (out / "config.json").write_text(json.dumps(hf_config(cfg, max_seq_len), indent=1))

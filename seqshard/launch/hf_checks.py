@@ -26,7 +26,7 @@ UNUSED_BY_CAUSAL_LM = ("classifier_dropout", "summary_first_dropout", "summary_p
 NATIVE_ONLY_KEYS = ("arch", "rope_theta", "norm_eps", "layer_pattern", "linear_attn", "qkv_bias", "qk_norm",
                     "rope_scaling", "layer_types", "sliding_window", "sliding_window_pattern", "attn_chunk_size",
                     "attn_softcap", "final_softcap", "attn_scale", "local_rope_theta", "attn_sinks", "block",
-                    "embed_padding_idx")
+                    "embed_padding_idx", "moe", "minimax")
 
 
 PATTERN_KEYS = ("layer_types", "sliding_window", "sliding_window_pattern", "attn_chunk_size", "attn_softcap",

@@ -8,11 +8,14 @@ Runs before typing and validation.
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 from .spec import SpecError
 
 IMPLS = ("native", "transformers")
 OWN_KEYS = ("hf", "impl", "hf_arch")  # keys of model: that are not the checkpoint's to decide
 ROPE_OVERRIDES = ("rope_theta", "rope_scaling")  # native import: the spec's value replaces config.json's
+MOE_OVERRIDES = ("aux_loss_coef",)  # model.moe keys the spec may set over config.json's (0 turns the loss off)
 
 
 def _transformers_fields(path) -> dict:
@@ -50,11 +53,19 @@ def resolve_hf_model(raw: dict) -> dict:
     except (KeyError, ValueError, TypeError) as err:
         raise SpecError("model.hf", f"{path}/config.json: cannot read {err}") from None
     overrides = ROPE_OVERRIDES if impl == "native" else ()
+    if impl == "native" and isinstance(model.get("moe"), dict) and "moe" in derived:  # a training choice
+        derived["moe"] = replace(derived["moe"], **{k: v for k, v in model["moe"].items() if k in MOE_OVERRIDES})
     for key, value in model.items():
         if key in OWN_KEYS or key in overrides or key not in derived:
             continue
         want = derived[key]
         want = want.__dict__ if hasattr(want, "__dataclass_fields__") else want
+        if isinstance(value, dict) and isinstance(want, dict):  # a nested section: the keys given
+            for sub, v in value.items():
+                if sub in want and v != want[sub]:
+                    raise SpecError(f"model.{key}.{sub}", f"{v!r} conflicts with {path}/config.json "
+                                    f"({want[sub]!r}); drop the key, the checkpoint decides it")
+            continue
         if value != want:
             raise SpecError(f"model.{key}", f"{value!r} conflicts with {path}/config.json ({want!r}); "
                             "drop the key, the checkpoint decides it")
@@ -67,5 +78,8 @@ def resolve_hf_model(raw: dict) -> dict:
 
         max_pos = read_config(path).get("max_position_embeddings")
         merged["rope_scaling"] = dict(parse_rope_scaling(model["rope_scaling"], max_pos).__dict__)
+    for key in ("moe", "minimax"):  # MoE families: nested sections as mappings, like the spec's own
+        if hasattr(merged.get(key), "__dataclass_fields__"):
+            merged[key] = dict(merged[key].__dict__)
     raw["model"] = merged
     return resolve_rope(raw)

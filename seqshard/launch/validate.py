@@ -11,7 +11,7 @@ MAX_DIM = 2**24
 MAX_PARAMS = 10**13
 MAX_TOKENS = 2**31 - 1
 
-ARCHS = ("llama", "linear_llama", "hybrid")
+ARCHS = ("llama", "linear_llama", "hybrid", "minimax")
 DECAYS = ("none", "fixed", "data")
 SOFTMAX_SP = ("ulysses", "ring", "allgather", "usp")
 LINEAR_SP = ("lasp1", "lasp2")
@@ -52,12 +52,12 @@ def _check_model(m):
 
     check_rope(m)
     _one_of("model.linear_attn.decay", m.linear_attn.decay, DECAYS)
-    if m.arch == "hybrid":
+    if m.arch in ("hybrid", "minimax"):
         if len(m.layer_pattern) != m.n_layers or set(m.layer_pattern) - set("LA"):
             raise SpecError("model.layer_pattern", f"{m.layer_pattern!r} must be {m.n_layers} letters "
                             "of L (linear) and A (softmax), one per layer")
     elif m.layer_pattern:
-        raise SpecError("model.layer_pattern", f"only used with model.arch: hybrid, not {m.arch}")
+        raise SpecError("model.layer_pattern", f"only used with model.arch: hybrid or minimax, not {m.arch}")
 
 
 def _check_data(d, dp):
@@ -146,7 +146,7 @@ def _check_parallel(p, m, world_size):
         _positive("parallel.planner.memory_tokens", p.planner.memory_tokens, 0)
     if p.sp_method in ("ring", "usp") and p.layout == "stream":
         raise SpecError("parallel.layout", f"{p.sp_method} shards each document; use zigzag or contiguous")
-    if p.sp_method in LINEAR_SP and m.arch == "hybrid" and p.softmax_method in ("ring", "usp"):
+    if p.sp_method in LINEAR_SP and m.arch in ("hybrid", "minimax") and p.softmax_method in ("ring", "usp"):
         raise SpecError("parallel.softmax_method", f"{p.softmax_method} shards each document, but LASP "
                         "uses the stream layout; use allgather or ulysses for the softmax layers")
     if p.sp_method in LINEAR_SP and p.layout not in ("auto", "stream"):
@@ -278,6 +278,9 @@ def validate(spec, world_size: int):
     from .memory_checks import check_fits, check_memory_keys
     from .validate_extras import check_extras
 
+    from .moe_checks import check_moe
+
+    check_moe(spec)
     check_extras(spec)
     check_data(spec)
     _check_tokenizer_vocab(spec)

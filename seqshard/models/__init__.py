@@ -17,8 +17,8 @@ def build_model(cfg: ModelConfig):
 
         return wrap_hf(cfg.hf)
     if cfg.arch not in _BUILDERS:
-        # linear_llama / hybrid register themselves on import
-        from . import linear_llama  # noqa: F401
+        # linear_llama / hybrid / minimax register themselves on import
+        from . import linear_llama, minimax  # noqa: F401
     model = _BUILDERS[cfg.arch](cfg)
     if cfg.hf:  # model: {hf: PATH}: the architecture came from config.json, the weights follow
         from .hf import load_hf_weights

@@ -33,8 +33,33 @@ class RopeScalingConfig:
 
 
 @dataclass(frozen=True)
+class MoEConfig:
+    """Mixture-of-experts MLPs (models/moe.py). ``num_experts: 0`` keeps the dense SwiGLU MLP."""
+    num_experts: int = 0
+    top_k: int = 2
+    expert_ffn_dim: int = 0  # 0 = ffn_dim
+    score: str = "softmax"  # router scores: softmax | sigmoid
+    norm_topk: bool = True  # renormalise the k chosen scores to sum to 1
+    aux_loss_coef: float = 0.001  # load-balancing loss weight (transformers' router_aux_loss_coef default)
+    shared_expert_ffn_dim: int = 0  # 0 = no shared expert
+    layers: str = ""  # one letter per layer: E mixture of experts, D dense MLP; "" = every layer E
+
+
+@dataclass(frozen=True)
+class MiniMaxBlockConfig:
+    """MiniMax-Text-01 block details (models/minimax.py): residual scales of the normalised input
+    (alpha) and of the mixer / MLP output (beta), per layer kind."""
+    linear_alpha: float = 1.0
+    linear_beta: float = 1.0
+    full_alpha: float = 1.0
+    full_beta: float = 1.0
+    mlp_alpha: float = 1.0
+    mlp_beta: float = 1.0
+
+
+@dataclass(frozen=True)
 class ModelConfig:
-    arch: str = "llama"  # llama | linear_llama | hybrid
+    arch: str = "llama"  # llama | linear_llama | hybrid | minimax
     dim: int = 128
     n_layers: int = 2
     n_heads: int = 4
@@ -44,7 +69,7 @@ class ModelConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-6
     tie_embeddings: bool = False
-    layer_pattern: str = ""  # hybrid only: one letter per layer, L linear, A softmax
+    layer_pattern: str = ""  # hybrid, minimax: one letter per layer, L linear, A softmax
     linear_attn: LinearAttnConfig = field(default_factory=LinearAttnConfig)
     qkv_bias: bool = False  # Qwen2: biases on the q/k/v projections
     qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on q and k, before RoPE
@@ -65,6 +90,8 @@ class ModelConfig:
     attn_sinks: bool = False  # a learned sink logit per query head (GPT-OSS)
     block: str = "llama"  # llama | gemma: (1 + w) norms, post-attention/MLP norms, GeLU-tanh, sqrt(dim) embed
     embed_padding_idx: int = -1  # an embedding row that gets no gradient (HF's padding_idx); -1: none
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    minimax: MiniMaxBlockConfig = field(default_factory=MiniMaxBlockConfig)  # arch minimax only
 
     @property
     def head_dim(self) -> int:

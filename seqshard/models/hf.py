@@ -23,7 +23,9 @@ from .hf_patterns import GEMMA_ARCHITECTURES, GEMMA_NAMES, SINK_NAMES, attention
 from .rope_params import RopeError, check_scaling, scaling_from_params
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
-                 "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3", **GEMMA_ARCHITECTURES}
+                 "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3", **GEMMA_ARCHITECTURES,
+                 # mixture-of-experts families (models/hf_moe.py)
+                 "Qwen3MoeForCausalLM": "qwen3_moe", "MixtralForCausalLM": "mixtral", "MiniMaxForCausalLM": "minimax"}
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 INDEX_FILE, SINGLE_FILE = "model.safetensors.index.json", "model.safetensors"
@@ -129,21 +131,28 @@ def model_config_fields(path, rope_theta=None, rope_scaling=None, seq_len=None) 
         raise HFError(f"{path}/config.json: hidden_act {hf['hidden_act']!r} is not supported (silu only)")
     if hf.get("mlp_bias"):
         raise HFError(f"{path}/config.json: mlp_bias true is not supported")
-    if family in ("llama", "mistral", "qwen3") and hf.get("attention_bias"):
+    if family != "qwen2" and hf.get("attention_bias"):
         raise HFError(f"{path}/config.json: attention_bias true is not supported for {arch}")
     dim, n_heads = int(hf["hidden_size"]), int(hf["num_attention_heads"])
     head_dim = int(hf.get("head_dim") or dim // n_heads)
     if float(hf.get("partial_rotary_factor") or 1.0) != 1.0:
         raise HFError(f"{path}/config.json: partial_rotary_factor {hf['partial_rotary_factor']} is not supported")
     theta, scaling = _rope(hf, path, head_dim, rope_theta, rope_scaling, seq_len)
-    return dict(arch="llama", dim=dim, n_layers=int(hf["num_hidden_layers"]), n_heads=n_heads,
+    fields = dict(arch="llama", dim=dim, n_layers=int(hf["num_hidden_layers"]), n_heads=n_heads,
                 n_kv_heads=int(hf.get("num_key_value_heads") or n_heads),
                 ffn_dim=int(hf["intermediate_size"]), vocab_size=int(hf["vocab_size"]),
                 rope_theta=theta, norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
                 tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-                qkv_bias=family == "qwen2", qk_norm=family == "qwen3", rope_scaling=scaling,
+                qkv_bias=family == "qwen2", qk_norm=family in ("qwen3", "qwen3_moe"), rope_scaling=scaling,
                 attn_head_dim=0 if head_dim * n_heads == dim else head_dim,
-                hf=str(path), hf_arch=arch, **attention_fields(hf, path))
+                hf=str(path), hf_arch=arch)
+    if family != "minimax":  # MiniMax's layer_types name its linear / softmax layers (models/hf_moe.py)
+        fields.update(attention_fields(hf, path))
+    if family in ("qwen3_moe", "mixtral", "minimax"):
+        from .hf_moe import moe_fields
+
+        fields = moe_fields(hf, family, fields, path)
+    return fields
 
 
 def config_from_hf(path, **rope_overrides) -> ModelConfig:
@@ -198,6 +207,10 @@ def to_dtype(dtype) -> torch.dtype:
 
 def load_hf_weights(model, path):
     """Copy the folder's weights into ``model`` (a Decoder built from :func:`config_from_hf`)."""
+    if model.cfg.moe.num_experts:  # experts are stacked from per-expert tensors
+        from .hf_moe import load_moe_weights
+
+        return load_moe_weights(model, path)
     weights = read_weights(path)
     params = dict(model.named_parameters(remove_duplicate=False))
     if model.cfg.tie_embeddings:
@@ -230,14 +243,14 @@ def from_hf(path, dtype=None, rope_theta=None, rope_scaling=None, seq_len=None):
     (default: the scaling's ``seq_len``, else config.json's ``max_position_embeddings``).
     A bad value raises :class:`HFError` naming the parameter.
     """
-    from .llama import build_llama
+    from . import build_model
 
     dt = to_dtype(dtype)
     given = rope_scaling.get("seq_len") if isinstance(rope_scaling, dict) else getattr(rope_scaling, "seq_len", 0)
     if seq_len is None and not given:
         seq_len = read_config(path).get("max_position_embeddings")
     cfg = config_from_hf(path, rope_theta=rope_theta, rope_scaling=rope_scaling, seq_len=seq_len)
-    model = load_hf_weights(build_llama(cfg), path)
+    model = build_model(cfg)  # cfg.hf is set: the weights are loaded
     for p in model.parameters():  # parameters only: a scaled RoPE's inv_freq stays fp64
         p.data = p.data.to(dt)
     return model

@@ -174,13 +174,17 @@ class Decoder(nn.Module):
         self.cfg = cfg
         pad = cfg.embed_padding_idx if cfg.embed_padding_idx >= 0 else None
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim, padding_idx=pad)
-        self.layers = nn.ModuleList(Block(cfg, m) for m in mixers)
+        self.layers = nn.ModuleList(self.make_block(cfg, m, i) for i, m in enumerate(mixers))
         self.norm = (GemmaRMSNorm if cfg.block == "gemma" else RMSNorm)(cfg.dim, cfg.norm_eps)
         self.lm_head = LMHead(cfg.dim, cfg.vocab_size, cfg.final_softcap)
         self.embed_scale = cfg.dim ** 0.5 if cfg.block == "gemma" else 0.0
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         self.reset_parameters()
+
+    def make_block(self, cfg, mixer, index):
+        """The block around layer ``index``'s mixer (MoE and MiniMax decoders build their own)."""
+        return Block(cfg, mixer)
 
     def reset_parameters(self):
         """GPT-2 style init: N(0, 0.02), residual projections scaled by 1/sqrt(2 n_layers)."""
@@ -209,4 +213,8 @@ class Decoder(nn.Module):
 
 
 def build_llama(cfg: ModelConfig) -> Decoder:
+    if cfg.moe.num_experts:  # Qwen3-MoE, Mixtral: Llama blocks with mixture-of-experts MLPs
+        from .moe import build_moe_llama
+
+        return build_moe_llama(cfg)
     return Decoder(cfg, [Attention(cfg, i) for i in range(cfg.n_layers)])

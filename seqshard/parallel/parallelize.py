@@ -85,6 +85,10 @@ def parallelize(model, mesh, cfg):
             module.attention_fn = softmax
         if linear and hasattr(module, "linear_attention_fn"):
             module.linear_attention_fn = LINEAR_METHODS[cfg.sp_method]
+        if hasattr(module, "doc_sums_fn"):  # MoE: per-document router statistics over the SP group
+            from .moe_stats import sp_doc_reduce, sp_doc_sums
+
+            module.doc_sums_fn, module.doc_reduce_fn = sp_doc_sums, sp_doc_reduce
     return model
 
 

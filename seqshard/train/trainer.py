@@ -35,6 +35,7 @@ from .loggers import RunLoggers
 from .long_eval import TrainingLongEval
 from .logs import Progress, get_logger, peak_memory_mb
 from .memory import apply_memory_options
+from .moe_metrics import MoEMetrics
 from .oom import exit_on_oom, is_oom
 from .rundir import check_resume_spec, claim_output_dir, recorded_spec
 from .runinfo import describe_engine, engine_settings, run_config
@@ -176,10 +177,12 @@ def train_step(run: Run, step: int) -> dict:
     with shared_failure("step plan"):
         local = list(run.scatter(batch))
     real = equal_micro_batches(engine, local, run.scatter.padding)
+    moe = MoEMetrics(engine.model)  # aux_loss, expert_load of MoE models (else nothing)
     loop_start = time.perf_counter()
     for i, (tokens, labels, positions, ctx) in enumerate(local):
         with autocast:
             loss = engine.forward(tokens.to(run.device), positions.to(run.device), ctx, labels.to(run.device))
+        moe.add(real[i])
         engine.backward((loss if real[i] else loss * 0) / n_loss, last=i == len(local) - 1)
         if real[i]:
             loss_sum += loss.detach().double().cpu()
@@ -210,7 +213,7 @@ def train_step(run: Run, step: int) -> dict:
             "compute_time_s": elapsed - comm["total"]["seconds"],
             "comm": {op: {"bytes": v["bytes"], "seconds": v["seconds"], "calls": v["calls"]}
                      for op, v in comm.items() if op != "total"},
-            **batch.stats, **run.scatter.step_metrics()}
+            **batch.stats, **run.scatter.step_metrics(), **moe.finish(n_loss)}
 
 
 def _trainer_state(run: Run, step: int) -> dict:

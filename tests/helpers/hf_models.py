@@ -19,13 +19,30 @@ FAMILIES = {
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=24, tie_word_embeddings=False)),
 }
 
+# Mixture-of-experts families (models/moe.py, models/minimax.py): 4 experts, top-2, the aux loss on.
+MOE = dict(num_experts_per_tok=2, output_router_logits=True, router_aux_loss_coef=0.02)
+MOE_FAMILIES = {
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(
+        MOE, num_experts=4, moe_intermediate_size=32, head_dim=24, norm_topk_prob=False,
+        num_hidden_layers=3, mlp_only_layers=[1])),
+    "qwen3_moe_norm": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(
+        MOE, num_experts=4, moe_intermediate_size=32, norm_topk_prob=True, tie_word_embeddings=True)),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(MOE, num_local_experts=4, sliding_window=None)),
+    # lightning (linear) layers 0 and 2, softmax layer 1; residual scales != 1 so a dropped one shows
+    "minimax": ("MiniMaxConfig", "MiniMaxForCausalLM", dict(
+        MOE, num_local_experts=3, num_hidden_layers=3, block_size=8,
+        layer_types=["linear_attention", "full_attention", "linear_attention"],
+        linear_attn_alpha_factor=0.9, linear_attn_beta_factor=1.1, full_attn_alpha_factor=1.2,
+        full_attn_beta_factor=0.8, mlp_alpha_factor=0.95, mlp_beta_factor=1.05)),
+}
+
 
 def make_hf_model(family: str, seed: int = 0, **overrides):
     """A transformers model of ``family`` with random weights (biases and norms randomised too,
     so a mapping that drops or swaps one shows)."""
     import transformers
 
-    cfg_cls, model_cls, extra = {**FAMILIES, **WRAP_FAMILIES, **PATTERN_FAMILIES}[family]
+    cfg_cls, model_cls, extra = {**FAMILIES, **MOE_FAMILIES, **WRAP_FAMILIES, **PATTERN_FAMILIES}[family]
     cfg = getattr(transformers, cfg_cls)(**{**COMMON, **extra, **overrides})
     cfg._attn_implementation = "eager"
     torch.manual_seed(seed)
