@@ -32,6 +32,10 @@ class CorpusView:
     def __init__(self, corpus, indices: np.ndarray):
         self.base, self.indices = corpus, np.asarray(indices, dtype=np.int64)
         self.lengths = corpus.lengths[self.indices]
+        self.source_ids, self.names = corpus.source_ids[self.indices], corpus.names  # a MixtureCorpus
+
+    def sampled_view(self, seed: int):
+        return self  # one plain source (launch/sources_spec.py: data.eval.fraction needs one)
 
     def __len__(self):
         return len(self.indices)
@@ -56,13 +60,13 @@ def split_held_out(corpus, fraction: float, seed: int):
     return CorpusView(corpus, np.flatnonzero(~mask)), CorpusView(corpus, np.flatnonzero(mask))
 
 
-def _load_all(d, warn=None):
-    opts = {"tokenizer": d.tokenizer, "split": d.split, "num_proc": d.num_proc, "progress": warn is not None}
-    train = load_corpus(d.source, d.text_field, d.cache_dir or None, d.max_documents or None, warn=warn, **opts)
-    if d.eval.source:
-        return train, load_corpus(d.eval.source, d.eval.text_field or d.text_field, d.cache_dir or None, warn=warn,
-                                  **opts)
-    return train, None
+def _load_all(d, seed: int, warn=None):
+    from seqshard.data.mixture import load_mixture
+    from seqshard.data.sources import eval_sources_of, sources_of
+
+    train = load_mixture(sources_of(d), d, seed, warn=warn)
+    held = eval_sources_of(d)
+    return train, (load_mixture(held, d, seed, warn=warn, cap=False) if held else None)
 
 
 def load_data(spec, rank: int):
@@ -71,10 +75,10 @@ def load_data(spec, rank: int):
     loaded = None
     with shared_failure("loading data"):
         if rank == 0:
-            loaded = _load_all(spec.data, warn=get_logger(0).warning)
+            loaded = _load_all(spec.data, spec.seed, warn=get_logger(0).warning)
     with shared_failure("loading data"):
         if rank != 0:
-            loaded = _load_all(spec.data)
+            loaded = _load_all(spec.data, spec.seed)
         train, held = loaded
         if spec.data.eval.fraction:
             train, held = split_held_out(train, spec.data.eval.fraction, spec.seed)
@@ -83,7 +87,7 @@ def load_data(spec, rank: int):
 
 def eval_due(spec, step: int, last: int) -> bool:
     """With held-out data: every ``train.eval_every`` steps and at the run's last step."""
-    if not (spec.data.eval.fraction or spec.data.eval.source):
+    if not (spec.data.eval.fraction or spec.data.eval.source or spec.data.eval.sources):
         return False
     every = spec.train.eval_every
     return (every > 0 and step % every == 0) or step == last

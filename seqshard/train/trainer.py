@@ -71,17 +71,25 @@ def _concat(rows: list[Row]):
 
 
 def build_batch_builder(spec: Spec, corpus):
-    d = spec.data
+    """The ``data.batching`` builder over ``corpus``, its steps carrying ``tokens_by_source``."""
+    from seqshard.data.mixture import SourceMetrics
+
+    return SourceMetrics(_builder(spec, corpus))
+
+
+def _builder(spec: Spec, corpus):
+    d, cont = spec.data, spec.data.continue_positions
     if d.batching == "window":
         from seqshard.data.window import WindowBuilder
 
-        return WindowBuilder(corpus, d.max_seq_len, d.tokens_per_step, spec.seed)
+        return WindowBuilder(corpus, d.max_seq_len, d.tokens_per_step, spec.seed, cont)
     from seqshard.data import builders
 
     if d.batching == "pack":
-        return builders.PackBuilder(corpus, d.max_seq_len, d.tokens_per_step, d.pack_method, spec.seed)
-    return builders.DecomposeBuilder(corpus, d.max_seq_len, d.min_seq_len, d.tokens_per_step,
-                                     d.curriculum.schedule, d.curriculum.cycles, spec.train.steps, spec.seed)
+        return builders.PackBuilder(corpus, d.max_seq_len, d.tokens_per_step, d.pack_method, spec.seed,
+                                    restart_positions=not cont)
+    return builders.DecomposeBuilder(corpus.sampled_view(spec.seed), d.max_seq_len, d.min_seq_len, d.tokens_per_step,
+                                     d.curriculum.schedule, d.curriculum.cycles, spec.train.steps, spec.seed, cont)
 
 
 class StaticScatter:
@@ -309,6 +317,8 @@ def _train(spec: Spec, resume: bool, stop_after: int | None, log, preemption, st
     log.info("%s: world %d (dp %d x sp %d, %s), %d steps, launcher %s", spec.name, run.denv.world_size,
              run.mesh["dp"].size(), spec.parallel.sp, spec.parallel.sp_method, spec.train.steps, run.denv.launcher)
     log.info("%s, lr schedule %s", describe_engine(engine_settings(spec, run.engine)), spec.train.lr_schedule)
+    if spec.model.hf and spec.data.tokenizer == spec.model.hf:
+        log.info("data.tokenizer: the tokenizer of model.hf %s (set data.tokenizer: byte for bytes)", spec.model.hf)
     guard = NonFiniteGuard(spec.train.on_nonfinite, spec.train.max_nonfinite_in_row,
                            engine_skips=spec.train.engine != "deepspeed")
     history = []
