@@ -119,7 +119,8 @@ def load_mixture(sources, d, seed: int, warn=None, cap: bool = True) -> MixtureC
     for i, src in enumerate(sources):
         corpus = load_corpus(src.source, src.text_field, d.cache_dir or None,
                              (d.max_documents or None) if cap else None, warn=warn, tokenizer=d.tokenizer,
-                             split=src.split, num_proc=d.num_proc, progress=warn is not None)
+                             split=src.split, num_proc=d.num_proc, progress=warn is not None, fmt=src.format,
+                             loss_on=src.loss_on)
         parts.append(apply_long_documents(corpus, d.long_documents, d.max_seq_len, src.source))
     return MixtureCorpus(parts, [s.weight for s in sources], [s.name or str(i) for i, s in enumerate(sources)],
                          [s.upsample_long for s in sources])

@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 FORMATS = ("text", "chat", "prompt_completion")
-IMPLEMENTED_FORMATS = ("text",)
 LONG_DOCUMENTS = ("split", "truncate", "drop")
 
 
@@ -27,7 +26,8 @@ class Source:
     name: str = ""  # key in tokens_by_source; "" = the index in the list
     split: str = "train"  # the split of a DatasetDict save_to_disk folder
     text_field: str = "text"
-    format: str = "text"  # text | chat | prompt_completion (only text is implemented)
+    format: str = "text"  # text | chat | prompt_completion (data/chat.py)
+    loss_on: str = "assistant"  # chat: assistant | last | all (the tokens that carry loss)
     loss_weight: float = 1.0  # only 1.0 is implemented
     upsample_long: UpsampleLong = field(default_factory=UpsampleLong)
 
@@ -45,7 +45,7 @@ def sources_of(d) -> list[Source]:
     if d.sources:
         return [_entry(raw, i, {}) for i, raw in enumerate(d.sources)]
     up = d.upsample_long
-    return [Source(d.source, d.weight, d.name or "0", d.split, d.text_field, d.format, d.loss_weight,
+    return [Source(d.source, d.weight, d.name or "0", d.split, d.text_field, d.format, d.loss_on, d.loss_weight,
                    UpsampleLong(up.min_len, up.factor))]
 
 

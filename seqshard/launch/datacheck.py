@@ -151,9 +151,50 @@ def check_source(src, at: str) -> None:
     """One source (data/sources.py ``Source``) whose keys sit at key path ``at``."""
     from seqshard.data.saved import saved_kind
 
-    if src.source != "stdlib" and saved_kind(src.source):
+    if src.format != "text":
+        _check_format(src, at)
+    elif src.source != "stdlib" and saved_kind(src.source):
         _check_saved(src.source, src.split, src.text_field, at)
     elif src.source != "stdlib":
         files = _data_files(src.source, at)
         _check_first_file(files[0], src.text_field, at)
         _check_not_empty(src.source, files, at)
+
+
+def _check_format(src, at: str) -> None:
+    """``format: chat | prompt_completion``: the columns exist; a chat source's first row holds
+    messages with known roles (later rows are checked when tokenized, DataError naming the row)."""
+    from seqshard.data.chat import FORMAT_COLUMNS, ChatError, check_messages
+    from seqshard.data.saved import saved_kind
+
+    if src.source == "stdlib":
+        raise SpecError(f"{at}.format", f"{src.format} needs a dataset with {'/'.join(FORMAT_COLUMNS[src.format])} columns, not stdlib")
+    if saved_kind(src.source):
+        folder = Path(src.source)
+        if saved_kind(src.source) == "dict":
+            from seqshard.data.saved import split_error
+
+            if split_error(src.source, src.split):
+                raise SpecError(f"{at}.split", split_error(src.source, src.split))
+            folder = folder / src.split
+        columns = sorted(json.loads((folder / "dataset_info.json").read_text()).get("features") or {})
+        row, file = None, folder
+    else:
+        file = _data_files(src.source, at)[0]
+        if file.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            columns, row = pq.ParquetFile(file).schema_arrow.names, None
+        elif file.suffix == ".txt":
+            raise SpecError(f"{at}.format", f"{src.format} reads JSON / parquet / save_to_disk rows, not text files ({file})")
+        else:
+            row = _first_json_row(file)
+            columns = sorted(row) if isinstance(row, dict) else []
+    for column in FORMAT_COLUMNS[src.format]:
+        if column not in columns:
+            raise SpecError(f"{at}.format", f"{src.format} reads a '{column}' column; {file} has none (columns: {columns})")
+    if src.format == "chat" and isinstance(row, dict):
+        try:
+            check_messages(row["messages"])
+        except ChatError as err:
+            raise SpecError(f"{at}.format", f"{file} row 1: {err}") from None

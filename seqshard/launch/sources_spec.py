@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import math
 
-from seqshard.data.sources import (FORMATS, IMPLEMENTED_FORMATS, LONG_DOCUMENTS, Source, eval_sources_of,
-                                   sources_of)
+from seqshard.data.chat import LOSS_ON, has_chat_template
+from seqshard.data.sources import FORMATS, LONG_DOCUMENTS, Source, eval_sources_of, sources_of
 
 from .spec import SpecError, _build
 
-PER_SOURCE_KEYS = ("source", "weight", "name", "format", "loss_weight", "upsample_long")
+PER_SOURCE_KEYS = ("source", "weight", "name", "format", "loss_on", "loss_weight", "upsample_long")
 
 
 def _typed(entries, at: str, defaults: dict) -> list[Source]:
@@ -30,13 +30,16 @@ def _typed(entries, at: str, defaults: dict) -> list[Source]:
     return out
 
 
-def _check_one(src: Source, at: str) -> None:
+def _check_one(src: Source, at: str, tokenizer: str) -> None:
     if not (src.weight > 0 and math.isfinite(src.weight)):
         raise SpecError(f"{at}.weight", f"must be > 0, got {src.weight}")
     if src.format not in FORMATS:
         raise SpecError(f"{at}.format", f"{src.format!r} is not one of {', '.join(FORMATS)}")
-    if src.format not in IMPLEMENTED_FORMATS:
-        raise SpecError(f"{at}.format", f"{src.format} is not implemented yet (issue #30); use text")
+    if src.loss_on not in LOSS_ON:
+        raise SpecError(f"{at}.loss_on", f"{src.loss_on!r} is not one of {', '.join(LOSS_ON)}")
+    if src.format == "chat" and not has_chat_template(tokenizer):
+        raise SpecError(f"{at}.format", f"chat needs a tokenizer with a chat template; data.tokenizer {tokenizer} "
+                        "has none (name a Hugging Face tokenizer folder whose tokenizer_config.json has chat_template)")
     if not (src.loss_weight > 0 and math.isfinite(src.loss_weight)):
         raise SpecError(f"{at}.loss_weight", f"must be > 0, got {src.loss_weight}")
     if src.loss_weight != 1.0:
@@ -69,9 +72,9 @@ def check_sources(spec) -> None:
             if names.index(name) != i:
                 raise SpecError(f"data.sources[{i}].name", f"{name!r} is also the name of data.sources[{names.index(name)}]")
         for i, src in enumerate(typed):
-            _check_one(src, f"data.sources[{i}]")
+            _check_one(src, f"data.sources[{i}]", d.tokenizer)
     else:
-        _check_one(sources_of(d)[0], "data")
+        _check_one(sources_of(d)[0], "data", d.tokenizer)
     mixed = len(sources_of(d)) > 1 or any(s.upsample_long.factor > 1 for s in sources_of(d))
     if d.eval.fraction and mixed:
         raise SpecError("data.eval.fraction", "holds out documents of one plain source; with several "
@@ -80,7 +83,7 @@ def check_sources(spec) -> None:
         if d.eval.source:
             raise SpecError("data.eval.source", "use data.eval.source or data.eval.sources, not both")
         for i, src in enumerate(_typed(d.eval.sources, "data.eval.sources", {})):
-            _check_one(src, f"data.eval.sources[{i}]")
+            _check_one(src, f"data.eval.sources[{i}]", d.tokenizer)
     if d.long_documents not in LONG_DOCUMENTS:
         raise SpecError("data.long_documents", f"{d.long_documents!r} is not one of {', '.join(LONG_DOCUMENTS)}")
     if d.continue_positions and d.long_documents != "split":
