@@ -46,12 +46,12 @@ class EvalSpec:
 class DataSpec:
     source: str = "stdlib"
     text_field: str = "text"
-    sources: list = field(default_factory=list)  # [{source, weight, name, split, text_field, format, loss_weight, upsample_long}] (launch/sources_spec.py); [] = the single source of these keys
+    sources: list = field(default_factory=list)  # [{source, weight, name, split, text_field, format, loss_on, loss_weight, upsample_long}] (data/sources.py); [] = the single source of the keys below
     weight: float = 1.0  # sampling weight of the single source (data/mixture.py)
     name: str = ""  # the single source's key in tokens_by_source ("" = its index, 0)
     format: str = "text"  # text | chat (a messages column, the tokenizer's chat template) | prompt_completion
     loss_on: str = "assistant"  # format chat: assistant | last | all (the tokens that carry loss)
-    loss_weight: float = 1.0  # per-source loss weight (only 1.0 is implemented yet)
+    loss_weight: float = 1.0  # per-source loss weight: only 1.0 is accepted yet (other values are refused)
     upsample_long: UpsampleSpec = field(default_factory=UpsampleSpec)
     long_documents: str = "split"  # split | truncate | drop: a document longer than max_seq_len
     continue_positions: bool = False  # split: position ids run on across a document's pieces
