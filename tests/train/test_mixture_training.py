@@ -52,3 +52,30 @@ def test_layouts_reproduce_the_single_process_mixture(tmp_path, layout):
     got = run_ranks(2, train_rank, str(tmp_path / "two"), overrides + layout)
     assert got[0] == got[1]
     assert_losses_close(got[0], ref, rel=1e-4)
+
+
+def chat_overrides(tmp_path):
+    from tests.data.test_chat import chat_tokenizer_folder, conversations
+
+    folder = chat_tokenizer_folder(tmp_path / "tok")
+    data = conversations(tmp_path / "chat.jsonl", n=40)
+    return SMALLER + ["data.batching=pack", "data.long_documents=truncate", "model.vocab_size=300", f"data.tokenizer={folder}",
+                      f"data.sources=[{{source: {data}, format: chat, weight: 0.5, name: chat}}, "
+                      "{source: stdlib, weight: 0.5, name: py}]"]
+
+
+@pytest.mark.parametrize("layout", [
+    ["parallel.sp=2", "parallel.sp_method=ulysses"],
+    pytest.param(["parallel.sp=1"], marks=SLOW),  # dp 2
+    pytest.param(["parallel.sp_method=adaptive", "parallel.max_sp=2"], marks=SLOW),
+])
+def test_layouts_reproduce_the_single_process_chat_loss(tmp_path, layout):
+    pytest.importorskip("transformers")
+    overrides = chat_overrides(tmp_path)
+    ref = run_ranks(1, train_rank, str(tmp_path / "ref"), overrides)[0]
+    got = run_ranks(2, train_rank, str(tmp_path / "two"), overrides + layout)
+    assert got[0] == got[1]
+    assert_losses_close(got[0], ref, rel=1e-4)
+    steps = read_metrics(tmp_path / "ref")
+    chat = [m for m in steps if m["tokens_by_source"]["chat"] > 0]
+    assert chat and all(m["tokens"] - m["loss_tokens"] > 16 for m in chat)  # masked chat tokens in the mix
