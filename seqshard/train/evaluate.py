@@ -32,7 +32,8 @@ class CorpusView:
     def __init__(self, corpus, indices: np.ndarray):
         self.base, self.indices = corpus, np.asarray(indices, dtype=np.int64)
         self.lengths = corpus.lengths[self.indices]
-        self.source_ids, self.names = corpus.source_ids[self.indices], corpus.names  # a MixtureCorpus
+        if hasattr(corpus, "source_ids"):  # a MixtureCorpus: tokens_by_source (data/mixture.py)
+            self.source_ids, self.names = corpus.source_ids[self.indices], corpus.names
 
     def sampled_view(self, seed: int):
         return self  # one plain source (launch/sources_spec.py: data.eval.fraction needs one)
