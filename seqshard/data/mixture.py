@@ -112,7 +112,7 @@ class _SampledView(IndexView):
         self.source_ids, self.names = mixture.source_ids[self.indices], mixture.names
 
 
-def load_mixture(sources, d, seed: int, warn=None, cap: bool = True) -> MixtureCorpus:
+def load_mixture(sources, d, warn=None, cap: bool = True) -> MixtureCorpus:
     """Load every source (data/corpus.py ``load_corpus``) under ``d``'s tokenizer, cache and
     long-document policy; ``cap``: apply ``data.max_documents`` per source."""
     parts = []

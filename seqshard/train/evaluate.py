@@ -61,13 +61,13 @@ def split_held_out(corpus, fraction: float, seed: int):
     return CorpusView(corpus, np.flatnonzero(~mask)), CorpusView(corpus, np.flatnonzero(mask))
 
 
-def _load_all(d, seed: int, warn=None):
+def _load_all(d, warn=None):
     from seqshard.data.mixture import load_mixture
     from seqshard.data.sources import eval_sources_of, sources_of
 
-    train = load_mixture(sources_of(d), d, seed, warn=warn)
+    train = load_mixture(sources_of(d), d, warn=warn)
     held = eval_sources_of(d)
-    return train, (load_mixture(held, d, seed, warn=warn, cap=False) if held else None)
+    return train, (load_mixture(held, d, warn=warn, cap=False) if held else None)
 
 
 def load_data(spec, rank: int):
@@ -76,10 +76,10 @@ def load_data(spec, rank: int):
     loaded = None
     with shared_failure("loading data"):
         if rank == 0:
-            loaded = _load_all(spec.data, spec.seed, warn=get_logger(0).warning)
+            loaded = _load_all(spec.data, warn=get_logger(0).warning)
     with shared_failure("loading data"):
         if rank != 0:
-            loaded = _load_all(spec.data, spec.seed)
+            loaded = _load_all(spec.data)
         train, held = loaded
         if spec.data.eval.fraction:
             train, held = split_held_out(train, spec.data.eval.fraction, spec.seed)

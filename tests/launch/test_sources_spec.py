@@ -107,8 +107,8 @@ def test_eval_split_loads_that_split(saved_dict):
     from seqshard.train.evaluate import _load_all
 
     spec = load_spec(TINY, [f"data.source={saved_dict}", f"data.eval.source={saved_dict}", "data.eval.split=test"], 2)
-    train, held = _load_all(spec.data, spec.seed)
+    train, held = _load_all(spec.data)
     assert len(train) == 4 and len(held) == 2  # not the training split again
     listed = load_spec(TINY, [f"data.source={saved_dict}",
                               f"data.eval.sources=[{{source: {saved_dict}, split: test, name: t}}]"], 2)
-    assert len(_load_all(listed.data, listed.seed)[1]) == 2
+    assert len(_load_all(listed.data)[1]) == 2
