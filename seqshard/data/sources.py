@@ -34,9 +34,12 @@ class Source:
 
 def _entry(raw: dict, index: int, defaults: dict) -> Source:
     up = raw.get("upsample_long") or {}
-    up = up if isinstance(up, UpsampleLong) else UpsampleLong(**up)
+    up = up if isinstance(up, UpsampleLong) else UpsampleLong(**{k: int(v) for k, v in up.items()})
     merged = {**defaults, **{k: v for k, v in raw.items() if k != "upsample_long"}}
     merged["name"] = str(merged.get("name") or index)
+    for key in ("weight", "loss_weight"):  # YAML 1.1 reads 1e-1 as a string; the spec typed it already
+        if key in merged:
+            merged[key] = float(merged[key])
     return Source(**merged, upsample_long=up)
 
 

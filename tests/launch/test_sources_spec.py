@@ -112,3 +112,8 @@ def test_eval_split_loads_that_split(saved_dict):
     listed = load_spec(TINY, [f"data.source={saved_dict}",
                               f"data.eval.sources=[{{source: {saved_dict}, split: test, name: t}}]"], 2)
     assert len(_load_all(listed.data)[1]) == 2
+
+
+def test_weights_written_1e_minus_1_are_numbers(files):
+    spec = load_spec(TINY, [f"data.sources=[{{source: {files[0]}, weight: 1e-1}}, {{source: {files[0]}, weight: 9e-1}}]"], 2)
+    assert [s.weight for s in sources_of(spec.data)] == [0.1, 0.9]
