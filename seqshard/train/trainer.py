@@ -278,7 +278,8 @@ def _resume(run: Run, log, stage=None) -> int:
     spec = run.spec
     recorded = recorded_spec(spec.train.output_dir)  # compared before loading: the error names the key
     if recorded is not None:
-        safe = check_resume_spec(recorded[1], resume_reference(spec, stage, recorded[0]), recorded[0])
+        safe = check_resume_spec(recorded[1], resume_reference(spec, stage, recorded[0]), recorded[0],
+                                 type(spec)().to_dict())  # keys newer than the checkpoint: their defaults
         if safe:
             log.warning("resume: changed since %s: %s", recorded[0].name, "; ".join(safe))
     ckpt, state = resume_from_newest_loadable(spec.train.output_dir, run.engine.load,

@@ -79,3 +79,18 @@ def test_layouts_reproduce_the_single_process_chat_loss(tmp_path, layout):
     steps = read_metrics(tmp_path / "ref")
     chat = [m for m in steps if m["tokens_by_source"]["chat"] > 0]
     assert chat and all(m["tokens"] - m["loss_tokens"] > 16 for m in chat)  # masked chat tokens in the mix
+
+
+def test_a_checkpoint_recorded_before_data_sources_still_resumes():
+    from pathlib import Path
+
+    from seqshard.launch.spec import Spec
+    from seqshard.train.rundir import RunDirError, check_resume_spec
+
+    now = Spec().to_dict()
+    old = {**now, "data": {k: v for k, v in now["data"].items()
+                           if k not in ("sources", "upsample_long", "long_documents", "format", "weight")}}
+    assert check_resume_spec(old, now, Path("step_3"), Spec().to_dict()) == []
+    changed = {**now, "data": {**now["data"], "long_documents": "drop"}}
+    with pytest.raises(RunDirError, match="data.long_documents"):
+        check_resume_spec(old, changed, Path("step_3"), Spec().to_dict())
