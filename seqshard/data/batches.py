@@ -20,12 +20,14 @@ class Row:
     """One packed sequence: ``tokens``/``labels``/``positions`` are ``[L]`` int64 tensors.
 
     ``doc_lens`` sums to L; ``positions`` restart at 0 at every document start; ``labels`` is the
-    next token inside the same document and -100 where there is none (last token of a piece).
+    next token inside the same document and -100 where there is none (last token of a piece) or
+    where that token carries no loss (a chat document's non-assistant tokens, data/chat.py).
     """
     tokens: torch.Tensor
     labels: torch.Tensor
     positions: torch.Tensor
     doc_lens: list[int]
+    docs: list[int] | None = None  # the corpus document of each segment (data/mixture.py metrics)
 
     def __len__(self):
         return int(self.tokens.shape[0])
@@ -51,9 +53,13 @@ class BatchBuilder(Protocol):
     def load_state_dict(self, state: dict) -> None: ...
 
 
-def make_row(pieces: list[torch.Tensor]) -> Row:
-    """Build a row from document pieces (each an int64 tensor of token ids, length >= 1)."""
-    tokens = torch.cat(pieces)
-    labels = torch.cat([torch.cat([p[1:], p.new_full((1,), -100)]) for p in pieces])
-    positions = torch.cat([torch.arange(len(p), dtype=torch.int64) for p in pieces])
-    return Row(tokens, labels, positions, [int(len(p)) for p in pieces])
+def make_row(pieces: list[torch.Tensor], docs=None, starts=None) -> Row:
+    """Build a row from document pieces (each an int64 tensor of token ids, length >= 1).
+    ``docs``: each piece's document index; ``starts``: each piece's first position id (its
+    offset in its document, ``data.continue_positions``; default 0: positions restart)."""
+    signed = torch.cat(pieces)  # chat / prompt_completion: non-target tokens stored as -(id + 1) (data/chat.py)
+    tokens = torch.where(signed < 0, -signed - 1, signed)
+    labels = torch.cat([torch.cat([torch.where(p[1:] < 0, -100, p[1:]), p.new_full((1,), -100)]) for p in pieces])
+    starts = starts or [0] * len(pieces)
+    positions = torch.cat([torch.arange(s, s + len(p), dtype=torch.int64) for p, s in zip(pieces, starts)])
+    return Row(tokens, labels, positions, [int(len(p)) for p in pieces], None if docs is None else list(docs))

@@ -62,6 +62,8 @@ class PackBuilder:
         self._order = self._epoch_order(0)
 
     def _epoch_order(self, epoch: int) -> np.ndarray:
+        if hasattr(self.corpus, "order"):  # a permutation; a mixture's weighted draws (data/mixture.py)
+            return self.corpus.order(self.seed, epoch)
         return np.random.default_rng([self.seed, epoch]).permutation(len(self.corpus.lengths))
 
     def _next_document(self) -> int:
@@ -108,7 +110,7 @@ class PackBuilder:
             if doc not in cache:
                 cache[doc] = self.corpus.tokens(doc)
             tensors.append(cache[doc][start:start + length])
-        row = make_row(tensors)
+        row = make_row(tensors, pieces[:, 0].tolist())
         if not self.restart_positions:
             row.positions += torch.repeat_interleave(torch.as_tensor(pieces[:, 1]), torch.as_tensor(pieces[:, 2]))
         return row
@@ -147,9 +149,10 @@ class DecomposeBuilder:
     """
 
     def __init__(self, corpus, max_seq_len: int, min_seq_len: int, tokens_per_step: int,
-                 schedule: str = "uniform", cycles: int = 1, total_steps: int = 1, seed: int = 0):
+                 schedule: str = "uniform", cycles: int = 1, total_steps: int = 1, seed: int = 0,
+                 continue_positions: bool = False):
         _rows_per_step(tokens_per_step, max_seq_len)
-        self.corpus, self.tokens_per_step = corpus, tokens_per_step
+        self.corpus, self.tokens_per_step, self.continue_positions = corpus, tokens_per_step, continue_positions
         self.buckets = decompose(corpus.lengths, max_seq_len, min_seq_len)
         sizes = {n: len(chunks) for n, chunks in self.buckets.items()}
         self.sampler = CurriculumSampler(sizes, tokens_per_step, schedule, cycles, total_steps, seed)
@@ -161,7 +164,7 @@ class DecomposeBuilder:
         for doc, start, n in chunks.tolist():
             if doc not in cache:
                 cache[doc] = self.corpus.tokens(doc)
-            rows.append(make_row([cache[doc][start:start + n]]))
+            rows.append(make_row([cache[doc][start:start + n]], [doc], [start if self.continue_positions else 0]))
         return StepBatch(rows, segment_stats(chunks[:, 2], len(rows), length))
 
     def state_dict(self) -> dict:

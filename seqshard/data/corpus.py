@@ -73,6 +73,25 @@ def _tokenize_batch(batch, indices, text_field, tokenizer="byte"):
             "replaced": [t.count("\ufffd") for t in batch[text_field]]}
 
 
+def _tokenize_formatted(batch, indices, fmt, tokenizer, loss_on):
+    """``format: chat | prompt_completion`` rows -> signed ids (data/chat.py)."""
+    from .chat import ChatError, chat_tokenizer, encode_chat, encode_prompt_completion, signed
+
+    ids = []
+    for k, index in enumerate(indices):
+        try:
+            if fmt == "chat":
+                tokens, target = encode_chat(chat_tokenizer(tokenizer), batch["messages"][k], loss_on)
+            else:
+                tok = load_tokenizer(tokenizer)
+                tokens, target = encode_prompt_completion(tok.encode_plain, tok.bos_id, tok.eos_id,
+                                                          batch["prompt"][k], batch["completion"][k])
+        except ChatError as err:
+            raise _BadRow(index, str(err)) from None
+        ids.append(signed(tokens, target))
+    return {"input_ids": ids, "length": [len(x) for x in ids], "replaced": [0] * len(ids)}
+
+
 def _rows_per_file(builder: str, files: list[str]) -> list[list[int]]:
     """For each file, the 1-based line (jsonl) or row number of each of its dataset rows."""
     import json
@@ -178,12 +197,14 @@ PROGRESS_MIN_DOCUMENTS = 2000
 
 
 def load_corpus(source="stdlib", text_field="text", cache_dir=None, max_documents=None, warn=None,
-                tokenizer="byte", split="train", num_proc=1, progress=False) -> Corpus:
+                tokenizer="byte", split="train", num_proc=1, progress=False, fmt="text",
+                loss_on="assistant") -> Corpus:
     """The tokenized corpus; a row without text raises DataError naming its file and line or row.
     ``warn(line)`` (rank 0's logger) receives one line per file whose invalid UTF-8 was replaced.
     ``tokenizer``: ``byte`` or a local Hugging Face tokenizer folder. ``source`` may be a
     ``save_to_disk`` folder (``split`` picks a DatasetDict's split). Tokenization is cached by
-    ``datasets``, runs in ``num_proc`` processes, with a progress bar when ``progress`` (rank 0)."""
+    ``datasets``, runs in ``num_proc`` processes, with a progress bar when ``progress`` (rank 0).
+    ``fmt``: ``text``, or ``chat`` / ``prompt_completion`` (data/chat.py; ``loss_on`` for chat)."""
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     import datasets
 
@@ -192,16 +213,22 @@ def load_corpus(source="stdlib", text_field="text", cache_dir=None, max_document
     ds, builder, files = _read_source(source, split, cache)
     if builder == "text" and text_field != "text":
         text_field = "text"  # the text builder always names its column 'text'
-    if text_field not in ds.column_names:
-        raise DataError(f"data.text_field: '{text_field}' not in the columns of {source} ({ds.column_names})")
+    from .chat import FORMAT_COLUMNS
+
+    for column in FORMAT_COLUMNS.get(fmt, (text_field,)):
+        if column not in ds.column_names:
+            key = "data.text_field" if fmt == "text" else f"format {fmt}"
+            raise DataError(f"{key}: '{column}' not in the columns of {source} ({ds.column_names})")
     if max_documents is not None:
         ds = ds.select(range(min(max_documents, len(ds))))
-    extra = {"cache_file_name": map_cache_file(ds, cache, tokenizer, text_field)} if builder == "saved" else {}
+    key = (text_field,) if fmt == "text" else (fmt, loss_on)
+    extra = {"cache_file_name": map_cache_file(ds, cache, tokenizer, *key)} if builder == "saved" else {}
+    function, kwargs = ((_tokenize_batch, {"text_field": text_field, "tokenizer": tokenizer}) if fmt == "text" else
+                        (_tokenize_formatted, {"fmt": fmt, "tokenizer": tokenizer, "loss_on": loss_on}))
     if progress and len(ds) >= PROGRESS_MIN_DOCUMENTS:  # a bar for long work only, not for a handful of rows
         datasets.enable_progress_bars()
     try:
-        ds = ds.map(_tokenize_batch, batched=True, with_indices=True,
-                    fn_kwargs={"text_field": text_field, "tokenizer": tokenizer},
+        ds = ds.map(function, batched=True, with_indices=True, fn_kwargs=kwargs,
                     remove_columns=ds.column_names, desc="tokenizing", num_proc=num_proc if num_proc > 1 else None,
                     **extra)
     except _BadRow as bad:

@@ -24,6 +24,9 @@ class ByteTokenizer:
     def encode(self, text: str) -> list[int]:
         return byte.encode(text)
 
+    def encode_plain(self, text: str) -> list[int]:
+        return byte.encode(text)[1:-1]
+
 
 def _special(folder: Path, name: str):
     """The token string of ``bos_token`` / ``eos_token`` / ``pad_token`` in the folder's configs."""
@@ -57,6 +60,9 @@ class HFTokenizer:
         self.bos_id, self.eos_id = ids["bos_token"], ids["eos_token"]
         self.pad_id = next((i for i in (ids["pad_token"], self.eos_id) if i is not None), 0)
 
+    def encode_plain(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
     def encode(self, text: str) -> list[int]:
         ids = self._tok.encode(text, add_special_tokens=False).ids
         return ([self.bos_id] if self.bos_id is not None else []) + ids + (
@@ -82,6 +88,9 @@ class AutoTokenizerFolder:
         self.vocab_size = len(self._tok)
         self.bos_id, self.eos_id = self._tok.bos_token_id, self._tok.eos_token_id
         self.pad_id = next((i for i in (self._tok.pad_token_id, self.eos_id) if i is not None), 0)
+
+    def encode_plain(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False)
 
     def encode(self, text: str) -> list[int]:
         ids = self._tok.encode(text, add_special_tokens=False)

@@ -166,7 +166,7 @@ def cmd_eval(args) -> int:
     run_dir = os.path.abspath(args.run_dir)
     spec = load_spec(os.path.join(run_dir, "spec.yaml"), args.overrides + [f"train.output_dir={run_dir}"],
                      _world_size_from_env())
-    if not (spec.data.eval.fraction or spec.data.eval.source):
+    if not (spec.data.eval.fraction or spec.data.eval.source or spec.data.eval.sources):
         raise SpecError("data.eval", f"{run_dir}/spec.yaml has no held-out data; add --set "
                         "data.eval.source=PATH (or data.eval.fraction, if the run trained with that split)")
     from .eval_cli import checkpoint_spec, long_eval_config, run_long_eval

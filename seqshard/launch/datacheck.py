@@ -32,21 +32,21 @@ def check_vocab(spec) -> None:
                         f"data.tokenizer {getattr(spec.data, 'tokenizer', 'byte')!r} ({need}); set it to >= {need}")
 
 
-def _data_files(source: str) -> list[Path]:
+def _data_files(source: str, at: str = "data") -> list[Path]:
     path = Path(source)
     if not path.exists():
-        raise SpecError("data.source", f"{source} does not exist (a file or folder of "
+        raise SpecError(f"{at}.source", f"{source} does not exist (a file or folder of "
                         f"{' '.join(SUFFIXES)}, or stdlib)")
     if not os.access(path, os.R_OK) or (path.is_dir() and not os.access(path, os.X_OK)):
-        raise SpecError("data.source", f"{source} is not readable by this user")
+        raise SpecError(f"{at}.source", f"{source} is not readable by this user")
     if path.is_file():
         if path.suffix not in SUFFIXES:
-            raise SpecError("data.source", f"{source}: unsupported file type {path.suffix!r}; "
+            raise SpecError(f"{at}.source", f"{source}: unsupported file type {path.suffix!r}; "
                             f"use one of {' '.join(SUFFIXES)}")
         return [path]
     files = sorted(p for p in path.rglob("*") if p.suffix in SUFFIXES and p.is_file())
     if not files:
-        raise SpecError("data.source", f"no {'/'.join(SUFFIXES)} files under {source}")
+        raise SpecError(f"{at}.source", f"no {'/'.join(SUFFIXES)} files under {source}")
     return files
 
 
@@ -71,8 +71,8 @@ def _first_json_row(file: Path):
     return json.loads(line)
 
 
-def _check_first_file(file: Path, field: str) -> None:
-    key = "data.source" if file.suffix == ".txt" else "data.text_field"
+def _check_first_file(file: Path, field: str, at: str = "data") -> None:
+    key = f"{at}.source" if file.suffix == ".txt" else f"{at}.text_field"
     try:
         if file.suffix == ".txt":
             with open(file, "rb") as f:
@@ -84,7 +84,7 @@ def _check_first_file(file: Path, field: str) -> None:
             meta = pq.ParquetFile(file)
             names, rows = meta.schema_arrow.names, meta.metadata.num_rows
             if rows == 0:
-                raise SpecError("data.source", f"{file} holds no rows")
+                raise SpecError(f"{at}.source", f"{file} holds no rows")
             if field not in names:
                 raise SpecError(key, f"'{field}' is not a column of {file} (columns: {names})")
             return
@@ -92,15 +92,15 @@ def _check_first_file(file: Path, field: str) -> None:
     except SpecError:
         raise
     except (OSError, ValueError) as err:
-        raise SpecError("data.source", f"{file} cannot be read: {type(err).__name__}: {err}") from err
+        raise SpecError(f"{at}.source", f"{file} cannot be read: {type(err).__name__}: {err}") from err
     if row is None:
-        raise SpecError("data.source", f"{file} holds no rows")
+        raise SpecError(f"{at}.source", f"{file} holds no rows")
     if row is not ... and (not isinstance(row, dict) or not isinstance(row.get(field), str)):
         found = sorted(row) if isinstance(row, dict) else type(row).__name__
         raise SpecError(key, f"the first row of {file} has no text field '{field}' (found {found})")
 
 
-def _check_not_empty(source: str, files: list[Path]) -> None:
+def _check_not_empty(source: str, files: list[Path], at: str = "data") -> None:
     """Text files that hold nothing but white space would train on BOS/EOS tokens alone."""
     if any(f.suffix != ".txt" for f in files):
         return  # JSON / parquet: rows are counted when the corpus is read (DataError: no documents)
@@ -109,10 +109,10 @@ def _check_not_empty(source: str, files: list[Path]) -> None:
             while chunk := f.read(1 << 16):
                 if chunk.strip():
                     return
-    raise SpecError("data.source", f"{source} holds no text (every .txt file is empty or white space)")
+    raise SpecError(f"{at}.source", f"{source} holds no text (every .txt file is empty or white space)")
 
 
-def _check_saved(source: str, split: str, field: str) -> None:
+def _check_saved(source: str, split: str, field: str, at: str = "data") -> None:
     """A ``save_to_disk`` folder: the split exists and its features (dataset_info.json) hold the
     text field as a string column; no Arrow file is opened."""
     from seqshard.data.saved import saved_kind, split_error
@@ -121,15 +121,15 @@ def _check_saved(source: str, split: str, field: str) -> None:
     if saved_kind(source) == "dict":
         error = split_error(source, split)
         if error:
-            raise SpecError("data.split", error)
+            raise SpecError(f"{at}.split", error)
         folder = folder / split
     try:
         features = json.loads((folder / "dataset_info.json").read_text()).get("features") or {}
     except (OSError, ValueError) as err:
-        raise SpecError("data.source", f"{folder}/dataset_info.json cannot be read: {err}") from None
+        raise SpecError(f"{at}.source", f"{folder}/dataset_info.json cannot be read: {err}") from None
     column = features.get(field)
     if not isinstance(column, dict) or column.get("dtype") not in ("string", "large_string"):
-        raise SpecError("data.text_field", f"'{field}' is not a text column of {folder} "
+        raise SpecError(f"{at}.text_field", f"'{field}' is not a text column of {folder} "
                         f"(columns: {sorted(features)})")
 
 
@@ -139,10 +139,62 @@ def check_data(spec) -> None:
     d = spec.data
     if d.num_proc < 1:
         raise SpecError("data.num_proc", f"must be >= 1, got {d.num_proc}")
-    if d.source != "stdlib" and saved_kind(d.source):
-        _check_saved(d.source, d.split, d.text_field)
-    elif d.source != "stdlib":
-        files = _data_files(d.source)
-        _check_first_file(files[0], d.text_field)
-        _check_not_empty(d.source, files)
+    from .sources_spec import check_sources, source_paths
+
+    check_sources(spec)
+    for at, src in source_paths(d):
+        check_source(src, at)
     check_vocab(spec)
+
+
+def check_source(src, at: str) -> None:
+    """One source (data/sources.py ``Source``) whose keys sit at key path ``at``."""
+    from seqshard.data.saved import saved_kind
+
+    if src.format != "text":
+        _check_format(src, at)
+    elif src.source != "stdlib" and saved_kind(src.source):
+        _check_saved(src.source, src.split, src.text_field, at)
+    elif src.source != "stdlib":
+        files = _data_files(src.source, at)
+        _check_first_file(files[0], src.text_field, at)
+        _check_not_empty(src.source, files, at)
+
+
+def _check_format(src, at: str) -> None:
+    """``format: chat | prompt_completion``: the columns exist; a chat source's first row holds
+    messages with known roles (later rows are checked when tokenized, DataError naming the row)."""
+    from seqshard.data.chat import FORMAT_COLUMNS, ChatError, check_messages
+    from seqshard.data.saved import saved_kind
+
+    if src.source == "stdlib":
+        raise SpecError(f"{at}.format", f"{src.format} needs a dataset with {'/'.join(FORMAT_COLUMNS[src.format])} columns, not stdlib")
+    if saved_kind(src.source):
+        folder = Path(src.source)
+        if saved_kind(src.source) == "dict":
+            from seqshard.data.saved import split_error
+
+            if split_error(src.source, src.split):
+                raise SpecError(f"{at}.split", split_error(src.source, src.split))
+            folder = folder / src.split
+        columns = sorted(json.loads((folder / "dataset_info.json").read_text()).get("features") or {})
+        row, file = None, folder
+    else:
+        file = _data_files(src.source, at)[0]
+        if file.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            columns, row = pq.ParquetFile(file).schema_arrow.names, None
+        elif file.suffix == ".txt":
+            raise SpecError(f"{at}.format", f"{src.format} reads JSON / parquet / save_to_disk rows, not text files ({file})")
+        else:
+            row = _first_json_row(file)
+            columns = sorted(row) if isinstance(row, dict) else []
+    for column in FORMAT_COLUMNS[src.format]:
+        if column not in columns:
+            raise SpecError(f"{at}.format", f"{src.format} reads a '{column}' column; {file} has none (columns: {columns})")
+    if src.format == "chat" and isinstance(row, dict):
+        try:
+            check_messages(row["messages"])
+        except ChatError as err:
+            raise SpecError(f"{at}.format", f"{file} row 1: {err}") from None

@@ -169,7 +169,12 @@ def export_hf(state: dict, cfg: ModelConfig, tokenizer: str, out: Path, max_shar
 
 
 def _copy_tokenizer(tokenizer: str, out: Path):
-    if tokenizer != "byte":
+    """The tokenizer the run used: its folder's files, or the byte tokenizer written as files."""
+    if tokenizer == "byte":
+        from seqshard.data.byte_export import write_byte_tokenizer
+
+        write_byte_tokenizer(out)
+    else:
         for name in TOKENIZER_FILES:
             if (Path(tokenizer) / name).is_file():
                 shutil.copy(Path(tokenizer) / name, out / name)

@@ -4,7 +4,8 @@ An explicit key that agrees with the checkpoint is fine, one that conflicts is a
 it (a checkpoint's shape cannot be changed by the spec). ``model.rope_theta`` and
 ``model.rope_scaling`` are the exception: they override config.json's RoPE (context extension;
 rope_spec.py reads them), and the resolved spec (``spec.yaml``) records the RoPE the run uses.
-Runs before typing and validation.
+Runs before typing and validation. Without ``data.tokenizer``, the run uses the checkpoint
+folder's tokenizer when the folder has one.
 """
 from __future__ import annotations
 
@@ -82,4 +83,24 @@ def resolve_hf_model(raw: dict) -> dict:
         if hasattr(merged.get(key), "__dataclass_fields__"):
             merged[key] = dict(merged[key].__dict__)
     raw["model"] = merged
+    _default_tokenizer(raw, path)
     return resolve_rope(raw)
+
+
+TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer.model", "vocab.json")
+
+
+def checkpoint_tokenizer(path) -> bool:
+    """Whether the checkpoint folder holds a tokenizer (``data.tokenizer`` can name it)."""
+    from pathlib import Path
+
+    return any((Path(path) / name).is_file() for name in TOKENIZER_MARKERS)
+
+
+def _default_tokenizer(raw: dict, path) -> None:
+    """``data.tokenizer`` left out: the checkpoint folder's own tokenizer when it has one (the
+    resolved spec.yaml then records it, the run logs it, and export copies it); ``byte`` stays
+    available by naming it."""
+    data = raw.setdefault("data", {})
+    if isinstance(data, dict) and "tokenizer" not in data and checkpoint_tokenizer(path):
+        data["tokenizer"] = str(path)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import yaml
 
+from seqshard.data.sources import UpsampleLong as UpsampleSpec
 from seqshard.models.config import LinearAttnConfig, ModelConfig
 
 
@@ -37,12 +38,23 @@ class EvalSpec:
     fraction: float = 0.0  # held-out share of data.source's documents (0 = none)
     source: str = ""  # or a separate local path (then data.source is all training data)
     text_field: str = ""  # "" = data.text_field
+    split: str = ""  # a DatasetDict split of data.eval.source ("" = data.split)
+    sources: list = field(default_factory=list)  # [{source, name, split, text_field}]: several held-out sources
 
 
 @dataclass(frozen=True)
 class DataSpec:
     source: str = "stdlib"
     text_field: str = "text"
+    sources: list = field(default_factory=list)  # [{source, weight, name, split, text_field, format, loss_on, loss_weight, upsample_long}] (data/sources.py); [] = the single source of the keys below
+    weight: float = 1.0  # sampling weight of the single source (data/mixture.py)
+    name: str = ""  # the single source's key in tokens_by_source ("" = its index, 0)
+    format: str = "text"  # text | chat (a messages column, the tokenizer's chat template) | prompt_completion
+    loss_on: str = "assistant"  # format chat: assistant | last | all (the tokens that carry loss)
+    loss_weight: float = 1.0  # per-source loss weight: only 1.0 is accepted yet (other values are refused)
+    upsample_long: UpsampleSpec = field(default_factory=UpsampleSpec)
+    long_documents: str = "split"  # split | truncate | drop: a document longer than max_seq_len
+    continue_positions: bool = False  # split: position ids run on across a document's pieces
     max_seq_len: int = 1024
     tokens_per_step: int = 4096
     micro_batch_tokens: int = 0  # tokens per forward pass on one replica; 0 = max_seq_len
@@ -53,7 +65,7 @@ class DataSpec:
     max_documents: int = 0  # 0 = all; a cap for quick experiments
     cache_dir: str = ""
     eval: EvalSpec = field(default_factory=EvalSpec)
-    tokenizer: str = "byte"  # byte | PATH (a local Hugging Face tokenizer folder)
+    tokenizer: str = "byte"  # byte | PATH (a local Hugging Face tokenizer folder); absent with model.hf: the checkpoint folder's
     split: str = "train"  # the split of a datasets save_to_disk folder
     num_proc: int = 1  # processes tokenizing the corpus (datasets map; cached either way)
 
@@ -295,5 +307,5 @@ def load_spec(path, overrides=None, world_size: int | None = None) -> Spec:
 
 
 __all__ = ["Spec", "SpecError", "ModelConfig", "LinearAttnConfig", "DataSpec", "ParallelSpec",
-           "TrainSpec", "LaunchSpec", "EvalSpec", "EvalLongSpec", "PasskeySpec", "SlurmSpec", "PlannerSpec", "CurriculumSpec",
+           "TrainSpec", "LaunchSpec", "EvalSpec", "EvalLongSpec", "PasskeySpec", "SlurmSpec", "PlannerSpec", "CurriculumSpec", "UpsampleSpec",
            "load_spec", "from_dict", "apply_overrides", "load_raw"]

@@ -85,6 +85,8 @@ def _comments(cls) -> dict[str, str]:
 
 def _choices() -> dict[str, tuple]:
     from seqshard.launch import validate as v
+    from seqshard.data.chat import LOSS_ON
+    from seqshard.data.sources import FORMATS, LONG_DOCUMENTS
     from seqshard.launch.validate_extras import LOGGERS, LR_SCHEDULES
 
     return {"model.arch": v.ARCHS, "model.linear_attn.decay": v.DECAYS, "parallel.sp_method": v.SP_METHODS,
@@ -92,7 +94,8 @@ def _choices() -> dict[str, tuple]:
             "data.pack_method": v.PACK_METHODS, "data.curriculum.schedule": v.SCHEDULES,
             "launch.launcher": v.LAUNCHERS, "train.lr_schedule": LR_SCHEDULES, "train.loggers": tuple(LOGGERS),
             "train.engine": ("torch", "fsdp2", "deepspeed"), "train.dtype": ("float32", "bfloat16"),
-            "train.on_nonfinite": ("stop", "skip"), "parallel.planner.solver": ("greedy", "milp")}
+            "train.on_nonfinite": ("stop", "skip"), "parallel.planner.solver": ("greedy", "milp"),
+            "data.format": FORMATS, "data.loss_on": LOSS_ON, "data.long_documents": LONG_DOCUMENTS}
 
 
 def keys(cls=None, prefix="") -> list[dict]:

@@ -32,6 +32,11 @@ class CorpusView:
     def __init__(self, corpus, indices: np.ndarray):
         self.base, self.indices = corpus, np.asarray(indices, dtype=np.int64)
         self.lengths = corpus.lengths[self.indices]
+        if hasattr(corpus, "source_ids"):  # a MixtureCorpus: tokens_by_source (data/mixture.py)
+            self.source_ids, self.names = corpus.source_ids[self.indices], corpus.names
+
+    def sampled_view(self, seed: int):
+        return self  # one plain source (launch/sources_spec.py: data.eval.fraction needs one)
 
     def __len__(self):
         return len(self.indices)
@@ -57,12 +62,12 @@ def split_held_out(corpus, fraction: float, seed: int):
 
 
 def _load_all(d, warn=None):
-    opts = {"tokenizer": d.tokenizer, "split": d.split, "num_proc": d.num_proc, "progress": warn is not None}
-    train = load_corpus(d.source, d.text_field, d.cache_dir or None, d.max_documents or None, warn=warn, **opts)
-    if d.eval.source:
-        return train, load_corpus(d.eval.source, d.eval.text_field or d.text_field, d.cache_dir or None, warn=warn,
-                                  **opts)
-    return train, None
+    from seqshard.data.mixture import load_mixture
+    from seqshard.data.sources import eval_sources_of, sources_of
+
+    train = load_mixture(sources_of(d), d, warn=warn)
+    held = eval_sources_of(d)
+    return train, (load_mixture(held, d, warn=warn, cap=False) if held else None)
 
 
 def load_data(spec, rank: int):
@@ -83,7 +88,7 @@ def load_data(spec, rank: int):
 
 def eval_due(spec, step: int, last: int) -> bool:
     """With held-out data: every ``train.eval_every`` steps and at the run's last step."""
-    if not (spec.data.eval.fraction or spec.data.eval.source):
+    if not (spec.data.eval.fraction or spec.data.eval.source or spec.data.eval.sources):
         return False
     every = spec.train.eval_every
     return (every > 0 and step % every == 0) or step == last

@@ -97,6 +97,7 @@ def _haystack(corpus, n: int, rng, specials) -> torch.Tensor:
     parts, have, i = [], 0, int(rng.integers(len(corpus)))
     for _ in range(len(corpus)):
         t = corpus.tokens(i)
+        t = torch.where(t < 0, -t - 1, t)  # a chat document's non-target tokens are stored signed (data/chat.py)
         t = t[~torch.isin(t, specials)]
         parts.append(t)
         have += len(t)

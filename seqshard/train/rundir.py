@@ -140,8 +140,9 @@ FIXED_PREFIXES = ("seed", "model.", "data.")
 SAFE_DATA_PREFIXES = ("data.micro_batch_tokens", "data.num_proc", "data.cache_dir", "data.eval.")
 
 
-def changed_keys(saved: dict, current: dict) -> list[tuple[str, object, object]]:
-    """``(key.path, saved value, current value)`` for every leaf that differs."""
+def changed_keys(saved: dict, current: dict, defaults: dict | None = None) -> list[tuple[str, object, object]]:
+    """``(key.path, saved value, current value)`` for every leaf that differs; a key the saved spec
+    lacks (recorded by an older seqshard) counts as its value in ``defaults``."""
     def leaves(d, prefix=""):
         for k, v in d.items():
             path = f"{prefix}{k}"
@@ -151,6 +152,7 @@ def changed_keys(saved: dict, current: dict) -> list[tuple[str, object, object]]
                 yield path, v
 
     a, b = dict(leaves(saved)), dict(leaves(current))
+    a = {**{k: v for k, v in dict(leaves(defaults or {})).items() if k in b}, **a}
     return [(k, a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
 
 
@@ -168,11 +170,12 @@ def recorded_spec(output_dir) -> tuple[Path, dict] | None:
     return None
 
 
-def check_resume_spec(saved: dict | None, current: dict, checkpoint: Path) -> list[str]:
-    """Raise RunDirError naming the first key that may not change; return the safe changes."""
+def check_resume_spec(saved: dict | None, current: dict, checkpoint: Path, defaults: dict | None = None) -> list[str]:
+    """Raise RunDirError naming the first key that may not change; return the safe changes.
+    ``defaults``: the spec's default values, for keys added since ``saved`` was recorded."""
     if not saved:
         return []  # a checkpoint of an older seqshard: nothing recorded to compare
-    changes = changed_keys(saved, current)
+    changes = changed_keys(saved, current, defaults)
     fixed = [c for c in changes if c[0].startswith(FIXED_PREFIXES) and not c[0].startswith(SAFE_DATA_PREFIXES)]
     if fixed:
         key, was, now = fixed[0]

@@ -72,17 +72,25 @@ def _concat(rows: list[Row]):
 
 
 def build_batch_builder(spec: Spec, corpus):
-    d = spec.data
+    """The ``data.batching`` builder over ``corpus``, its steps carrying ``tokens_by_source``."""
+    from seqshard.data.mixture import SourceMetrics
+
+    return SourceMetrics(_builder(spec, corpus))
+
+
+def _builder(spec: Spec, corpus):
+    d, cont = spec.data, spec.data.continue_positions
     if d.batching == "window":
         from seqshard.data.window import WindowBuilder
 
-        return WindowBuilder(corpus, d.max_seq_len, d.tokens_per_step, spec.seed)
+        return WindowBuilder(corpus, d.max_seq_len, d.tokens_per_step, spec.seed, cont)
     from seqshard.data import builders
 
     if d.batching == "pack":
-        return builders.PackBuilder(corpus, d.max_seq_len, d.tokens_per_step, d.pack_method, spec.seed)
-    return builders.DecomposeBuilder(corpus, d.max_seq_len, d.min_seq_len, d.tokens_per_step,
-                                     d.curriculum.schedule, d.curriculum.cycles, spec.train.steps, spec.seed)
+        return builders.PackBuilder(corpus, d.max_seq_len, d.tokens_per_step, d.pack_method, spec.seed,
+                                    restart_positions=not cont)
+    return builders.DecomposeBuilder(corpus.sampled_view(spec.seed), d.max_seq_len, d.min_seq_len, d.tokens_per_step,
+                                     d.curriculum.schedule, d.curriculum.cycles, spec.train.steps, spec.seed, cont)
 
 
 class StaticScatter:
@@ -273,7 +281,8 @@ def _resume(run: Run, log, stage=None) -> int:
     spec = run.spec
     recorded = recorded_spec(spec.train.output_dir)  # compared before loading: the error names the key
     if recorded is not None:
-        safe = check_resume_spec(recorded[1], resume_reference(spec, stage, recorded[0]), recorded[0])
+        safe = check_resume_spec(recorded[1], resume_reference(spec, stage, recorded[0]), recorded[0],
+                                 type(spec)().to_dict())  # keys newer than the checkpoint: their defaults
         if safe:
             log.warning("resume: changed since %s: %s", recorded[0].name, "; ".join(safe))
     ckpt, state = resume_from_newest_loadable(spec.train.output_dir, run.engine.load,
@@ -312,6 +321,8 @@ def _train(spec: Spec, resume: bool, stop_after: int | None, log, preemption, st
     log.info("%s: world %d (dp %d x sp %d, %s), %d steps, launcher %s", spec.name, run.denv.world_size,
              run.mesh["dp"].size(), spec.parallel.sp, spec.parallel.sp_method, spec.train.steps, run.denv.launcher)
     log.info("%s, lr schedule %s", describe_engine(engine_settings(spec, run.engine)), spec.train.lr_schedule)
+    if spec.model.hf and spec.data.tokenizer == spec.model.hf:
+        log.info("data.tokenizer: the tokenizer of model.hf %s (set data.tokenizer: byte for bytes)", spec.model.hf)
     guard = NonFiniteGuard(spec.train.on_nonfinite, spec.train.max_nonfinite_in_row,
                            engine_skips=spec.train.engine != "deepspeed")
     history = []
