@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-slow bench clean
+.PHONY: install demo test test-slow bench clean docs-check
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -26,3 +26,6 @@ test-slow: install
 
 clean:
 	rm -rf $(VENV) runs
+
+docs-check: install
+	$(BIN)/python -m pytest -q tests/test_docs.py tests/launch/test_spec_reference.py
