@@ -133,6 +133,7 @@ class DeepSpeedEngine:
         self.engine.set_gradient_accumulation_boundary(True)
         self.engine.step()
         norm = self.engine.get_global_grad_norm()
+        self.norm_known = norm is not None  # DeepSpeed computes none without clipping / in some ZeRO paths
         return float(norm) if norm is not None else float("nan")
 
     def save(self, output_dir, step, trainer_state):

@@ -78,10 +78,11 @@ class NonFiniteGuard:
         self.policy, self.max_in_row, self.engine_skips = policy, max_in_row, engine_skips
         self.in_row, self.skipped = 0, 0
 
-    def check(self, metrics: dict) -> None:
-        """Mark the step's metrics; raise NonFiniteError when the run must stop."""
+    def check(self, metrics: dict, norm_known: bool = True) -> None:
+        """Mark the step's metrics; raise NonFiniteError when the run must stop. ``norm_known``
+        False: the engine reported no gradient norm (NaN stands for "none"), only the loss counts."""
         loss, norm = metrics["loss"], metrics["grad_norm"]
-        if math.isfinite(loss) and math.isfinite(norm):
+        if math.isfinite(loss) and (math.isfinite(norm) or not norm_known):
             self.in_row = 0
             if self.skipped:
                 metrics["skipped_steps"] = self.skipped

@@ -337,7 +337,7 @@ def _train(spec: Spec, resume: bool, stop_after: int | None, log, preemption, st
             preempt = metrics.pop("preempt")
             metrics["stage"] = stage.index if stage else 0
             try:
-                guard.check(metrics)
+                guard.check(metrics, norm_known=getattr(run.engine, "norm_known", True))
             finally:  # the non-finite step is logged before the run stops on it
                 if eval_due(spec, step, last) and "nonfinite" not in metrics:
                     metrics.update(evaluate(run, run.held_out))
