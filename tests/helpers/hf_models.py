@@ -142,12 +142,14 @@ def packed_batch(vocab=300, lengths=LENGTHS, seed=5):
     return tokens, positions, labels
 
 
-def per_document_reference(hf, tokens, lengths=LENGTHS):
+def per_document_reference(hf, tokens, lengths=LENGTHS, mask=None):
     """transformers ``hf`` run one document at a time: concatenated logits and the summed loss,
-    after its backward (the gradients are left in ``hf``'s parameters)."""
+    after its backward (the gradients are left in ``hf``'s parameters). ``mask(n)``, if given, is
+    the ``attention_mask`` of an ``n``-token document (e.g. a chunked-attention mask)."""
     logits, loss, start = [], 0.0, 0
     for n in lengths:
-        out = hf(input_ids=tokens[None, start:start + n], labels=tokens[None, start:start + n])
+        kw = {"attention_mask": mask(n)} if mask is not None else {}
+        out = hf(input_ids=tokens[None, start:start + n], labels=tokens[None, start:start + n], **kw)
         logits.append(out.logits[0])
         loss = loss + out.loss * (n - 1)
         start += n

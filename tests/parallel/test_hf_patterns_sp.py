@@ -18,7 +18,8 @@ import torch
 
 pytest.importorskip("transformers")
 
-from tests.helpers.hf_models import LENGTHS, assert_rel_close, packed_batch, save_hf_model  # noqa: E402
+from tests.helpers.hf_models import (  # noqa: E402
+    LENGTHS, assert_rel_close, packed_batch, per_document_reference, save_hf_model)
 from tests.helpers.ranks import run_ranks  # noqa: E402
 
 NORM_RTOL = 2e-5  # Gemma 3's q/k-norm weight gradients only (see above)
@@ -34,16 +35,8 @@ def chunk_mask(n, chunk, dtype=torch.float32):
 
 def reference(hf, tokens, chunk=0):
     """transformers per document (eager; with ``chunk`` the explicit chunked mask): logits, loss."""
-    logits, loss, start = [], 0.0, 0
-    for n in LENGTHS:
-        doc = tokens[None, start:start + n]
-        kw = {"attention_mask": chunk_mask(n, chunk, hf.dtype)} if chunk else {}
-        out = hf(input_ids=doc, labels=doc, **kw)
-        logits.append(out.logits[0])
-        loss = loss + out.loss * (n - 1)
-        start += n
-    loss.backward()
-    return torch.cat(logits).detach(), loss.detach()
+    mask = (lambda n: chunk_mask(n, chunk, hf.dtype)) if chunk else None
+    return per_document_reference(hf, tokens, LENGTHS, mask)
 
 
 def _assert_loss_and_grads(tag, loss, ref_loss, model, hf_grads):
