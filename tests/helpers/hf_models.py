@@ -157,9 +157,10 @@ def per_document_reference(hf, tokens, lengths=LENGTHS, mask=None):
     return torch.cat(logits).detach(), loss.detach()
 
 
-def assert_sharded_loss_and_grads(tag, loss, ref_loss, model, ref_grad):
+def assert_sharded_loss_and_grads(tag, loss, ref_loss, model, ref_grad, rtol_of=lambda name: RTOL):
     """On an SP rank: backward of this shard's ``loss``; the loss summed over ranks equals
-    ``ref_loss`` and every parameter's gradient summed over ranks equals ``ref_grad(name)``."""
+    ``ref_loss`` and every parameter's gradient summed over ranks equals ``ref_grad(name)``
+    (within ``rtol_of(name)``)."""
     import torch.distributed as dist
 
     loss.backward()
@@ -168,4 +169,4 @@ def assert_sharded_loss_and_grads(tag, loss, ref_loss, model, ref_grad):
     assert_rel_close(f"{tag} loss", total, ref_loss)
     for name, p in model.named_parameters():
         dist.all_reduce(p.grad)
-        assert_rel_close(f"{tag} grad {name}", p.grad, ref_grad(name))
+        assert_rel_close(f"{tag} grad {name}", p.grad, ref_grad(name), rtol_of(name))

@@ -19,7 +19,7 @@ import torch
 pytest.importorskip("transformers")
 
 from tests.helpers.hf_models import (  # noqa: E402
-    LENGTHS, assert_rel_close, packed_batch, per_document_reference, save_hf_model)
+    LENGTHS, assert_rel_close, assert_sharded_loss_and_grads, packed_batch, per_document_reference, save_hf_model)
 from tests.helpers.ranks import run_ranks  # noqa: E402
 
 NORM_RTOL = 2e-5  # Gemma 3's q/k-norm weight gradients only (see above)
@@ -40,18 +40,13 @@ def reference(hf, tokens, chunk=0):
 
 
 def _assert_loss_and_grads(tag, loss, ref_loss, model, hf_grads):
-    import torch.distributed as dist
-
     from seqshard.models.hf import hf_name
 
-    loss.backward()
-    total = loss.detach().clone()
-    dist.all_reduce(total)
-    assert_rel_close(f"{tag} loss", total, ref_loss)
-    for name, p in model.named_parameters():
-        dist.all_reduce(p.grad)
-        rtol = NORM_RTOL if name.endswith(("q_norm.weight", "k_norm.weight")) else 1e-5
-        assert_rel_close(f"{tag} grad {name}", p.grad, hf_grads[hf_name(name, model.cfg.block)], rtol)
+    def rtol_of(name):
+        return NORM_RTOL if name.endswith(("q_norm.weight", "k_norm.weight")) else 1e-5
+
+    assert_sharded_loss_and_grads(tag, loss, ref_loss, model, lambda name: hf_grads[hf_name(name, model.cfg.block)],
+                                  rtol_of)
 
 
 def check_native(rank, world, folder, family, pairs, chunk=0):
