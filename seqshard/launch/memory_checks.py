@@ -7,7 +7,7 @@ from seqshard.parallel import memory_model as mm
 
 from .spec import SpecError
 
-CHECKPOINTING = ("none", "full", "selective")
+CHECKPOINTING = ("none", "full", "selective", "lean")
 
 
 def check_memory_keys(t):
@@ -16,7 +16,7 @@ def check_memory_keys(t):
                         f"{t.activation_checkpointing!r} is not one of {', '.join(CHECKPOINTING)}")
     if t.offload_activations and t.activation_checkpointing == "none":
         raise SpecError("train.offload_activations", "offloads the checkpointed block inputs: set "
-                        "train.activation_checkpointing to full or selective")
+                        "train.activation_checkpointing to full, selective or lean")
     if t.mlp_tiles < 0:
         raise SpecError("train.mlp_tiles", f"must be >= 0 (1 untiled, 0 auto), got {t.mlp_tiles}")
     if t.device_memory_gb < 0:
@@ -31,7 +31,8 @@ def _hints(spec, c, cap) -> str:
         return mm.predict_peak(spec.model, L, dataclasses.replace(c, **change))["total"] <= cap
 
     options = []
-    for ac, tiles in (("selective", c.mlp_tiles), ("full", c.mlp_tiles), ("selective", 0), ("full", 0)):
+    for ac, tiles in (("selective", c.mlp_tiles), ("lean", c.mlp_tiles), ("full", c.mlp_tiles), ("selective", 0),
+                      ("lean", 0), ("full", 0)):
         if fits(checkpointing=ac, mlp_tiles=tiles):
             options.append(f"train.activation_checkpointing={ac}" + (" + train.mlp_tiles=0" if tiles == 0 else ""))
             break

@@ -133,7 +133,7 @@ class TrainSpec:
     reshard_after_forward: bool = True  # fsdp2: free gathered block parameters after forward
     offload_params: bool = False  # fsdp2: parameters, gradients and optimizer states on CPU
     async_checkpoint: bool = False  # dcp.async_save; committed only after every rank finished
-    activation_checkpointing: str = "none"  # none | full | selective (per block; train/memory.py)
+    activation_checkpointing: str = "none"  # none | full | selective | lean (per block; train/memory.py)
     offload_activations: bool = False  # checkpointed block inputs to host memory (CUDA; CPU: no-op)
     mlp_tiles: int = 1  # SwiGLU over sequence tiles; 1 = untiled, 0 = auto (ceil(tokens / dim))
     device_memory_gb: float = 0.0  # per-rank memory for the fit check (parallel/memory_model.py); 0 = skip

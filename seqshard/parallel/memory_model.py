@@ -13,6 +13,7 @@ Terms, for ``n`` local tokens (``L / sp``), ``b`` bytes per activation element, 
   ``none``: ``6 d + 2 d_kv + 4 f`` (block input, both norm outputs, q/k/v, attention output,
   the SwiGLU's w1, silu, w3 and product); with a tiled MLP the ``4 f`` becomes 0 (each tile is
   recomputed); ``selective``: block input + q, k, v, output = ``3 d + 2 d_kv``;
+  ``lean``: block input + attention output = ``2 d`` (ring/USP/LASP: ``d``, as ``full``);
   ``full``: the block input ``d``; offload (CUDA only) moves the block input to the host;
 - two phases that never overlap, so the peak holds the larger of them:
   - the backward of one block (recomputed under checkpointing): ``WORK_FACTOR x`` that block's
@@ -54,7 +55,7 @@ class MemoryConfig:
     zero_stage: int = 0
     act_bytes: int = 4  # 4 fp32, 2 bf16 activations
     param_bytes: int = 4  # weights as stored on the device
-    checkpointing: str = "none"  # none | full | selective
+    checkpointing: str = "none"  # none | full | selective | lean
     offload: bool = False
     mlp_tiles: int = 1  # 1 untiled, 0 auto (ceil(n / dim)), N tiles
     device: str = "cpu"  # cpu | cuda: whether offload frees device memory, runtime constant
@@ -107,7 +108,9 @@ def activation_bytes(m, n: float, c: MemoryConfig) -> dict:
     dkv = m.n_kv_heads * m.head_dim
     tiled = c.mlp_tiles != 1
     mlp_saved = 0 if tiled else 4 * f
-    per_layer = {"none": 6 * d + 2 * dkv + mlp_saved, "selective": 3 * d + 2 * dkv, "full": d}[c.checkpointing]
+    kernel_kept = c.sp_method in ("none", "ulysses", "allgather") or c.sp <= 1  # lean: out (+ lse) kept
+    per_layer = {"none": 6 * d + 2 * dkv + mlp_saved, "selective": 3 * d + 2 * dkv, "full": d,
+                 "lean": 2 * d if kernel_kept else d}[c.checkpointing]
     block_input = d if c.checkpointing != "none" else 0
     if c.offload and c.device == "cuda":
         per_layer -= block_input

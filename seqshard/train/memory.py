@@ -6,7 +6,10 @@
   block too but keeps the mixer's own saved tensors (q, k, v, output, lse or LASP states): the
   mixer call runs under identity ``saved_tensors_hooks`` (the innermost hooks win over the
   checkpoint's), its output is stashed, and the recomputation takes the stashed output instead of
-  calling the mixer again. Backward therefore repeats no attention collective.
+  calling the mixer again. Backward therefore repeats no attention collective. ``lean`` keeps only
+  each attention kernel call's output and lse (``kernels.attention.KernelStash``): the block,
+  q/k/v and the Ulysses exchanges are recomputed, the O(L^2) kernel is not (ring, USP and LASP
+  mixers, which do not go through ``attention()``, are recomputed whole, as with ``full``).
 - ``offload_activations``: the checkpointed block inputs (saved by the checkpoint outside its own
   hooks) go through :func:`offload_hooks`: on CUDA a copy into a pinned host buffer on a side
   stream and back before use; on the CPU a no-op (the tensor already lives in host memory, it is
@@ -129,6 +132,19 @@ def token_mixer(block):
 
 def _checkpointed_forward(block, mode: str, offload: bool):
     inner = block.forward
+    if mode == "lean":
+        from seqshard.kernels.attention import KernelStash
+
+        kernels = KernelStash()
+
+        def forward(x, *args, **kwargs):
+            if not torch.is_grad_enabled():
+                return inner(x, *args, **kwargs)
+            with offload_hooks(x.device) if offload else nullcontext():
+                return checkpoint(inner, x, *args, use_reentrant=False,
+                                  context_fn=lambda: (kernels.recording(), kernels.replaying()), **kwargs)
+
+        return forward
     stash = _MixerStash() if mode == "selective" else None
     if stash is not None:
         mixer = token_mixer(block)

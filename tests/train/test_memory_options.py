@@ -10,6 +10,7 @@ from tests.helpers.training import assert_losses_close, small_spec
 
 MODES = {"full": ["train.activation_checkpointing=full"],
          "selective": ["train.activation_checkpointing=selective"],
+         "lean": ["train.activation_checkpointing=lean", "train.mlp_tiles=0"],
          "offload": ["train.activation_checkpointing=full", "train.offload_activations=true"],
          "tiled_mlp": ["train.mlp_tiles=3"],
          "all": ["train.activation_checkpointing=selective", "train.offload_activations=true", "train.mlp_tiles=0"]}
@@ -45,11 +46,13 @@ def _check(results, modes):
 def test_modes_reproduce_plain_losses_ulysses_ring(tmp_path):
     """Default suite: 2 ranks, ulysses and ring zigzag; every mode; comm bytes under full exceed
     selective's, which equal the plain run's (backward repeats no collective)."""
-    for method, modes in (("ulysses", ["full", "selective", "all"]), ("ring", ["full", "selective"])):
+    for method, modes in (("ulysses", ["full", "selective", "lean", "all"]), ("ring", ["full", "selective"])):
         results = run_ranks(2, train_modes, str(tmp_path), method, modes, 3)[0]
         plain_bytes = _check(results, modes)
         assert results["selective"][1] == plain_bytes, (method, results["selective"][1], plain_bytes)
         assert all(f > p > 0 for f, p in zip(results["full"][1], plain_bytes)), (method, results["full"][1])
+        if "lean" in modes:  # lean repeats the exchanges (not the kernel): the same bytes as full
+            assert results["lean"][1] == results["full"][1], (results["lean"][1], results["full"][1])
 
 
 @pytest.mark.slow
@@ -62,6 +65,51 @@ def test_modes_reproduce_plain_losses_5_steps(method, tmp_path):
     if method != "adaptive":
         assert results["selective"][1] == plain_bytes
         assert sum(results["full"][1]) > sum(plain_bytes)
+
+
+@pytest.mark.parametrize("mode", ["lean", "full", "selective"])
+def test_lean_checkpointing_runs_each_attention_kernel_once(mode, monkeypatch):
+    """One process, 3 layers, 2 documents: every checkpointing mode gives the plain run's loss and
+    gradients; ``lean`` and ``selective`` run the attention kernel once per layer (forward), ``full``
+    twice (the recomputation), and the backward kernel once per layer in every mode."""
+    import importlib
+
+    from seqshard.models.config import ModelConfig
+    from seqshard.models.context import VarlenContext
+    from seqshard.models.llama import build_llama
+    from seqshard.train.memory import apply_memory_options
+    from seqshard.launch.spec import TrainSpec
+
+    attn_mod = importlib.import_module("seqshard.kernels.attention")  # the package, not the function
+    torch.manual_seed(0)
+    cfg = ModelConfig(dim=32, n_layers=3, n_heads=4, n_kv_heads=2, ffn_dim=64, vocab_size=50)
+    plain = build_llama(cfg)
+    model = build_llama(cfg)
+    model.load_state_dict(plain.state_dict())
+    apply_memory_options(model, TrainSpec(activation_checkpointing=mode, mlp_tiles=0))
+    tokens = torch.randint(0, 50, (40,))
+    positions = torch.cat([torch.arange(25), torch.arange(15)])
+    ctx = VarlenContext.from_lengths([25, 15])
+    labels = torch.roll(tokens, -1)
+    ref = plain(tokens, positions, ctx, labels)
+    ref.backward()
+    calls = {"fwd": 0, "bwd": 0}
+    fwd, bwd = attn_mod.attention_forward, attn_mod.attention_backward
+
+    def count(name, fn):
+        def wrapped(*a, **kw):
+            calls[name] += 1
+            return fn(*a, **kw)
+        return wrapped
+
+    monkeypatch.setattr(attn_mod, "attention_forward", count("fwd", fwd))
+    monkeypatch.setattr(attn_mod, "attention_backward", count("bwd", bwd))
+    loss = model(tokens, positions, ctx, labels)
+    loss.backward()
+    torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-6)
+    for (name, p), q in zip(model.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=name)
+    assert calls == {"fwd": 6 if mode == "full" else 3, "bwd": 3}, calls
 
 
 @pytest.mark.parametrize("tiles", [0, 1, 3, 7])

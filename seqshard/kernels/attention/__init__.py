@@ -125,6 +125,62 @@ class _FlashAttention(torch.autograd.Function):
         return grads[0], grads[1], grads[2], dsinks, None, None, None, None, None
 
 
+class _StashedAttention(torch.autograd.Function):
+    """The recomputation of an attention call whose ``out`` and ``lse`` were kept from the first
+    forward (``activation_checkpointing: lean``): no kernel runs; q, k, v (recomputed) and the kept
+    out, lse are saved for the usual backward."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, sinks, cu_q, cu_k, causal, scale, pattern, kept):
+        out, lse = kept
+        # the same tensors, in the same order, as _FlashAttention saves: the checkpoint matches them
+        ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, sinks)
+        ctx.causal, ctx.scale, ctx.pattern = causal, scale, pattern
+        ctx.mark_non_differentiable(lse)
+        return out.detach(), lse.detach()
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse, cu_q, cu_k, sinks = ctx.saved_tensors
+        grads = attention_backward(dout, q, k, v, out, lse, cu_q, cu_k, None, None, ctx.causal, ctx.scale,
+                                   sinks=sinks, **ctx.pattern)
+        dsinks = grads[3] if sinks is not None else None
+        return grads[0], grads[1], grads[2], dsinks, None, None, None, None, None, None
+
+
+class KernelStash:
+    """Out and lse of each ``attention()`` call in one checkpointed block, kept between its first
+    forward (``recording``) and its recomputation in backward (``replaying``), so that the
+    recomputation runs everything but the O(L^2) kernel (``train.activation_checkpointing: lean``).
+    Calls that do not go through ``attention()`` (ring's block pairs) are simply recomputed."""
+
+    active = None  # the stash of the block being run, or None
+
+    def __init__(self):
+        self.kept, self.mode = [], None
+
+    def _run(self, mode):
+        from contextlib import contextmanager
+
+        @contextmanager
+        def ctx():
+            outer, KernelStash.active = KernelStash.active, self
+            self.mode = mode
+            if mode == "record":
+                self.kept = []
+            try:
+                yield
+            finally:
+                KernelStash.active, self.mode = outer, None
+        return ctx()
+
+    def recording(self):
+        return self._run("record")
+
+    def replaying(self):
+        return self._run("replay")
+
+
 def attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seqlen_k=None,
               causal=False, softmax_scale=None, return_lse=False, window_size=(-1, -1), softcap=0.0,
               chunk_size=None, sinks=None, q_pos=None, k_pos=None):
@@ -136,8 +192,15 @@ def attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seqlen
         return attention_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                    causal=causal, softmax_scale=softmax_scale, return_lse=return_lse,
                                    sinks=sinks, **pattern)
-    out, lse = _FlashAttention.apply(q, k, v, sinks, cu_seqlens_q, cu_seqlens_k, causal, softmax_scale, pattern)
+    stash = KernelStash.active
+    if stash is not None and stash.mode == "replay" and stash.kept:
+        out, lse = _StashedAttention.apply(q, k, v, sinks, cu_seqlens_q, cu_seqlens_k, causal, softmax_scale,
+                                           pattern, stash.kept.pop(0))
+    else:
+        out, lse = _FlashAttention.apply(q, k, v, sinks, cu_seqlens_q, cu_seqlens_k, causal, softmax_scale, pattern)
+        if stash is not None and stash.mode == "record" and torch.is_grad_enabled():
+            stash.kept.append((out.detach(), lse))
     return (out, lse) if return_lse else out
 
 
-__all__ = ["attention", "attention_forward", "attention_backward", "attention_reference", "HAS_TRITON"]
+__all__ = ["attention", "KernelStash", "attention_forward", "attention_backward", "attention_reference", "HAS_TRITON"]
