@@ -28,8 +28,9 @@ shared machine hits both); s/step is the median of steps 2.. of each run, the ta
 over runs and the range; peak memory is the max RSS over ranks (process high-water mark, which
 includes the Python/torch runtime: ``base_mb`` is each system's RSS before the model is built).
 The first-step loss is computed before any update, so it must agree to 1e-5.
-``--cap-mb`` adds the largest L (doubling from the smallest of ``--seqlens``) whose peak stays under
-the cap, per system (one step each, the peak of a step is reached in its backward).
+``--cap-mb`` adds the largest L (growing from the smallest of ``--seqlens``) whose peak stays under
+the cap, per system (one step each, which includes the optimizer's first step; L grows by
+``--cap-growth``).
 Every process runs one torch thread (``OMP_NUM_THREADS=1``), as ``seqshard launch`` does.
 
     python bench/peers.py --sp 2 --seqlens 16384 --steps 3 --repeats 2
@@ -293,8 +294,10 @@ def main():
     ap.add_argument("--repeats", type=int, default=1, help="runs per system, interleaved")
     ap.add_argument("--ckpt-modes", nargs="+", default=["selective"], help="seqshard activation_checkpointing modes")
     ap.add_argument("--cap-mb", type=float, default=0.0, help="find the largest L each system finishes under this "
-                    "peak RSS per rank (doubling L from the smallest --seqlens)")
-    ap.add_argument("--max-L", type=int, default=1 << 20, help="--cap-mb: stop doubling here")
+                    "peak RSS per rank (growing L from the smallest --seqlens)")
+    ap.add_argument("--max-L", type=int, default=1 << 20, help="--cap-mb: stop growing L here")
+    ap.add_argument("--cap-growth", type=float, default=2.0, help="--cap-mb: factor between tried lengths "
+                    "(rounded to a multiple of 1024)")
     ap.add_argument("--seqshard-arg", action="append", default=[], help="extra `seqshard launch` argument "
                     "(e.g. --set=train.mlp_tiles=1)")
     args = ap.parse_args()
@@ -320,7 +323,7 @@ def main():
                           f"{'  ' + r['error'][:200] if 'error' in r else ''}", flush=True)
                     if peak > args.cap_mb:
                         break
-                    best, L = L, 2 * L
+                    best, L = L, max(L + 1024, round(L * args.cap_growth / 1024) * 1024)
                 rows.append({"kind": "cap", "system": system.split(":")[0], "mode": _mode(system), "P": P,
                              "L": best, "cap_mb": args.cap_mb})
             continue

@@ -23,7 +23,9 @@ def test_checkpointing_offload_tiles_and_sp_each_lower_the_peak():
     base = mm.MemoryConfig(device="cuda")
     L = 1 << 16
     peak = lambda **kw: mm.predict_peak(TINY, L, dataclasses.replace(base, **kw))["total"]
-    assert peak(checkpointing="full") < peak(checkpointing="selective") < peak()
+    assert peak(checkpointing="full") < peak(checkpointing="lean") < peak(checkpointing="selective") < peak()
+    # lean keeps the kernel's output only where attention() runs whole; ring recomputes as full does
+    assert peak(checkpointing="lean", sp=2, sp_method="ring") == peak(checkpointing="full", sp=2, sp_method="ring")
     assert peak(checkpointing="full", offload=True) < peak(checkpointing="full")
     assert peak(mlp_tiles=0) < peak()
     assert peak(sp=4, sp_method="ring") < 0.3 * peak()
