@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One prepared GPU check (issue #15): on a CUDA machine, run the Triton kernel tests compiled for
 # real (TRITON_INTERPRET=0, test tensors on the GPU through bench/cuda_default.py), then the
-# capacity bench, bench/kernels.py and bench/attention_memory.py, each writing its JSON into
+# capacity bench, bench/kernels.py, bench/attention_memory.py and bench/peers.py, each writing its JSON into
 # bench/results/. Refuses (exit 3) when no CUDA GPU is visible. Usage, from the repository root:
 #   bash bench/gpu_check.sh [--quick]        # logs in bench/results/gpu_check/
 set -u
@@ -28,4 +28,6 @@ step kernel_tests $PY -m pytest -q -p bench.cuda_default tests/kernels \
 step kernels_bench $PY bench/kernels.py
 step attention_memory $PY bench/attention_memory.py
 step capacity $PY bench/capacity.py $QUICK
+# seqshard vs the plain transformers loop on one GPU (NCCL, bf16); with several GPUs add --sp 2 (vs ALST)
+step peers $PY bench/peers.py --device cuda --dtype bf16 --sp 1 --seqlens 16384 65536 --steps 4
 exit $status

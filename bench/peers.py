@@ -37,6 +37,10 @@ Every process runs one torch thread (``OMP_NUM_THREADS=1``), as ``seqshard launc
     python bench/peers.py --sp 1 --seqlens 16384
     python bench/peers.py --sp 2 --cap-mb 1400 --seqlens 8192
 
+On a CUDA machine (``--device cuda --dtype bf16``: NCCL, one GPU per rank; peak = max_memory_allocated)
+the same runs apply; ``bench/gpu_check.sh`` runs ``--sp 1`` there. That path has never run (no GPU
+was lent to this project's sessions).
+
 Writes bench/results/peers.json (merged by (system, P, L, mode)) and prints a table.
 """
 from __future__ import annotations
@@ -63,11 +67,28 @@ MODEL = dict(vocab_size=259, hidden_size=256, intermediate_size=688, num_hidden_
              num_key_value_heads=4, rope_theta=10000.0, bos_token_id=256, eos_token_id=257, pad_token_id=258,
              tie_word_embeddings=False, rms_norm_eps=1e-5)
 RESULTS = ROOT / "bench/results/peers.json"
+DEVICE = {"device": "cpu", "dtype": "fp32"}  # --device / --dtype of the driver, passed to every run
 PY = sys.executable
 
 
 def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _peak_mb(dev) -> float:
+    """CPU: the process's max RSS (what seqshard logs there); CUDA: max_memory_allocated (likewise)."""
+    import torch
+
+    if dev.type == "cuda":
+        return torch.cuda.max_memory_allocated(dev) / 2**20
+    return _rss_mb()
+
+
+def _sync(dev) -> None:
+    import torch
+
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
 
 
 def make_checkpoint(path: Path, max_len: int) -> None:
@@ -125,9 +146,13 @@ def alst_worker(args) -> None:
     from transformers import AutoModelForCausalLM
     from transformers.models.llama import modeling_llama
 
-    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False, verbose=False)
+    cuda = args.device == "cuda"
+    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", auto_mpi_discovery=False, verbose=False)
     rank, world = dist.get_rank(), dist.get_world_size()
-    base = _rss_mb()
+    dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(dev)
+    base = _peak_mb(dev)
     modeling_llama.LlamaMLP.forward = _tiled_mlp_forward  # before the model is made, as the tutorial says
     mpu = UlyssesSPAttentionHF.register_with_transformers(
         model_name_or_path=args.ckpt, core_attn_implementation="sdpa", sequence_parallel_size=world,
@@ -136,17 +161,18 @@ def alst_worker(args) -> None:
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     optim = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.0)
     config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "gradient_clipping": 1.0,
-              "sequence_parallel_size": world, "zero_optimization": {"stage": 0}, "steps_per_print": 10**9}
+              "sequence_parallel_size": world, "zero_optimization": {"stage": 0}, "steps_per_print": 10**9,
+              "bf16": {"enabled": args.dtype == "bf16"}}
     engine, *_ = deepspeed.initialize(model=model, optimizer=optim, config=config, mpu=mpu)
     sp_group = mpu.get_sequence_parallel_group()
 
-    ids = document_ids(Path(args.doc)).unsqueeze(0)  # [1, L]
+    ids = document_ids(Path(args.doc)).unsqueeze(0).to(dev)  # [1, L]
     labels = ids.clone()
     shift = torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:]  # the adapter's shift_labels
     n = args.L // world
     piece = slice(rank * n, (rank + 1) * n)
     local_ids, local_shift = ids[:, piece], shift[:, piece]
-    local_pos = torch.arange(args.L)[piece].unsqueeze(0)
+    local_pos = torch.arange(args.L, device=dev)[piece].unsqueeze(0)
     lm_head = engine.module.lm_head
 
     def loss_fn(self, x, y):
@@ -167,9 +193,10 @@ def alst_worker(args) -> None:
         loss = sum(sums) / max(int(sum(goods)), 1)
         engine.backward(loss)
         engine.step()
+        _sync(dev)
         times.append(time.perf_counter() - t0)
         losses.append(float(loss))
-    out = {"times": times, "losses": losses, "peak_mb": _rss_mb(), "base_mb": base}
+    out = {"times": times, "losses": losses, "peak_mb": _peak_mb(dev), "base_mb": base}
     every = [None] * world
     dist.all_gather_object(every, out)
     if rank == 0:
@@ -184,23 +211,27 @@ def hf_worker(args) -> None:
     torch.set_num_threads(1)
     from transformers import AutoModelForCausalLM
 
-    base = _rss_mb()
-    model = AutoModelForCausalLM.from_pretrained(args.ckpt, attn_implementation="sdpa", dtype=torch.float32)
+    dev = torch.device(args.device)
+    base = _peak_mb(dev)
+    model = AutoModelForCausalLM.from_pretrained(args.ckpt, attn_implementation="sdpa", dtype=torch.float32).to(dev)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     optim = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.0)
-    ids = document_ids(Path(args.doc)).unsqueeze(0)
+    ids = document_ids(Path(args.doc)).unsqueeze(0).to(dev)
     times, losses = [], []
     for _ in range(args.steps):
         t0 = time.perf_counter()
-        loss = model(input_ids=ids, labels=ids).loss
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16"):
+            loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optim.step()
         optim.zero_grad(set_to_none=True)
+        _sync(dev)
         times.append(time.perf_counter() - t0)
         losses.append(float(loss))
-    Path(args.out).write_text(json.dumps([{"times": times, "losses": losses, "peak_mb": _rss_mb(), "base_mb": base}]))
+    Path(args.out).write_text(json.dumps([{"times": times, "losses": losses, "peak_mb": _peak_mb(dev),
+                                           "base_mb": base}]))
 
 
 # ---------------------------------------------------------------- drivers
@@ -224,7 +255,8 @@ def run_seqshard(work: Path, ckpt: Path, doc: Path, P: int, L: int, steps: int, 
         "data": {"source": str(doc), "max_seq_len": L, "tokens_per_step": L, "tokenizer": "byte"},
         "parallel": {"sp": P, "sp_method": "ulysses" if P > 1 else "none"},
         "train": {"steps": steps, "lr": 1e-4, "warmup_steps": 0, "lr_schedule": "constant", "weight_decay": 0.0,
-                  "grad_clip": 1.0, "dtype": "float32", "output_dir": str(out), "log_every": 1,
+                  "grad_clip": 1.0, "dtype": "bfloat16" if DEVICE["dtype"] == "bf16" else "float32",
+                  "output_dir": str(out), "log_every": 1,
                   "checkpoint_every": 0, "activation_checkpointing": mode, "mlp_tiles": 0},
         "launch": {"launcher": "torchrun", "nproc_per_node": P, "master_port": _port()},
     }
@@ -246,7 +278,7 @@ def run_peer(kind: str, work: Path, ckpt: Path, doc: Path, P: int, L: int, steps
     out = work / f"{kind}_{P}_{L}.json"
     out.unlink(missing_ok=True)
     args = ["--worker", kind, "--ckpt", str(ckpt), "--doc", str(doc), "--L", str(L), "--steps", str(steps),
-            "--out", str(out)]
+            "--out", str(out), "--device", DEVICE["device"], "--dtype", DEVICE["dtype"]]
     if kind == "alst":
         cmd = [PY, "-m", "torch.distributed.run", f"--nproc_per_node={P}", f"--master_port={_port()}",
                __file__, *args]
@@ -273,7 +305,8 @@ def _summary(runs: list[dict]) -> dict:
 
 def _merge(rows: list[dict]) -> None:
     old = json.loads(RESULTS.read_text())["rows"] if RESULTS.exists() else []
-    key = lambda r: (r["system"], r["P"], r["L"], r.get("mode", ""), r.get("kind", "time"))  # noqa: E731
+    key = lambda r: (r["system"], r["P"], r["L"], r.get("mode", ""), r.get("kind", "time"),  # noqa: E731
+                     r.get("device", "cpu"), r.get("dtype", "fp32"))
     new = {key(r): r for r in old}
     new.update({key(r): r for r in rows})
     RESULTS.write_text(json.dumps({"host": os.uname().nodename, "cpus": os.cpu_count(),
@@ -288,6 +321,10 @@ def main():
     ap.add_argument("--doc", help=argparse.SUPPRESS)
     ap.add_argument("--L", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                    help="cuda: NCCL, one GPU per rank (never run yet: no GPU was lent to this project's sessions)")
+    ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16: seqshard train.dtype bfloat16, "
+                    "DeepSpeed bf16, autocast in the HF loop")
     ap.add_argument("--sp", type=int, nargs="+", default=[2], help="SP degrees (ranks); 1 = vs the plain HF loop")
     ap.add_argument("--seqlens", type=int, nargs="+", default=[4096], help="tokens per step (one document)")
     ap.add_argument("--steps", type=int, default=3, help="steps per run (the first is not timed)")
@@ -303,6 +340,7 @@ def main():
     args = ap.parse_args()
     if args.worker:
         return (alst_worker if args.worker == "alst" else hf_worker)(args)
+    DEVICE.update(device=args.device, dtype=args.dtype)
 
     work = Path(tempfile.mkdtemp(prefix="peers_"))
     ckpt = work / "ckpt"
@@ -342,6 +380,8 @@ def main():
             for system in systems:
                 rows.append({"system": system.split(":")[0], "mode": _mode(system), "P": P, "L": L,
                              "steps": args.steps, **_summary(runs[system])})
+    for r in rows:
+        r.update(DEVICE)
     _merge(rows)
     _table(rows)
 
