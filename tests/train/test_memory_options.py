@@ -67,11 +67,13 @@ def test_modes_reproduce_plain_losses_5_steps(method, tmp_path):
         assert sum(results["full"][1]) > sum(plain_bytes)
 
 
-@pytest.mark.parametrize("mode", ["lean", "full", "selective"])
-def test_lean_checkpointing_runs_each_attention_kernel_once(mode, monkeypatch):
+@pytest.mark.parametrize("mode,pattern", [("lean", {}), ("full", {}), ("selective", {}),
+                                          ("lean", dict(attn_sinks=True, sliding_window=7, layer_types="FSF"))])
+def test_lean_checkpointing_runs_each_attention_kernel_once(mode, pattern, monkeypatch):
     """One process, 3 layers, 2 documents: every checkpointing mode gives the plain run's loss and
-    gradients; ``lean`` and ``selective`` run the attention kernel once per layer (forward), ``full``
-    twice (the recomputation), and the backward kernel once per layer in every mode."""
+    gradients (sinks and a sliding window included); ``lean`` and ``selective`` run the attention
+    kernel once per layer (forward), ``full`` twice (the recomputation), and the backward kernel once
+    per layer in every mode."""
     import importlib
 
     from seqshard.models.config import ModelConfig
@@ -82,8 +84,12 @@ def test_lean_checkpointing_runs_each_attention_kernel_once(mode, monkeypatch):
 
     attn_mod = importlib.import_module("seqshard.kernels.attention")  # the package, not the function
     torch.manual_seed(0)
-    cfg = ModelConfig(dim=32, n_layers=3, n_heads=4, n_kv_heads=2, ffn_dim=64, vocab_size=50)
+    cfg = ModelConfig(dim=32, n_layers=3, n_heads=4, n_kv_heads=2, ffn_dim=64, vocab_size=50, **pattern)
     plain = build_llama(cfg)
+    if pattern:
+        with torch.no_grad():
+            for layer in plain.layers:
+                layer.attn.sinks.normal_()  # non-zero sinks, so their gradient is checked
     model = build_llama(cfg)
     model.load_state_dict(plain.state_dict())
     apply_memory_options(model, TrainSpec(activation_checkpointing=mode, mlp_tiles=0))
