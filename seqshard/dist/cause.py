@@ -126,6 +126,26 @@ def _step_of(at: str) -> float:
     return float(m.group(1)) if m else -1.0
 
 
+def process_state(pid: int) -> str | None:
+    """``"stopped"`` (a thread is stopped: SIGSTOP, a debugger), ``"running"`` (a thread is
+    running or waiting for a CPU: alive, perhaps starved on a loaded host) or ``"sleeping"``
+    (every thread waits: a hang), from ``/proc/PID/task/*/stat``; None when unreadable."""
+    import glob
+
+    states = []
+    for path in glob.glob(f"/proc/{int(pid)}/task/*/stat"):
+        try:
+            with open(path) as f:
+                states.append(f.read().rsplit(")", 1)[1].split()[0])
+        except (OSError, IndexError):
+            continue
+    if not states:
+        return None
+    if any(s in "Tt" for s in states):
+        return "stopped"
+    return "running" if "R" in states else "sleeping"
+
+
 def stalled_ranks(kill_frozen: bool = True) -> str | None:
     """On a collective's error path: the ranks that stopped (no heartbeat for FROZEN_S: SIGSTOP,
     a dead host) or lag behind the others' progress marker, e.g. "rank 1 (pid 123 on h1) frozen
@@ -147,20 +167,27 @@ def stalled_ranks(kill_frozen: bool = True) -> str | None:
         return None
     if len(beats) < 2:
         return None
-    now, me = time.time(), dist.get_rank()
-    frozen = sorted(r for r, b in beats.items() if r != me and now - b["time"] > FROZEN_S)
+    now, me, host = time.time(), dist.get_rank(), socket.gethostname()
+    silent = sorted(r for r, b in beats.items() if r != me and now - b["time"] > FROZEN_S)
+    # a silent rank on this host that is still running is starved (a loaded host), not frozen
+    local = {r: process_state(beats[r]["pid"]) for r in silent if beats[r].get("host") == host}
+    starved = [r for r in silent if local.get(r) == "running"]
+    frozen = [r for r in silent if r not in starved]
     lead = max(_step_of(b["at"]) for b in beats.values())
-    behind = sorted(r for r, b in beats.items() if r not in frozen and _step_of(b["at"]) < lead)
+    behind = sorted(r for r, b in beats.items() if r not in silent and _step_of(b["at"]) < lead)
     notes = []
     for r in frozen:
         b, killed = beats[r], ""
-        if kill_frozen and b.get("host") == socket.gethostname():
+        if kill_frozen and b.get("host") == host:
             try:
                 os.kill(int(b["pid"]), signal.SIGKILL)
                 killed = "; killed it"
             except (OSError, ValueError):
                 pass
-        notes.append(f"rank {r} (pid {b['pid']} on {b['host']}) frozen at {b['at']}, silent for "
+        how = f" ({local[r]})" if local.get(r) else ""
+        notes.append(f"rank {r} (pid {b['pid']} on {b['host']}) frozen{how} at {b['at']}, silent for "
                      f"{now - b['time']:.0f} s{killed}")
+    notes += [f"rank {r} (pid {beats[r]['pid']} on {beats[r]['host']}) heartbeat {now - beats[r]['time']:.0f} s "
+              f"late but still running (a loaded host?), not killed" for r in starved]
     notes += [f"rank {r} (pid {beats[r]['pid']} on {beats[r]['host']}) behind, at {beats[r]['at']}" for r in behind]
     return "; ".join(notes) or None
