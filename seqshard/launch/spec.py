@@ -87,6 +87,7 @@ class ParallelSpec:
     layout: str = "auto"  # auto | zigzag | contiguous | stream
     softmax_method: str = "allgather"  # hybrid models: SP method of the softmax layers
     max_sp: int = 4  # adaptive: largest group
+    ep: int = 1  # expert parallelism: MoE experts sharded over groups of ep consecutive ranks (parallel/ep.py)
     planner: PlannerSpec = field(default_factory=PlannerSpec)
 
 

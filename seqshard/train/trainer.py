@@ -161,6 +161,11 @@ def setup(spec: Spec) -> Run:
     torch.manual_seed(spec.seed)  # identical initial weights on every rank, for every layout
     model = build_model(spec.model).to(device)
     scatter = build_scatter(spec, model, mesh, denv)
+    if p.ep > 1:  # expert parallelism: keep this rank's experts, exchange tokens (parallel/ep.py)
+        from seqshard.dist.mesh import build_expert_mesh
+        from seqshard.parallel.ep import shard_experts
+
+        shard_experts(model, build_expert_mesh(mesh, p.ep))
     apply_memory_options(model, spec.train)  # after the SP attention is installed
     corpus, held_out = load_data(spec, denv.rank)  # rank 0 builds the datasets cache first
     with shared_failure("loading data"):
