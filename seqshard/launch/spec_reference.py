@@ -43,10 +43,6 @@ HELP = {
     "data.cache_dir": "where tokenized corpora are cached (default: beside the run)",
     "data.curriculum.cycles": "decompose: how many times the curriculum repeats over train.steps",
     "parallel.sp": "sequence-parallel degree (divides the world size; dp = world / sp)",
-    "parallel.ep": ("expert-parallel degree: each MoE layer's experts are split over groups of ep consecutive "
-                    "ranks of dp x sp (E/ep experts per rank, tokens sent to them by all-to-all); divides "
-                    "model.moe.num_experts and the world size; train.engine torch only; 1 = every rank holds "
-                    "every expert"),
     "parallel.planner.time_limit_s": "milp: time limit per step",
     "parallel.planner.profile": "hardware profile of the cost model (a name, or a seqshard calibrate JSON)",
     "train.steps": "optimizer steps (with train.stages: their sum)",

@@ -2,7 +2,10 @@
 output, input gradient, router gradient and every expert's gradient (gathered over the EP group,
 summed over replicas) equal the single-process layer's to 1e-5, at ep 2 (two EP groups of a
 4-rank world) and ep 4, with uneven routing: an expert no token picks, an EP rank that receives
-no row, a rank that owns no token."""
+no row, a rank that owns no token. The same spawn then trains a small native MoE model for 3 steps
+at dp 4 without EP and at ep 2 (two EP groups: expert gradients summed over replicas): the same
+losses, aux losses and gradient norms (one spawn for the default suite's time budget; the imported-checkpoint, ep x sp,
+resume and export runs are the slow tests of tests/train/test_moe_ep_train.py)."""
 from __future__ import annotations
 
 import torch
@@ -87,5 +90,30 @@ def ep_layer_rank(rank, world):
     return True
 
 
-def test_ep_layer_matches_one_process():
-    assert run_ranks(4, ep_layer_rank) == [True] * 4
+MOE = ["model.moe.num_experts=4", "model.moe.top_k=2", "model.moe.expert_ffn_dim=64", "model.moe.aux_loss_coef=0.01",
+       "model.moe.shared_expert_ffn_dim=16", "model.dim=32", "model.ffn_dim=64", "data.max_seq_len=128",
+       "data.tokens_per_step=1024", "train.lr=1e-2", "train.steps=3"]
+
+
+def ep_layer_and_training_rank(rank, world, out):
+    from seqshard.train.trainer import train
+    from tests.helpers.training import small_spec
+
+    ep_layer_rank(rank, world)
+    runs = {}
+    for ep in (1, 2):
+        history = train(small_spec(f"{out}/ep{ep}", world, MOE + [f"parallel.ep={ep}"]))
+        runs[ep] = [(m["loss"], m["aux_loss"], m["grad_norm"], m["comm"].get("moe.dispatch", {}).get("bytes", 0))
+                    for m in history]
+    return runs
+
+
+def test_ep_layer_and_training_match_without_ep(tmp_path):
+    from tests.helpers.training import assert_losses_close
+
+    runs = run_ranks(4, ep_layer_and_training_rank, str(tmp_path))[0]
+    for ep in (2,):
+        for i in range(3):  # loss, aux loss, gradient norm
+            assert_losses_close([m[i] for m in runs[ep]], [m[i] for m in runs[1]])
+        assert all(m[3] > 0 for m in runs[ep]), runs[ep]
+    assert all(m[3] == 0 for m in runs[1])
