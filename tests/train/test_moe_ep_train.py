@@ -115,3 +115,31 @@ def test_ep_resume_and_export(tmp_path):
         assert (ref_logits - initial(input_ids=doc[None]).logits[0]).abs().max() > 1e-3  # the trained weights
     assert_rel_close("exported logits", got, ref_logits)
     torch.testing.assert_close(got, one, rtol=1e-3, atol=1e-3)  # the ep 2 run's weights are the one-process run's
+
+
+NATIVE = ["model.moe.num_experts=4", "model.moe.top_k=2", "model.moe.expert_ffn_dim=64", "model.moe.aux_loss_coef=0.01",
+          "model.moe.shared_expert_ffn_dim=16", "model.dim=32", "model.ffn_dim=64", "data.max_seq_len=128",
+          "data.tokens_per_step=1024", "train.lr=1e-2", "train.steps=3", "data.eval.fraction=0.05"]
+OPTIONS = {"ac_full": ["train.activation_checkpointing=full"],
+           "ac_selective": ["train.activation_checkpointing=selective"],
+           "async_checkpoint": ["train.async_checkpoint=true", "train.checkpoint_every=1"]}
+
+
+def native_options_rank(rank, world, out):
+    from seqshard.train.trainer import train
+    from tests.helpers.training import small_spec
+
+    return {(name, ep): [(m["loss"], m["aux_loss"], m.get("eval_loss")) for m in
+                         train(small_spec(f"{out}/{name}{ep}", world, NATIVE + extra + [f"parallel.ep={ep}"]))]
+            for name, extra in OPTIONS.items() for ep in (1, 2)}
+
+
+@pytest.mark.slow
+def test_ep_with_activation_checkpointing_and_async_checkpoints(tmp_path):
+    """Recomputed blocks re-run their exchanges in backward; async DCP saves the expert DTensors."""
+    runs = run_ranks(2, native_options_rank, str(tmp_path))[0]
+    for name in OPTIONS:
+        _same([(loss, aux, None) for loss, aux, _ in runs[name, 2]], [(loss, aux, None) for loss, aux, _ in runs[name, 1]],
+              name)
+        assert_losses_close([runs[name, 2][-1][2]], [runs[name, 1][-1][2]])
+    assert (tmp_path / "async_checkpoint2" / "checkpoints" / "step_3" / "COMPLETE").is_file()
