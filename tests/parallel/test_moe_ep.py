@@ -54,9 +54,12 @@ def ep_layer_rank(rank, world):
     from torch.distributed.device_mesh import init_device_mesh
 
     from seqshard.dist.comm_stats import COMM_LOG
-    from seqshard.dist.mesh import build_expert_mesh
+    from seqshard.dist.mesh import ParallelDims, build_expert_mesh, build_mesh
     from seqshard.parallel.ep import shard_experts
 
+    usp = build_expert_mesh(build_mesh(ParallelDims(4, 1, 4, 2)), 2)  # USP's 3-D mesh: consecutive ranks too
+    assert dist.get_process_group_ranks(usp["ep"].get_group()) == [rank - rank % 2, rank - rank % 2 + 1]
+    assert dist.get_process_group_ranks(usp["ep_replica"].get_group()) == [rank % 2, rank % 2 + 2]
     mesh = init_device_mesh("cpu", (world // 2, 2), mesh_dim_names=("dp", "sp"))
     for ep, num_experts, top_k, dead, lengths in CASES:
         xs, rs = tokens_of(world, lengths)
