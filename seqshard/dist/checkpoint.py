@@ -163,10 +163,52 @@ def read_trainer_state(path: Path) -> dict:
     return json.loads((path / "trainer.json").read_text())
 
 
+def expert_shards(model) -> dict:
+    """``{state-dict name: ExpertShard}`` of the expert tensors this rank holds a slice of under
+    expert parallelism (parallel/ep.py; modules carrying ``ep_shard``); {} without it."""
+    return {f"{name}.{p}": m.ep_shard for name, m in model.named_modules()
+            if getattr(m, "ep_shard", None) is not None for p in ("gate_up", "down")}
+
+
+def with_global_experts(model, model_sd: dict, optim_sd: dict) -> tuple[dict, dict]:
+    """Expert-parallel slices as DTensors sharded by global expert index (``Shard(0)`` over the
+    ``ep`` dim, replicated over ``ep_replica``), in the model and AdamW state dicts: DCP then stores
+    each expert tensor once, as the full ``[E, ...]`` tensor, and loads it into any ``parallel.ep``
+    (or none). Without EP the state dicts are returned unchanged."""
+    shards = expert_shards(model)
+    if not shards:
+        return model_sd, optim_sd
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    def wrap(t, shard):
+        return DTensor.from_local(t, shard.mesh, [Replicate(), Shard(0)], run_check=False)
+
+    model_sd = {k: wrap(v, shards[k]) if k in shards else v for k, v in model_sd.items()}
+    state = dict(optim_sd.get("state", {}))
+    for name, shard in shards.items():
+        if name in state:
+            param_shape = model_sd[name].to_local().shape
+            state[name] = {k: wrap(v, shard) if isinstance(v, torch.Tensor) and v.shape == param_shape else v
+                           for k, v in state[name].items()}
+    return model_sd, {**optim_sd, "state": state}
+
+
+def local_experts(sd: dict) -> dict:
+    """The inverse of ``with_global_experts`` after a load: each DTensor back to this rank's slice."""
+    from torch.distributed.tensor import DTensor
+
+    def unwrap(v):
+        if isinstance(v, DTensor):
+            return v.to_local()
+        return {k: unwrap(x) for k, x in v.items()} if isinstance(v, dict) else v
+
+    return unwrap(sd)
+
+
 def save_checkpoint(output_dir, step: int, model, optimizer, trainer_state: dict) -> Path:
     """DCP save of model and optimizer (sharded per rank), committed atomically."""
     def write(partial):
-        model_sd, optim_sd = get_state_dict(model, optimizer)
+        model_sd, optim_sd = with_global_experts(model, *get_state_dict(model, optimizer))
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(partial))
 
     return commit_checkpoint(output_dir, step, write, trainer_state, estimate_bytes(output_dir, model, optimizer))
@@ -174,10 +216,11 @@ def save_checkpoint(output_dir, step: int, model, optimizer, trainer_state: dict
 
 def load_checkpoint(path: Path, model, optimizer) -> dict:
     """Restore model, optimizer and this rank's RNG in place; return the trainer state."""
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    model_sd, optim_sd = with_global_experts(model, *get_state_dict(model, optimizer))
     check_reshardable(path, model_sd)
     state = {"model": model_sd, "optim": optim_sd}
     dcp.load(state, checkpoint_id=str(path))
+    state = local_experts(state)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     return read_trainer_state(path)
 
@@ -199,7 +242,7 @@ def save_checkpoint_async(output_dir, step: int, model, optimizer, trainer_state
     key = id(dist.group.WORLD)
     if key not in _ASYNC_GROUP:
         _ASYNC_GROUP[key] = dist.new_group(backend="gloo")
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    model_sd, optim_sd = with_global_experts(model, *get_state_dict(model, optimizer))
     future = dcp.async_save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(partial),
                             process_group=_ASYNC_GROUP[key])
     torch.save(torch.get_rng_state(), partial / f"rng_{dist.get_rank()}.pt")

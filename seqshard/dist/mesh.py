@@ -39,3 +39,16 @@ def build_mesh(dims: ParallelDims, device_type: str = "cpu") -> DeviceMesh:
         mesh["ring", "ulysses"]._flatten("sp")
         return mesh
     return init_device_mesh(device_type, (dims.dp, dims.sp), mesh_dim_names=("dp", "sp"))
+
+
+def build_expert_mesh(mesh: DeviceMesh, ep: int) -> DeviceMesh:
+    """The run's mesh regrouped for expert parallelism (``parallel.ep``, parallel/ep.py): every dim
+    flattened (rank order: dp-major, then sp) and cut into ``("ep_replica", "ep")``, so an EP group
+    is ``ep`` consecutive ranks (inside one SP group when ``ep`` divides sp, across replicas
+    otherwise) and ``ep_replica`` joins the ranks that hold the same experts."""
+    names = mesh.mesh_dim_names
+    flat = mesh[names]._flatten("ep_world") if len(names) > 1 else mesh
+    world = flat.size()
+    if ep < 1 or world % ep:
+        raise ValueError(f"parallel.ep {ep} does not divide the {world} ranks of dp x sp")
+    return flat._unflatten(0, (world // ep, ep), ("ep_replica", "ep"))

@@ -6,9 +6,10 @@ from .spec import SpecError
 SCORES = ("softmax", "sigmoid")
 
 
-def check_moe(spec):
+def check_moe(spec, world_size: int | None = None):
     m, p = spec.model, spec.parallel
     e = m.moe
+    check_ep(spec, world_size)
     if e.score not in SCORES:
         raise SpecError("model.moe.score", f"router type {e.score!r} is not supported (one of {', '.join(SCORES)})")
     if e.num_experts < 0:
@@ -36,3 +37,24 @@ def check_moe(spec):
     if p.sp_method == "adaptive":
         raise SpecError("parallel.sp_method", "adaptive groups do not carry the MoE load-balancing counts; "
                         "use ulysses, ring, allgather or usp")
+
+
+def check_ep(spec, world_size: int | None):
+    """``parallel.ep``: experts split over groups of ep ranks (parallel/ep.py)."""
+    ep, e, engine = spec.parallel.ep, spec.model.moe, spec.train.engine
+    if ep < 1:
+        raise SpecError("parallel.ep", f"must be >= 1, got {ep}")
+    if ep == 1:
+        return
+    if e.num_experts < 1:
+        raise SpecError("parallel.ep", f"{ep} > 1 shards mixture-of-experts MLPs, and this model has none "
+                        "(model.moe.num_experts is 0): set parallel.ep 1")
+    if e.num_experts % ep:
+        raise SpecError("parallel.ep", f"{ep} does not divide model.moe.num_experts {e.num_experts}")
+    if world_size is not None and world_size % ep:
+        raise SpecError("parallel.ep", f"{ep} does not divide the {world_size} ranks (dp x sp) it is carved from")
+    if engine != "torch":
+        why = ("fsdp2 would shard the expert tensors over all ranks, not over their replicas"
+               if engine == "fsdp2" else "DeepSpeed reduces every gradient over all ranks")
+        raise SpecError("parallel.ep", f"{ep} > 1 runs on train.engine torch only ({why}); set train.engine torch "
+                        "or parallel.ep 1")

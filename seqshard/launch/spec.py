@@ -87,6 +87,7 @@ class ParallelSpec:
     layout: str = "auto"  # auto | zigzag | contiguous | stream
     softmax_method: str = "allgather"  # hybrid models: SP method of the softmax layers
     max_sp: int = 4  # adaptive: largest group
+    ep: int = 1  # expert parallelism: E/ep MoE experts per rank over groups of ep ranks (divides E and world; torch engine)
     planner: PlannerSpec = field(default_factory=PlannerSpec)
 
 

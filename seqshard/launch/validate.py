@@ -280,7 +280,7 @@ def validate(spec, world_size: int):
 
     from .moe_checks import check_moe
 
-    check_moe(spec)
+    check_moe(spec, world_size)
     check_extras(spec)
     check_data(spec)
     _check_tokenizer_vocab(spec)

@@ -63,26 +63,39 @@ class Experts(nn.Module):
     def forward(self, x, top_i, top_w):
         """``sum_j top_w[t, j] * expert_{top_i[t, j]}(x_t)`` for every token t."""
         t, k = top_i.shape
-        num_experts = self.gate_up.shape[0]
         flat = top_i.reshape(-1)  # [T*k] expert of each assignment
         order = torch.argsort(flat, stable=True)  # assignments grouped by expert
-        expert = flat[order]
         token = order // k
-        counts = torch.bincount(flat, minlength=num_experts)
+        out = self.grouped(x[token], flat[order])
+        weighted = out * top_w.reshape(-1)[order, None]
+        return torch.zeros_like(x).index_add(0, token, weighted)
+
+    def apply_rows(self, rows, expert):
+        """Rows ``[N, D]`` in any order, each through its expert ``expert[N]`` (an index into this
+        module's experts) -> ``[N, D]`` in the same order (expert parallelism: parallel/ep.py)."""
+        order = torch.argsort(expert, stable=True)
+        return torch.zeros_like(rows).index_copy(0, order, self.grouped(rows[order], expert[order]))
+
+    def grouped(self, rows, expert):
+        """Rows ``[N, D]`` already grouped by ``expert`` (non-decreasing) through their experts: two
+        batched matmuls over ``[E, capacity, D]``, capacity the busiest expert's row count."""
+        n, num_experts = len(expert), self.gate_up.shape[0]
+        counts = torch.bincount(expert, minlength=num_experts)
         starts = torch.cumsum(counts, 0) - counts
-        slot = torch.arange(t * k, device=x.device) - starts[expert]
-        capacity = int(counts.max()) if t else 0
-        # [T*k, D] -> [E, capacity, D], zero rows where an expert has fewer assignments
-        grouped = x.new_zeros(num_experts, capacity, x.shape[1]).index_put((expert, slot), x[token])
+        slot = torch.arange(n, device=rows.device) - starts[expert]
+        capacity = int(counts.max()) if n else 0
+        # [N, D] -> [E, capacity, D], zero rows where an expert has fewer assignments
+        grouped = rows.new_zeros(num_experts, capacity, rows.shape[1]).index_put((expert, slot), rows)
         gate, up = torch.bmm(grouped, self.gate_up.transpose(1, 2)).chunk(2, dim=-1)
         out = torch.bmm(F.silu(gate) * up, self.down.transpose(1, 2))  # [E, capacity, D]
-        weighted = out[expert, slot] * top_w.reshape(-1)[order, None]
-        return torch.zeros_like(x).index_add(0, token, weighted)
+        return out[expert, slot]
 
 
 class MoE(nn.Module):
     """Router + experts (+ shared expert). While ``route_log`` is a list, each forward appends its
-    ``(scores [T, E] fp32, top-k indices [T, k])`` for the decoder's load-balancing loss."""
+    ``(scores [T, E] fp32, top-k indices [T, k])`` for the decoder's load-balancing loss. ``expert_fn``
+    (None: every expert here) is what expert parallelism installs (parallel/ep.py):
+    ``expert_fn(experts, x, top_i, top_w)`` with the same result as ``experts(x, top_i, top_w)``."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -92,12 +105,13 @@ class MoE(nn.Module):
         if m.shared_expert_ffn_dim:
             self.shared = SwiGLU(cfg.dim, m.shared_expert_ffn_dim)
         self.route_log = None
+        self.expert_fn = None
 
     def forward(self, x):
         scores, top_w, top_i = self.router(x)
         if self.route_log is not None:
             self.route_log.append((scores, top_i))
-        y = self.experts(x, top_i, top_w)
+        y = self.experts(x, top_i, top_w) if self.expert_fn is None else self.expert_fn(self.experts, x, top_i, top_w)
         return y + self.shared(x) if hasattr(self, "shared") else y
 
 

@@ -68,19 +68,19 @@ def all_to_all_uneven(x: torch.Tensor, in_splits: list[int], out_splits: list[in
                       op: str = "all_to_all_uneven") -> torch.Tensor:
     """1-D ``x``: its ``in_splits[j]`` elements (in order) go to rank j; returns the
     ``out_splits[i]`` elements from each rank i, concatenated. Backward: the reverse exchange."""
-    return _AllToAllUneven.apply(x, in_splits, out_splits, group, op)
+    return _AllToAllUneven.apply(x, in_splits, out_splits, group, op, graph_anchor(x))
 
 
 class _AllToAllUneven(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, in_splits, out_splits, group, op):
+    def forward(ctx, x, in_splits, out_splits, group, op, _anchor):
         ctx.splits, ctx.group, ctx.op = (in_splits, out_splits), group, op
         return _exchange_uneven(x, in_splits, out_splits, group, op)
 
     @staticmethod
     def backward(ctx, grad):
         in_splits, out_splits = ctx.splits
-        return _exchange_uneven(grad, out_splits, in_splits, ctx.group, ctx.op + ".bwd"), None, None, None, None
+        return _exchange_uneven(grad, out_splits, in_splits, ctx.group, ctx.op + ".bwd"), None, None, None, None, None
 
 
 def _exchange_uneven(x, in_splits, out_splits, group, op):

@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from seqshard.dist.checkpoint import (commit_checkpoint, load_checkpoint, read_trainer_state, save_checkpoint,
                                       save_checkpoint_async)
+from seqshard.dist.comm_stats import record
 from seqshard.dist.grad_sync import BucketedGradReducer
 
 
@@ -31,11 +32,28 @@ def build_optimizer(model, spec):
 
 
 class TorchEngine:
+    """AdamW; gradients summed over the ranks in buckets during the last backward. Under expert
+    parallelism (``parallel.ep``, parallel/ep.py) a rank holds only its experts: their gradients
+    (which already cover every token of the EP group routed to them) are summed over the ranks
+    holding the same experts only, everything else over all ranks; the clipping norm adds the
+    expert part over the EP group; every rank of an EP group runs the same micro-batch count
+    (``equal_micro_batches``: each MoE forward is an exchange inside the group)."""
+
     def __init__(self, model, spec):
+        from seqshard.parallel.ep import is_expert_param
+
         self.model, self.spec = model, spec
         self.optimizer = build_optimizer(model, spec)
+        experts = is_expert_param(model)
+        self.ep_shard = next(iter(experts.values())) if experts else None
+        self.dense = [p for p in model.parameters() if id(p) not in experts]
+        self.experts = [p for p in model.parameters() if id(p) in experts]
+        self.equal_micro_batches = self.ep_shard is not None
         # gradients all-reduced in buckets launched during the last backward (dist/grad_sync.py)
-        self.reducer = BucketedGradReducer(model.parameters()) if dist.get_world_size() > 1 else None
+        self.reducer = BucketedGradReducer(self.dense) if dist.get_world_size() > 1 else None
+        self.expert_reducer = None
+        if self.ep_shard is not None and dist.get_world_size(self.ep_shard.replicas) > 1:
+            self.expert_reducer = BucketedGradReducer(self.experts, group=self.ep_shard.replicas)
         self.pending_checkpoint = None
 
     def set_lr(self, lr):
@@ -46,18 +64,43 @@ class TorchEngine:
         return self.model(*args)
 
     def backward(self, loss, last: bool):
-        if last and self.reducer is not None:
-            self.reducer.arm()
+        if last:
+            for reducer in (self.reducer, self.expert_reducer):
+                if reducer is not None:
+                    reducer.arm()
         loss.backward()
 
     def step(self) -> float:
-        if self.reducer is not None:
-            self.reducer.finish()
+        for reducer in (self.reducer, self.expert_reducer):
+            if reducer is not None:
+                reducer.finish()
         clip = self.spec.train.grad_clip if self.spec.train.grad_clip > 0 else float("inf")
-        norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
+        if self.ep_shard is None:
+            norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
+        else:
+            norm = self.clip_expert_parallel(clip)
         if math.isfinite(norm):  # a non-finite gradient is never applied (train/guards.py)
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    def clip_expert_parallel(self, clip: float) -> float:
+        """``clip_grad_norm_`` over the whole model when this rank holds only its experts: the
+        squared norm of the (reduced, identical) dense gradients plus the expert gradients' summed
+        over the EP group (each expert counted once); every rank gets the same norm."""
+        def squares(params):
+            norms = [torch.linalg.vector_norm(p.grad, 2.0, dtype=torch.float32) for p in params if p.grad is not None]
+            return torch.stack(norms).square().sum() if norms else torch.zeros(())
+
+        expert = squares(self.experts)
+        with record("all_reduce.expert_grad_norm", 4):
+            dist.all_reduce(expert, group=self.ep_shard.group)
+        norm = float((squares(self.dense) + expert).sqrt())
+        coef = min(1.0, clip / (norm + 1e-6))
+        if math.isfinite(norm):
+            for p in self.model.parameters():
+                if p.grad is not None:
+                    p.grad.mul_(coef)
         return norm
 
     def save(self, output_dir, step, trainer_state):
@@ -164,6 +207,10 @@ def check_zero_partitions(folder, world: int) -> None:
 
 
 def build_engine(model, spec, local_rank: int = 0, mesh=None):
+    from seqshard.parallel.ep import is_expert_param
+
+    if spec.train.engine != "torch" and is_expert_param(model):  # launch/moe_checks.py refuses it first
+        raise ValueError(f"parallel.ep > 1 runs on train.engine torch only, not {spec.train.engine}")
     if spec.train.engine == "fsdp2":
         from .fsdp import FSDP2Engine
 

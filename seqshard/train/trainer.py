@@ -161,6 +161,11 @@ def setup(spec: Spec) -> Run:
     torch.manual_seed(spec.seed)  # identical initial weights on every rank, for every layout
     model = build_model(spec.model).to(device)
     scatter = build_scatter(spec, model, mesh, denv)
+    if p.ep > 1:  # expert parallelism: keep this rank's experts, exchange tokens (parallel/ep.py)
+        from seqshard.dist.mesh import build_expert_mesh
+        from seqshard.parallel.ep import shard_experts
+
+        shard_experts(model, build_expert_mesh(mesh, p.ep))
     apply_memory_options(model, spec.train)  # after the SP attention is installed
     corpus, held_out = load_data(spec, denv.rank)  # rank 0 builds the datasets cache first
     with shared_failure("loading data"):
@@ -239,11 +244,15 @@ def write_run_info(run: Run):
 
     out = Path(run.spec.train.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    from seqshard.parallel.ep import is_expert_param
+
+    experts = is_expert_param(run.engine.model)  # parallel.ep: this rank holds 1/ep of each expert tensor
     info = {"name": run.spec.name, "world_size": run.denv.world_size, "dp": run.mesh["dp"].size(),
-            "sp": run.spec.parallel.sp, "sp_method": run.spec.parallel.sp_method,
+            "sp": run.spec.parallel.sp, "sp_method": run.spec.parallel.sp_method, "ep": run.spec.parallel.ep,
             "engine": run.spec.train.engine, "launcher": run.denv.launcher, "device": run.device.type,
             "torch": torch.__version__, "python": platform.python_version(),
-            "n_params": sum(p.numel() for p in run.engine.model.parameters()),
+            "n_params": sum(p.numel() * (experts[id(p)].ep if id(p) in experts else 1)
+                            for p in run.engine.model.parameters()),
             **run_config(run.spec, run.engine, run.denv.launcher)}
     (out / "run.json").write_text(json.dumps(info, indent=1) + "\n")
     (out / "spec.yaml").write_text(yaml.safe_dump(run.spec.to_dict(), sort_keys=False))
@@ -318,8 +327,9 @@ def _train(spec: Spec, resume: bool, stop_after: int | None, log, preemption, st
     last = min(spec.train.steps, stop_after or spec.train.steps)
     long_eval = TrainingLongEval.for_run(run)  # train.eval_long: loss by position, passkey
     writer = RunLoggers(spec, run.denv.rank, run_config(spec, run.engine, run.denv.launcher), start_step)
-    log.info("%s: world %d (dp %d x sp %d, %s), %d steps, launcher %s", spec.name, run.denv.world_size,
-             run.mesh["dp"].size(), spec.parallel.sp, spec.parallel.sp_method, spec.train.steps, run.denv.launcher)
+    log.info("%s: world %d (dp %d x sp %d, %s%s), %d steps, launcher %s", spec.name, run.denv.world_size,
+             run.mesh["dp"].size(), spec.parallel.sp, spec.parallel.sp_method,
+             f", experts over ep {spec.parallel.ep}" if spec.parallel.ep > 1 else "", spec.train.steps, run.denv.launcher)
     log.info("%s, lr schedule %s", describe_engine(engine_settings(spec, run.engine)), spec.train.lr_schedule)
     if spec.model.hf and spec.data.tokenizer == spec.model.hf:
         log.info("data.tokenizer: the tokenizer of model.hf %s (set data.tokenizer: byte for bytes)", spec.model.hf)

@@ -25,6 +25,12 @@ MOE = ["model.moe.num_experts=4", "model.moe.top_k=2"]
     (["model.arch=minimax", "model.layer_pattern=LA"], "model.moe.num_experts", "arch minimax has mixture"),
     (MOE + ["model.arch=minimax", "model.layer_pattern=LA", "parallel.sp=2", "parallel.sp_method=lasp2",
             "parallel.softmax_method=ring"], "parallel.softmax_method", "ring shards each document"),
+    (MOE + ["parallel.ep=0"], "parallel.ep", "must be >= 1"),
+    (MOE + ["parallel.ep=3"], "parallel.ep", "3 does not divide model.moe.num_experts 4"),
+    (MOE + ["parallel.ep=4"], "parallel.ep", "4 does not divide the 2 ranks (dp x sp)"),
+    (["parallel.ep=2"], "parallel.ep", "this model has none"),
+    (MOE + ["parallel.ep=2", "train.engine=fsdp2"], "parallel.ep", "runs on train.engine torch only (fsdp2"),
+    (MOE + ["parallel.ep=2", "train.engine=deepspeed"], "parallel.ep", "runs on train.engine torch only (DeepSpeed"),
 ])
 def test_bad_moe_specs_are_refused_by_key(overrides, key, message):
     with pytest.raises(SpecError) as caught:
