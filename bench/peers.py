@@ -359,6 +359,8 @@ def main():
                     peak = r.get("peak_mb", float("inf"))
                     print(f"  cap {args.cap_mb:.0f} MB  P={P} L={L} {system}: peak {peak:.0f} MB"
                           f"{'  ' + r['error'][:200] if 'error' in r else ''}", flush=True)
+                    rows.append({"kind": "peak", "system": system.split(":")[0], "mode": _mode(system), "P": P,
+                                 "L": L, "peak_mb": peak, "first_loss": (r.get("losses") or [None])[0]})
                     if peak > args.cap_mb:
                         break
                     best, L = L, max(L + 1024, round(L * args.cap_growth / 1024) * 1024)
@@ -416,6 +418,8 @@ def _table(rows):
                   f"({r['range'][0]:.2f}-{r['range'][1]:.2f}) | {r['L'] / r['s_per_step']:.0f} | {r['peak_mb']:.0f} | "
                   f"{r['first_loss']:.8f} | {ratio} |")
     for r in rows:
+        if r.get("kind") == "peak":
+            print(f"one step, P={r['P']} L={r['L']}: {r['system']} {r['mode']} peak {r['peak_mb']:.0f} MB/rank")
         if r.get("kind") == "cap":
             print(f"cap {r['cap_mb']:.0f} MB/rank, P={r['P']}: {r['system']} {r['mode']} largest L = {r['L']}")
 
