@@ -93,6 +93,9 @@ def _check_heads(p, m):
         raise SpecError("parallel.sp", f"ulysses needs model.n_kv_heads {m.n_kv_heads} and sp {sp} "
                         "to divide one another (kv heads are replicated up to sp)")
     if p.sp_method == "usp":
+        if p.ulysses == 1:
+            raise SpecError("parallel.ulysses", "1 (the default) leaves usp a plain ring: set the Ulysses degree "
+                            f"inside sp (a divisor of {sp} above 1), or use sp_method: ring")
         if sp % p.ulysses:
             raise SpecError("parallel.ulysses", f"{p.ulysses} does not divide parallel.sp {sp}")
         if m.n_heads % p.ulysses:

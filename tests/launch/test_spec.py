@@ -22,6 +22,7 @@ BAD = [
       "model.dim=64"], "parallel.sp: ulysses needs model.n_heads 1 >= sp 2"),
     (["parallel.sp=2", "parallel.sp_method=usp", "parallel.ulysses=4"],
      "parallel.ulysses: 4 does not divide parallel.sp 2"),
+    (["parallel.sp=2", "parallel.sp_method=usp"], "parallel.ulysses: 1 (the default) leaves usp a plain ring"),
     (["parallel.sp=2", "parallel.sp_method=none"], "parallel.sp_method: none cannot run sp 2"),
     (["model.n_kv_heads=3"], "model.n_kv_heads: 3 does not divide model.n_heads 4"),
     (["model.arch=hybrid", "model.layer_pattern=LX"], "model.layer_pattern: 'LX' must be 2 letters"),
@@ -96,7 +97,7 @@ def test_memory_keys_and_fit_check_fail_with_one_line(tmp_path):
 
     with pytest.raises(SpecError, match="train.activation_checkpointing: 'some' is not one of none, full, selective"):
         spec("train.activation_checkpointing=some")
-    with pytest.raises(SpecError, match="train.offload_activations: .*full or selective"):
+    with pytest.raises(SpecError, match="train.offload_activations: .*full, selective or lean"):
         spec("train.offload_activations=true")
     with pytest.raises(SpecError, match="train.mlp_tiles"):
         spec("train.mlp_tiles=-1")
