@@ -5,7 +5,7 @@ The step loss is ``sum_t w_s(t) ce_t / sum_t w_s(t)`` over the global step's los
 assistant turns only), weighted 2.0 / 0.5 / 1.5, on a tiny transformers Llama checkpoint. Checked:
 the single-process first step against an independent hand computation with transformers' model on
 each packed document alone (1e-5); layouts (sp 2 by default; dp 2, adaptive, ring, micro-batches,
-fsdp2 slow) reproducing the single-process weighted trajectory and ``loss_by_source`` (1e-4);
+fsdp2, MoE and MiniMax aux losses, the generic transformers wrap: slow) reproducing the single-process weighted trajectory and ``loss_by_source`` (1e-4);
 uniform weights giving the unweighted trajectory (only ratios count)."""
 from __future__ import annotations
 
@@ -38,11 +38,11 @@ def prose_rows(path, n=60):
     return path
 
 
-def weighted_raw(tmp_path, weights=WEIGHTS, layout=None):
+def weighted_raw(tmp_path, weights=WEIGHTS, layout=None, family="llama"):
     """The spec (a raw dict): window batching over the three sources, 4 steps of 512 tokens."""
     folder = tmp_path / "hf"
     if not folder.exists():
-        save_hf_model("llama", folder)
+        save_hf_model(family, folder)
         chat_tokenizer_folder(folder)
         conversations(tmp_path / "chat.jsonl", n=40)
         code_rows(tmp_path / "code.jsonl", n=60)
@@ -71,7 +71,10 @@ def run_steps(rank, world, raw, out):
 
     raw = {**raw, "train": {**raw["train"], "output_dir": out}}
     spec = from_dict(raw, world)
-    steps = [(m["loss"], m["loss_by_source"], m["loss_tokens_by_source"], m["tokens_by_source"]) for m in train(spec)]
+    history = train(spec)
+    steps = [(m["loss"], m["loss_by_source"], m["loss_tokens_by_source"], m["tokens_by_source"]) for m in history]
+    if "aux_loss" in history[0]:  # MoE: the load-balancing loss, its documents weighted too
+        steps = [(*s, m["aux_loss"]) for s, m in zip(steps, history)]
     rows = None
     if world == 1:  # the same first batch again: the builder depends on the seed and the step only
         batch = build_batch_builder(spec, load_data(spec, rank)[0]).next_batch()
@@ -123,7 +126,9 @@ def check_first_step_by_hand(folder, step, rows):
 
 def assert_steps_close(got, ref, rel=1e-4):
     assert len(got) == len(ref)
-    for i, ((loss, by_source, n, tokens), (ref_loss, ref_by_source, ref_n, ref_tokens)) in enumerate(zip(got, ref), 1):
+    for i, ((loss, by_source, n, tokens, *aux), (ref_loss, ref_by_source, ref_n, ref_tokens, *ref_aux)) in enumerate(
+            zip(got, ref), 1):
+        assert len(aux) == len(ref_aux) and all(abs(a - b) <= rel * b for a, b in zip(aux, ref_aux)), (i, aux, ref_aux)
         assert (n, tokens) == (ref_n, ref_tokens), i
         assert abs(loss - ref_loss) <= rel * ref_loss, (i, loss, ref_loss)
         for name, want in ref_by_source.items():
@@ -134,8 +139,9 @@ def assert_steps_close(got, ref, rel=1e-4):
 
 def assert_loss_is_the_weighted_mean(steps, weights):
     """The logged loss against its definition, from the logged per-source numbers."""
-    for i, (loss, mean, n, _) in enumerate(steps, 1):
+    for i, (loss, mean, n, _, *aux) in enumerate(steps, 1):
         want = sum(weights[s] * n[s] * mean[s] for s in n if n[s]) / sum(weights[s] * n[s] for s in n)
+        assert not aux
         assert abs(loss - want) <= 1e-6 * want, (i, loss, want)
         assert all(n[s] > 0 for s in n), (i, n)  # every source carries loss in every step
 
@@ -145,7 +151,6 @@ def assert_loss_is_the_weighted_mean(steps, weights):
     pytest.param({"sp": 1}, marks=SLOW),  # dp 2
     pytest.param({"sp_method": "adaptive", "max_sp": 2}, marks=SLOW),
     pytest.param({"sp": 2, "sp_method": "ring"}, marks=SLOW),  # zigzag shards
-    pytest.param({"sp": 2, "sp_method": "usp", "ulysses": 1}, marks=SLOW),
 ])
 def test_weighted_loss_by_hand_and_under_every_layout(tmp_path, layout):
     """The single-process first step equals the hand computation with transformers (1e-5); the
@@ -171,6 +176,24 @@ def test_weighted_loss_with_micro_batches_and_fsdp2(tmp_path, extra):
         two[section] = {**two[section], **values}
     got = run_ranks(2, run_steps, two, str(tmp_path / "two"))
     assert_steps_close(got[0][0], ref)
+
+
+@SLOW
+@pytest.mark.parametrize("family, model, layout", [
+    ("qwen3_moe", {}, {"sp": 2, "sp_method": "ulysses"}),  # the aux loss weighs documents by their weights
+    ("minimax", {}, {"sp": 2, "sp_method": "lasp2", "softmax_method": "allgather"}),
+    ("llama", {"impl": "transformers"}, {"sp": 2, "sp_method": "ulysses"}),  # the generic wrap's fused loss
+])
+def test_weighted_loss_of_moe_and_wrapped_models_under_sp(tmp_path, family, model, layout):
+    raw = weighted_raw(tmp_path, family=family)
+    raw["model"].update(model)
+    ref = run_ranks(1, run_steps, raw, str(tmp_path / "ref"))[0][0]
+    two = weighted_raw(tmp_path, layout=layout, family=family)
+    two["model"].update(model)
+    got = run_ranks(2, run_steps, two, str(tmp_path / "two"))
+    assert_steps_close(got[0][0], ref)
+    if family != "llama":
+        assert all(len(s) == 5 and s[4] > 0 for s in ref)  # aux_loss reported and compared
 
 
 @SLOW
