@@ -4,7 +4,9 @@ Tokens are processed in chunks: each chunk's logits are computed, turned into it
 the same pass, into the gradients of the hidden states and the weight (softmax minus one-hot),
 then dropped (the Liger-Kernel approach). Peak extra memory is one ``[chunk, vocab]`` block
 instead of the full logits plus their gradient. The backward pass only scales the saved
-gradients. This torch form is the reference and what CPU training uses.
+gradients. This torch form is the reference and what CPU training uses. Optional per-token
+weights (per-source ``loss_weight``) scale each row's loss and its gradient rows; the per-row
+cross-entropy can be written out for per-source metrics.
 
 On CUDA tensors (or with ``SEQSHARD_KERNELS=triton``) the per-chunk softmax step is the Triton
 kernel ``_ce_rows``: one program per token row streams the vocabulary twice (online max and
