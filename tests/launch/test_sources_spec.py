@@ -131,3 +131,12 @@ def test_loss_weights_are_accepted_and_typed(files):
     assert refused([f"data.source={files[0]}", "data.loss_weight=0"]).path == "data.loss_weight"
     err = refused([f"data.source={files[0]}", f"data.eval.sources=[{{source: {files[0]}, loss_weight: 2.0}}]"])
     assert err.path == "data.eval.sources[0].loss_weight" and "unweighted" in str(err), str(err)
+
+
+def test_eval_every_with_eval_sources(files):
+    a = files[0]
+    spec = load_spec(TINY, [f"data.source={a}", f"data.eval.sources=[{{source: {a}, name: held}}]",
+                            "train.eval_every=2"], 2)
+    assert spec.train.eval_every == 2  # data.eval.sources is held-out data too
+    err = refused([f"data.source={a}", f"data.eval.sources=[{{source: {a}}}]", "data.eval.fraction=0.1"])
+    assert err.path == "data.eval", str(err)
