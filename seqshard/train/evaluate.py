@@ -96,8 +96,9 @@ def eval_due(spec, step: int, last: int) -> bool:
 
 def evaluate(run, held) -> dict:
     """Mean held-out token loss and perplexity of the current weights (every rank returns them),
-    and ``eval_loss_by_source``: the mean loss of each held-out source's tokens. Evaluation is
-    unweighted: ``loss_weight`` shapes the training objective only (train/source_loss.py)."""
+    and ``eval_loss_by_source``: the mean loss of each held-out source's tokens (their counts in
+    ``eval_loss_tokens_by_source``). Evaluation is unweighted: ``loss_weight`` shapes the training
+    objective only (train/source_loss.py)."""
     from seqshard.data.mixture import SourceMetrics
 
     from .source_loss import SourceLoss
@@ -133,7 +134,7 @@ def evaluate(run, held) -> dict:
     model.train(was_training)
     mean = sums[0].item() / n_tokens
     return {"eval_loss": mean, "eval_ppl": math.exp(min(mean, 700.0)), "eval_tokens": n_tokens,
-            "eval_loss_by_source": by_source.by_source(sums[1:], loss_tokens)}
+            "eval_loss_by_source": by_source.by_source(sums[1:], loss_tokens), "eval_loss_tokens_by_source": loss_tokens}
 
 
 def checkpoint_dir(output_dir, step: int | None):

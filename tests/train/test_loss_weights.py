@@ -57,7 +57,10 @@ def weighted_raw(tmp_path, weights=WEIGHTS, layout=None, family="llama"):
          "loss_weight": weights["code"]},
         {"source": str(tmp_path / "chat.jsonl"), "weight": 0.3, "name": "chat", "format": "chat",
          "loss_weight": weights["chat"]}]
-    raw["train"].update(steps=4, warmup_steps=2, log_every=100, lr=3e-3)
+    raw["data"]["eval"] = {"sources": [
+        {"source": str(tmp_path / "code.jsonl"), "text_field": "content", "name": "code"},
+        {"source": str(tmp_path / "chat.jsonl"), "format": "chat", "name": "chat"}]}
+    raw["train"].update(steps=4, warmup_steps=2, log_every=100, lr=3e-3, eval_every=4, eval_tokens=512)
     raw["parallel"] = dict(layout or {})
     return raw
 
@@ -75,11 +78,13 @@ def run_steps(rank, world, raw, out):
     steps = [(m["loss"], m["loss_by_source"], m["loss_tokens_by_source"], m["tokens_by_source"]) for m in history]
     if "aux_loss" in history[0]:  # MoE: the load-balancing loss, its documents weighted too
         steps = [(*s, m["aux_loss"]) for s, m in zip(steps, history)]
+    evals = [(m["eval_loss"], m["eval_loss_by_source"], m["eval_loss_tokens_by_source"]) for m in history
+             if "eval_loss" in m]
     rows = None
     if world == 1:  # the same first batch again: the builder depends on the seed and the step only
         batch = build_batch_builder(spec, load_data(spec, rank)[0]).next_batch()
         rows = [(r.tokens.tolist(), r.labels.tolist(), r.sources.tolist(), r.doc_lens) for r in batch.rows]
-    return steps, rows
+    return steps, rows, evals
 
 
 def by_hand(folder, rows, names):
@@ -156,12 +161,26 @@ def test_weighted_loss_by_hand_and_under_every_layout(tmp_path, layout):
     """The single-process first step equals the hand computation with transformers (1e-5); the
     layout reproduces the single-process weighted trajectory and ``loss_by_source`` (1e-4)."""
     raw = weighted_raw(tmp_path)
-    ref, rows = run_ranks(1, run_steps, raw, str(tmp_path / "ref"))[0]
+    ref, rows, ref_eval = run_ranks(1, run_steps, raw, str(tmp_path / "ref"))[0]
     check_first_step_by_hand(tmp_path / "hf", ref[0], rows)
     assert_loss_is_the_weighted_mean(ref, WEIGHTS)
+    check_eval_is_unweighted(ref_eval)
     got = run_ranks(2, run_steps, weighted_raw(tmp_path, layout=layout), str(tmp_path / "two"))
     assert got[0][0] == got[1][0]
     assert_steps_close(got[0][0], ref)
+    (loss, by_source, n), = got[0][2]
+    assert n == ref_eval[0][2] and abs(loss - ref_eval[0][0]) <= 1e-4 * loss
+    assert all(abs(by_source[s] - ref_eval[0][1][s]) <= 1e-4 * by_source[s] for s in n)
+
+
+def check_eval_is_unweighted(evals):
+    """The held-out loss is the plain mean over its loss tokens (training weighs chat 1.5, code 0.5)."""
+    (loss, by_source, n), = evals
+    assert set(n) == {"code", "chat"} and all(n.values()), n
+    want = sum(n[s] * by_source[s] for s in n) / sum(n.values())
+    weighted = sum(WEIGHTS[s] * n[s] * by_source[s] for s in n) / sum(WEIGHTS[s] * n[s] for s in n)
+    assert abs(loss - want) <= 1e-6 * want, (loss, want)
+    assert abs(weighted - want) > 20 * 1e-6 * want, (weighted, want)  # the check can fail
 
 
 @pytest.mark.parametrize("extra", [
