@@ -28,6 +28,7 @@ class Row:
     positions: torch.Tensor
     doc_lens: list[int]
     docs: list[int] | None = None  # the corpus document of each segment (data/mixture.py metrics)
+    sources: torch.Tensor | None = None  # [L] int64: each token's source index (data/mixture.py SourceMetrics)
 
     def __len__(self):
         return int(self.tokens.shape[0])

@@ -127,20 +127,30 @@ def load_mixture(sources, d, warn=None, cap: bool = True) -> MixtureCorpus:
 
 
 class SourceMetrics:
-    """Wraps a batch builder (over a corpus with ``source_ids`` and ``names``): each step's stats gain ``tokens_by_source`` (``{name: tokens}``,
-    every source named, pieces counted where they land). State is the inner builder's."""
+    """Wraps a batch builder (over a corpus with ``source_ids`` and ``names``; a plain Corpus is one
+    source ``"0"``): each row gains ``sources`` (every token's source index, for per-source loss
+    weights and losses) and each step's stats gain ``tokens_by_source`` (``{name: tokens}``) and
+    ``loss_tokens_by_source`` (``{name: tokens that carry loss}``), every source named, pieces
+    counted where they land. State is the inner builder's."""
 
     def __init__(self, builder):
         self.builder, self.corpus = builder, builder.corpus  # the corpus the rows' docs index
+        self.names = list(getattr(self.corpus, "names", ["0"]))
 
     def next_batch(self) -> StepBatch:
         batch = self.builder.next_batch()
-        names = getattr(self.corpus, "names", ["0"])  # a plain Corpus: one source
-        ids = getattr(self.corpus, "source_ids", np.zeros(len(self.corpus.lengths), dtype=np.int64))
-        counts = np.zeros(len(names), dtype=np.int64)
+        ids = getattr(self.corpus, "source_ids", None)
+        counts = np.zeros(len(self.names), dtype=np.int64)
+        loss_counts = torch.zeros(len(self.names), dtype=torch.int64)
         for row in batch.rows:
-            np.add.at(counts, ids[np.asarray(row.docs, dtype=np.int64)], row.doc_lens)
-        batch.stats["tokens_by_source"] = dict(zip(names, counts.tolist()))
+            docs = np.asarray(row.docs, dtype=np.int64)
+            per_segment = ids[docs] if ids is not None else np.zeros(len(docs), dtype=np.int64)
+            np.add.at(counts, per_segment, row.doc_lens)
+            row.sources = torch.repeat_interleave(torch.from_numpy(per_segment.astype(np.int64)),
+                                                  torch.tensor(row.doc_lens, dtype=torch.int64))
+            loss_counts += torch.bincount(row.sources[row.labels != -100], minlength=len(self.names))
+        batch.stats["tokens_by_source"] = dict(zip(self.names, counts.tolist()))
+        batch.stats["loss_tokens_by_source"] = dict(zip(self.names, loss_counts.tolist()))
         return batch
 
     def state_dict(self) -> dict:

@@ -2,7 +2,7 @@
 
 The single-source form (``data.source``, ``data.text_field``, ... directly under ``data:``) is the
 list of one entry built from those keys; ``data.sources: [...]`` lists several. Each entry is a
-:class:`Source`; its ``name`` keys ``tokens_by_source`` (default: its index in the list). The
+:class:`Source`; its ``name`` keys ``tokens_by_source`` and ``loss_by_source`` (default: its index in the list). The
 launch layer types and validates the entries (launch/sources_spec.py); code here trusts them.
 """
 from __future__ import annotations
@@ -23,12 +23,12 @@ class UpsampleLong:
 class Source:
     source: str = "stdlib"
     weight: float = 1.0  # sampling weight; shares are weight / sum of weights
-    name: str = ""  # key in tokens_by_source; "" = the index in the list
+    name: str = ""  # key in tokens_by_source / loss_by_source; "" = the index in the list
     split: str = "train"  # the split of a DatasetDict save_to_disk folder
     text_field: str = "text"
     format: str = "text"  # text | chat | prompt_completion (data/chat.py)
     loss_on: str = "assistant"  # chat: assistant | last | all (the tokens that carry loss)
-    loss_weight: float = 1.0  # only 1.0 is implemented
+    loss_weight: float = 1.0  # each loss token's weight in the step loss (train/source_loss.py)
     upsample_long: UpsampleLong = field(default_factory=UpsampleLong)
 
 

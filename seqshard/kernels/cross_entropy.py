@@ -4,7 +4,9 @@ Tokens are processed in chunks: each chunk's logits are computed, turned into it
 the same pass, into the gradients of the hidden states and the weight (softmax minus one-hot),
 then dropped (the Liger-Kernel approach). Peak extra memory is one ``[chunk, vocab]`` block
 instead of the full logits plus their gradient. The backward pass only scales the saved
-gradients. This torch form is the reference and what CPU training uses.
+gradients. This torch form is the reference and what CPU training uses. Optional per-token
+weights (per-source ``loss_weight``) scale each row's loss and its gradient rows; the per-row
+cross-entropy can be written out for per-source metrics.
 
 On CUDA tensors (or with ``SEQSHARD_KERNELS=triton``) the per-chunk softmax step is the Triton
 kernel ``_ce_rows``: one program per token row streams the vocabulary twice (online max and
@@ -81,10 +83,16 @@ def _chunk_size(vocab: int, budget_bytes: int = 64 * 2**20) -> int:
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, ignore_index, reduction, chunk, bias=None, logit_scale=1.0,
-                softcap=0.0):
+                softcap=0.0, token_weights=None, token_losses=None):
         tokens = hidden.shape[0]
-        count = int((labels != ignore_index).sum())
-        denom = max(count, 1) if reduction == "mean" else 1
+        ok = labels != ignore_index
+        if token_weights is None:
+            count = int(ok.sum())
+            denom = max(count, 1) if reduction == "mean" else 1
+        else:  # weighted: sum_t w_t ce_t (mean: divided by sum_t w_t over the loss tokens)
+            token_weights = token_weights.to(device=hidden.device, dtype=torch.float32)
+            total = float((token_weights * ok).sum())
+            denom = (total if total > 0 else 1.0) if reduction == "mean" else 1
         need_grad = hidden.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
         d_hidden = torch.zeros_like(hidden, dtype=torch.float32) if need_grad else None
         d_weight = torch.zeros_like(weight, dtype=torch.float32) if need_grad else None
@@ -104,7 +112,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if softcap:  # logits -> softcap * tanh(logits / softcap); keep tanh for its derivative
                 tanh = torch.tanh(logits / softcap)
                 logits = tanh * softcap
-            loss += step(logits, labels[start:end], ignore_index, 1.0 / denom, need_grad).sum()
+            rows = step(logits, labels[start:end], ignore_index, 1.0 / denom, need_grad)  # [chunk], 0 if ignored
+            if token_losses is not None:
+                token_losses[start:end] = rows.detach()
+            if token_weights is None:
+                loss += rows.sum()
+            else:
+                loss += (rows * token_weights[start:end]).sum()
+                if need_grad:  # each row's gradient scaled by its token's weight
+                    logits *= token_weights[start:end].unsqueeze(1)
             if need_grad:
                 if tanh is not None:
                     logits *= 1.0 - tanh * tanh
@@ -123,16 +139,21 @@ class _LinearCrossEntropy(torch.autograd.Function):
         d_hidden, d_weight, d_bias = ctx.saved_tensors
         d_bias = None if d_bias is None else (d_bias * grad_loss).to(ctx.dtypes[2])
         return ((d_hidden * grad_loss).to(ctx.dtypes[0]), (d_weight * grad_loss).to(ctx.dtypes[1]),
-                None, None, None, None, d_bias, None, None)
+                None, None, None, None, d_bias, None, None, None, None)
 
 
 def linear_cross_entropy(hidden, weight, labels, ignore_index=-100, reduction="sum", chunk_size=None, bias=None,
-                         logit_scale=1.0, softcap=0.0):
+                         logit_scale=1.0, softcap=0.0, token_weights=None, token_losses=None):
     """``cross_entropy(cap(logit_scale * (hidden @ weight.T + bias)), labels)`` with ``reduction``
     sum or mean, chunked; ``cap(z) = softcap * tanh(z / softcap)`` when ``softcap > 0`` (Gemma's
     final logits), the identity otherwise. hidden ``[T, D]``, weight ``[V, D]``, bias ``[V]`` or
-    None, labels ``[T]`` (``ignore_index`` rows carry no loss)."""
+    None, labels ``[T]`` (``ignore_index`` rows carry no loss).
+
+    ``token_weights`` ``[T]`` (float, None = all 1): the loss is ``sum_t w_t ce_t`` (``mean``:
+    divided by ``sum_t w_t`` over the rows that carry loss) and each row's gradient is scaled by
+    ``w_t``; no weights runs the unweighted code unchanged. ``token_losses``: a ``[T]`` fp32 tensor
+    the unweighted per-row cross-entropy is written into (0 on ignored rows; no gradient)."""
     assert reduction in ("sum", "mean"), reduction
     chunk = chunk_size or _chunk_size(weight.shape[0])
     return _LinearCrossEntropy.apply(hidden, weight, labels, ignore_index, reduction, chunk, bias,
-                                     float(logit_scale), float(softcap or 0.0))
+                                     float(logit_scale), float(softcap or 0.0), token_weights, token_losses)

@@ -41,10 +41,7 @@ def _check_one(src: Source, at: str, tokenizer: str) -> None:
         raise SpecError(f"{at}.format", f"chat needs a tokenizer with a chat template; data.tokenizer {tokenizer} "
                         "has none (name a Hugging Face tokenizer folder whose tokenizer_config.json has chat_template)")
     if not (src.loss_weight > 0 and math.isfinite(src.loss_weight)):
-        raise SpecError(f"{at}.loss_weight", f"must be > 0, got {src.loss_weight}")
-    if src.loss_weight != 1.0:
-        raise SpecError(f"{at}.loss_weight", f"{src.loss_weight}: per-source loss weights are not implemented "
-                        "yet (issue #30); use 1.0")
+        raise SpecError(f"{at}.loss_weight", f"must be a finite number > 0, got {src.loss_weight}")
     up = src.upsample_long
     if up.min_len < 0 or up.factor < 1:
         raise SpecError(f"{at}.upsample_long", f"needs min_len >= 0 and factor >= 1, got {up.min_len}, {up.factor}")
@@ -84,6 +81,9 @@ def check_sources(spec) -> None:
             raise SpecError("data.eval.source", "use data.eval.source or data.eval.sources, not both")
         for i, src in enumerate(_typed(d.eval.sources, "data.eval.sources", {})):
             _check_one(src, f"data.eval.sources[{i}]", d.tokenizer)
+            if src.loss_weight != 1.0:
+                raise SpecError(f"data.eval.sources[{i}].loss_weight", f"{src.loss_weight}: the held-out loss is "
+                                "unweighted (eval_loss, eval_loss_by_source); loss_weight applies to data.sources")
     if d.long_documents not in LONG_DOCUMENTS:
         raise SpecError("data.long_documents", f"{d.long_documents!r} is not one of {', '.join(LONG_DOCUMENTS)}")
     if d.continue_positions and d.long_documents != "split":

@@ -48,10 +48,10 @@ class DataSpec:
     text_field: str = "text"
     sources: list = field(default_factory=list)  # [{source, weight, name, split, text_field, format, loss_on, loss_weight, upsample_long}] (data/sources.py); [] = the single source of the keys below
     weight: float = 1.0  # sampling weight of the single source (data/mixture.py)
-    name: str = ""  # the single source's key in tokens_by_source ("" = its index, 0)
+    name: str = ""  # the single source's key in tokens_by_source / loss_by_source ("" = its index, 0)
     format: str = "text"  # text | chat (a messages column, the tokenizer's chat template) | prompt_completion
     loss_on: str = "assistant"  # format chat: assistant | last | all (the tokens that carry loss)
-    loss_weight: float = 1.0  # per-source loss weight: only 1.0 is accepted yet (other values are refused)
+    loss_weight: float = 1.0  # > 0: each of the source's loss tokens counts this much in the step loss sum_t w_t ce_t / sum_t w_t (only ratios matter; docs/data.md)
     upsample_long: UpsampleSpec = field(default_factory=UpsampleSpec)
     long_documents: str = "split"  # split | truncate | drop: a document longer than max_seq_len
     continue_positions: bool = False  # split: position ids run on across a document's pieces

@@ -21,8 +21,9 @@ def _check_schedule(t):
 
 def _check_eval(d, t):
     e = d.eval
-    if e.fraction and e.source:
-        raise SpecError("data.eval", "set either fraction (a held-out split of data.source) or source, not both")
+    if e.fraction and (e.source or e.sources):
+        raise SpecError("data.eval", "set either fraction (a held-out split of data.source) or source / sources, "
+                        "not both")
     if not 0 <= e.fraction < 1:
         raise SpecError("data.eval.fraction", f"{e.fraction} must be in [0, 1): a fraction >= 1 leaves no "
                         "training documents")
@@ -32,9 +33,10 @@ def _check_eval(d, t):
     if t.eval_every < 0 or t.eval_tokens < 0:
         key = "train.eval_every" if t.eval_every < 0 else "train.eval_tokens"
         raise SpecError(key, "must be >= 0")
-    if (t.eval_every or t.eval_tokens) and not (e.fraction or e.source):
+    if (t.eval_every or t.eval_tokens) and not (e.fraction or e.source or e.sources):
         raise SpecError("train.eval_every" if t.eval_every else "train.eval_tokens",
-                        "needs held-out data: set data.eval.fraction (e.g. 0.05) or data.eval.source")
+                        "needs held-out data: set data.eval.fraction (e.g. 0.05), data.eval.source or "
+                        "data.eval.sources")
     if t.eval_tokens % d.tokens_per_step:
         raise SpecError("train.eval_tokens", f"{t.eval_tokens} is not a multiple of data.tokens_per_step "
                         f"{d.tokens_per_step} (evaluation runs whole steps' batches)")

@@ -17,7 +17,8 @@ The loss is summed over the shard's labels like the native model's: through the 
 ``linear_cross_entropy`` on the last hidden states when the model's logits are
 ``cap(scale * (hidden @ lm_head.weight.T + bias))`` with the head's bias, the config's
 ``logit_scale`` and ``final_logit_softcapping`` (checked once, on a few tokens, when the model is
-built), else from the model's own logits.
+built), else from the model's own logits. Per-token loss ``weights`` (per-source ``loss_weight``)
+multiply each token's loss on either path.
 
 Attention patterns: transformers hands each layer's ``sliding_window`` (``W`` tokens, itself
 included: ``window_size=(W - 1, 0)``), ``softcap``, ``scaling`` and GPT-OSS's sink logits
@@ -138,6 +139,7 @@ class HFWrap(nn.Module):
             m.attention_fn = causal_varlen_attention
             m.seqshard_window = windows[m.layer_idx] if windows and hasattr(m, "layer_idx") else None
         self._attention = tuple(mods)  # a tuple: not registered again as submodules
+        self.token_losses = None  # the last labelled forward's per-token cross-entropy (trainer metrics)
         self.fused_loss = self._logits_are_plain_linear()
 
     @property
@@ -194,20 +196,31 @@ class HFWrap(nn.Module):
             for m in self._attention:
                 m.seqshard_ctx = None
 
-    def forward(self, tokens, positions, ctx, labels=None):
+    def forward(self, tokens, positions, ctx, labels=None, weights=None):
+        """Logits, or with ``labels`` the summed token loss (each token's times its ``weights``
+        entry when given); then ``token_losses`` holds the unweighted per-token cross-entropy."""
         with self._context(ctx):
-            return self._forward(tokens, positions, ctx, labels)
+            return self._forward(tokens, positions, ctx, labels, weights)
 
-    def _forward(self, tokens, positions, ctx, labels):
+    def _forward(self, tokens, positions, ctx, labels, weights=None):
         kw = self._kwargs(tokens, positions, ctx)
         if labels is not None and self.fused_loss:
             h = self.hf.base_model(**kw).last_hidden_state[0]
+            self.token_losses = torch.zeros(labels.shape[0], dtype=torch.float32, device=h.device)
             return linear_cross_entropy(h, self.hf.get_output_embeddings().weight, labels,
-                                        ignore_index=-100, reduction="sum", **self._head_terms())
+                                        ignore_index=-100, reduction="sum", token_weights=weights,
+                                        token_losses=self.token_losses, **self._head_terms())
         logits = self.hf(**kw).logits[0]  # [T, vocab]
         if labels is None:
             return logits
-        return F.cross_entropy(logits.float(), labels, ignore_index=-100, reduction="sum")
+        if weights is None:
+            loss = F.cross_entropy(logits.float(), labels, ignore_index=-100, reduction="sum")
+            with torch.no_grad():
+                self.token_losses = F.cross_entropy(logits.float(), labels, ignore_index=-100, reduction="none")
+            return loss
+        per_token = F.cross_entropy(logits.float(), labels, ignore_index=-100, reduction="none")
+        self.token_losses = per_token.detach()
+        return (per_token * weights.to(per_token.dtype)).sum()
 
 
 def wrap_hf(path, dtype=torch.float32) -> HFWrap:

@@ -131,17 +131,24 @@ class LMHead(nn.Linear):
     """Output projection; with labels, the summed token loss through the fused linear
     cross-entropy (no ``[tokens, vocab]`` logits are kept). A module of its own, so wrappers
     that gather parameters on forward (ZeRO-3) see the weight being used. ``softcap``: logits
-    become ``softcap * tanh(logits / softcap)`` (Gemma), in the fused loss too."""
+    become ``softcap * tanh(logits / softcap)`` (Gemma), in the fused loss too.
+
+    ``weights`` ``[T]`` (optional): per-token loss weights, the loss is ``sum_t w_t ce_t``. After a
+    forward with labels, ``token_losses`` holds the unweighted per-token cross-entropy ``[T]``
+    (fp32, detached, 0 where the label is -100): the trainer's ``loss_by_source``."""
 
     def __init__(self, dim, vocab, softcap: float = 0.0):
         super().__init__(dim, vocab, bias=False)
         self.softcap = softcap
+        self.token_losses = None
 
-    def forward(self, h, labels=None):
+    def forward(self, h, labels=None, weights=None):
         if labels is None:
             logits = super().forward(h)
             return torch.tanh(logits / self.softcap) * self.softcap if self.softcap else logits
+        self.token_losses = torch.zeros(labels.shape[0], dtype=torch.float32, device=h.device)
         return linear_cross_entropy(h, self.weight, labels, ignore_index=-100, reduction="sum",
+                                    token_weights=weights, token_losses=self.token_losses,
                                     **({"softcap": self.softcap} if self.softcap else {}))
 
 
@@ -203,13 +210,19 @@ class Decoder(nn.Module):
             x = layer(x, positions, ctx)
         return self.norm(x)
 
-    def forward(self, tokens, positions, ctx, labels=None):
-        """Logits ``[T, vocab]``, or with ``labels`` the *sum* of token losses (ignore -100).
+    def forward(self, tokens, positions, ctx, labels=None, weights=None):
+        """Logits ``[T, vocab]``, or with ``labels`` the *sum* of token losses (ignore -100),
+        each token's loss times its ``weights`` entry when given (per-source loss weights).
 
-        The trainer divides the sum by the step's global count of loss tokens, so every
-        parallel layout computes the same loss (DESIGN.md invariant 3).
+        The trainer divides the sum by the step's global count (or weight sum) of loss tokens, so
+        every parallel layout computes the same loss (DESIGN.md invariant 3).
         """
-        return self.lm_head(self.hidden(tokens, positions, ctx), labels)
+        return self.lm_head(self.hidden(tokens, positions, ctx), labels, weights)
+
+    @property
+    def token_losses(self):
+        """The last labelled forward's unweighted per-token cross-entropy (LMHead)."""
+        return self.lm_head.token_losses
 
 
 def build_llama(cfg: ModelConfig) -> Decoder:

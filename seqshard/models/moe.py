@@ -14,7 +14,9 @@ over tokens *and* layers, as transformers concatenates the layers' router logits
 packed seqshard micro-batch holds many documents, and transformers on one document at a time is the
 reference, so seqshard computes ``aux_d`` **per document** and adds
 ``aux_loss_coef * sum_d w_d aux_d`` to the summed token loss, ``w_d`` the document's loss-token
-count. After the trainer's division by the step's global loss-token count the loss is
+count (with per-source ``loss_weight``: the sum of its loss tokens' weights, and the trainer divides
+by the step's weight sum, so the aux term keeps its ratio to each document's cross-entropy). After
+the trainer's division by the step's global loss-token count the loss is
 ``mean CE + coef * (loss-token-weighted mean of aux_d)``: for one unpadded sequence exactly
 transformers' ``loss`` (with ``output_router_logits``), and independent of dp x sp and of
 micro-batching, since documents are never split across micro-batches and a document split over
@@ -130,16 +132,21 @@ def no_reduce(doc_sums, ctx):
     return doc_sums
 
 
-def load_balancing_terms(log, labels, ctx, doc_sums_fn, doc_reduce_fn):
+def load_balancing_terms(log, labels, ctx, doc_sums_fn, doc_reduce_fn, weights=None):
     """(sum_d w_d aux_d on this rank, expert load ``[layers, E]`` of this rank's real tokens).
 
     ``log``: the MoE layers' ``(scores, top_i)``. Counts, token and loss-token numbers are summed
-    per document and over the SP group (no gradient); the probabilities only locally."""
+    per document and over the SP group (no gradient); the probabilities only locally. ``w_d`` is
+    the document's loss-token count, or with per-token loss ``weights`` the sum of its loss
+    tokens' weights (every token of a document has its source's weight)."""
     num_experts = log[0][0].shape[1]
     with torch.no_grad():
         counts = torch.cat([F.one_hot(i, num_experts).sum(1) for _, i in log], dim=1).float()  # [T, L*E]
         ones = torch.ones(len(labels), 1, device=labels.device)
-        feats = torch.cat([counts, ones, (labels != -100).float()[:, None]], dim=1)
+        target = (labels != -100).float()
+        if weights is not None:
+            target = target * weights.to(target.dtype)
+        feats = torch.cat([counts, ones, target[:, None]], dim=1)
         local = doc_sums_fn(feats, ctx)  # [D, L*E + 2]
         total = doc_reduce_fn(local, ctx)
         c = total[:, :-2].view(len(total), len(log), num_experts).sum(1)  # [D, E]
@@ -176,10 +183,10 @@ class MoEDecoder(Decoder):
     def moe_modules(self):
         return [m for m in self.modules() if isinstance(m, MoE)]
 
-    def forward(self, tokens, positions, ctx, labels=None):
+    def forward(self, tokens, positions, ctx, labels=None, weights=None):
         moes = self.moe_modules()
         if labels is None or not moes or not self.training:  # evaluation: the token loss only
-            return super().forward(tokens, positions, ctx, labels)
+            return super().forward(tokens, positions, ctx, labels, weights)
         log = []
         for m in moes:
             m.route_log = log
@@ -188,8 +195,8 @@ class MoEDecoder(Decoder):
         finally:
             for m in moes:
                 m.route_log = None
-        loss = self.lm_head(h, labels)
-        aux_sum, load = load_balancing_terms(log, labels, ctx, self.doc_sums_fn, self.doc_reduce_fn)
+        loss = self.lm_head(h, labels, weights)
+        aux_sum, load = load_balancing_terms(log, labels, ctx, self.doc_sums_fn, self.doc_reduce_fn, weights)
         self.moe_metrics = {"aux_sum": aux_sum.detach(), "load": load}
         return loss + self.cfg.moe.aux_loss_coef * aux_sum.to(loss.dtype)
 

@@ -100,11 +100,14 @@ def install_adaptive(model) -> None:
 
 
 def split_documents(rows):
-    """The step's rows -> per-document (tokens, labels, positions) triples, in row order."""
+    """The step's rows -> per-document (tokens, labels, positions, sources) tuples, in row order
+    (``sources``: each token's source index, or None when the row carries none)."""
     docs = []
     for row in rows:
         bounds = [0, *torch.tensor(row.doc_lens).cumsum(0).tolist()]
-        docs += [(row.tokens[a:b], row.labels[a:b], row.positions[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+        src = row.sources
+        docs += [(row.tokens[a:b], row.labels[a:b], row.positions[a:b], None if src is None else src[a:b])
+                 for a, b in zip(bounds[:-1], bounds[1:])]
     return docs
 
 
@@ -196,9 +199,10 @@ class AdaptiveScatter:
         method = plan.methods[plan.group_of_rank(self.rank)]
         for ids in pack_group(work.doc_ids, lengths, work.size * self.memory_tokens):
             tokens, labels, positions = (torch.cat([docs[i][k] for i in ids]) for k in range(3))
+            sources = None if any(docs[i][3] is None for i in ids) else torch.cat([docs[i][3] for i in ids])
             doc_lens = [lengths[i] for i in ids]
             if work.size == 1:
-                yield tokens, labels, positions, VarlenContext.from_lengths(doc_lens)
+                yield tokens, labels, positions, VarlenContext.from_lengths(doc_lens), sources
                 continue
             cu = [0, *torch.tensor(doc_lens).cumsum(0).tolist()]
             shard = ShardPlan.build(cu, work.size, "contiguous" if method == "ulysses" else DEFAULT_LAYOUT[method])
@@ -207,13 +211,14 @@ class AdaptiveScatter:
             ctx = AdaptiveContext(plan=shard, group=group, ulysses_group=ulysses_group, ring_group=ring_group,
                                   method=method)
             yield (shard.shard(tokens, r, pad_value=self.pad_id), shard.shard(labels, r, pad_value=-100),
-                   shard.shard(positions, r, pad_value=0), ctx)
+                   shard.shard(positions, r, pad_value=0), ctx,
+                   None if sources is None else shard.shard(sources, r, pad_value=-1))
 
     def padding(self):
         """A one-token micro-batch without loss tokens, run locally (fsdp2 runs it on the ranks of
         a group the plan gave no document: they still join every parameter all-gather)."""
         return (torch.tensor([self.pad_id]), torch.tensor([-100]), torch.tensor([0]),
-                VarlenContext.from_lengths([1]))
+                VarlenContext.from_lengths([1]), None)
 
     def step_metrics(self) -> dict:
         return dict(self.last)

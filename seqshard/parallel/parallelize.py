@@ -92,20 +92,29 @@ def parallelize(model, mesh, cfg):
     return model
 
 
+_NO_SOURCES = object()
+
+
 def make_sharder(mesh, cfg, pad_id: int):
-    """Turns a micro-batch's global stream into this rank's shard and its SPContext."""
+    """Turns a micro-batch's global stream into this rank's shard and its SPContext:
+    ``shard(tokens, labels, positions, doc_lens)`` -> (tokens, labels, positions, ctx); with
+    ``sources=`` (each token's source index, or None) a fifth entry, those of the shard (-1 on
+    padding), so per-token loss weights follow their tokens under every layout."""
     sp_mesh = mesh["sp"]
     group, rank = sp_mesh.get_group(), sp_mesh.get_local_rank()
     uly = ring = None
     if cfg.sp_method == "usp":
         uly, ring = mesh["ulysses"].get_group(), mesh["ring"].get_group()
 
-    def shard(tokens, labels, positions, doc_lens):
+    def shard(tokens, labels, positions, doc_lens, sources=_NO_SOURCES):
         cu = [0]
         for n in doc_lens:
             cu.append(cu[-1] + n)
         plan = build_plan(cu, cfg)
-        return (plan.shard(tokens, rank, pad_value=pad_id), plan.shard(labels, rank, pad_value=-100),
-                plan.shard(positions, rank, pad_value=0), SPContext(plan, group, uly, ring))
+        out = (plan.shard(tokens, rank, pad_value=pad_id), plan.shard(labels, rank, pad_value=-100),
+               plan.shard(positions, rank, pad_value=0), SPContext(plan, group, uly, ring))
+        if sources is _NO_SOURCES:
+            return out
+        return (*out, None if sources is None else plan.shard(sources, rank, pad_value=-1))
 
     return shard

@@ -2,7 +2,7 @@
 
 Both see the same contract from the trainer: ``forward``, ``backward(loss, last)`` where
 ``loss`` is a micro-batch's summed token loss already divided by the step's global loss-token
-count, ``step() -> grad_norm``, ``save``/``load``. Either way the gradient applied is the sum over
+count (or weight sum, train/source_loss.py), ``step() -> grad_norm``, ``save``/``load``. Either way the gradient applied is the sum over
 all ranks, i.e. the exact full-batch gradient, so both reproduce the single-process losses.
 """
 from __future__ import annotations

@@ -95,10 +95,19 @@ def eval_due(spec, step: int, last: int) -> bool:
 
 
 def evaluate(run, held) -> dict:
-    """Mean held-out token loss and perplexity of the current weights (every rank returns them)."""
+    """Mean held-out token loss and perplexity of the current weights (every rank returns them),
+    and ``eval_loss_by_source``: the mean loss of each held-out source's tokens (their counts in
+    ``eval_loss_tokens_by_source``). Evaluation is unweighted: ``loss_weight`` shapes the training
+    objective only (train/source_loss.py)."""
+    from seqshard.data.mixture import SourceMetrics
+
+    from .source_loss import SourceLoss
+
     spec = run.spec
     d = spec.data
-    builder = WindowBuilder(held, d.max_seq_len, d.tokens_per_step, spec.seed)
+    builder = SourceMetrics(WindowBuilder(held, d.max_seq_len, d.tokens_per_step, spec.seed))
+    by_source = SourceLoss([1.0] * len(builder.names), builder.names)
+    loss_tokens = dict.fromkeys(builder.names, 0)
     model = run.engine.model
     was_training = model.training
     model.eval()
@@ -109,18 +118,23 @@ def evaluate(run, held) -> dict:
         for _ in range(max(1, spec.train.eval_tokens // d.tokens_per_step)):
             batch = builder.next_batch()
             n_tokens += batch.num_loss_tokens
+            for name, n in batch.stats["loss_tokens_by_source"].items():
+                loss_tokens[name] += n
             local = list(run.scatter(batch))
             real = equal_micro_batches(run.engine, local, run.scatter.padding)  # fsdp2: all in every all-gather
-            for (tokens, labels, positions, ctx), counts in zip(local, real):
+            for (tokens, labels, positions, ctx, sources), counts in zip(local, real):
                 with autocast:
                     loss = run.engine.forward(tokens.to(run.device), positions.to(run.device), ctx,
                                               labels.to(run.device))
                 if counts:
                     loss_sum += loss.double().cpu()
-    dist.all_reduce(loss_sum)
+                    by_source.add(model, labels, sources)
+    sums = torch.cat([loss_sum.reshape(1), by_source.sums])
+    dist.all_reduce(sums)
     model.train(was_training)
-    mean = loss_sum.item() / n_tokens
-    return {"eval_loss": mean, "eval_ppl": math.exp(min(mean, 700.0)), "eval_tokens": n_tokens}
+    mean = sums[0].item() / n_tokens
+    return {"eval_loss": mean, "eval_ppl": math.exp(min(mean, 700.0)), "eval_tokens": n_tokens,
+            "eval_loss_by_source": by_source.by_source(sums[1:], loss_tokens), "eval_loss_tokens_by_source": loss_tokens}
 
 
 def checkpoint_dir(output_dir, step: int | None):

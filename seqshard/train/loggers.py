@@ -20,9 +20,20 @@ def launch_command() -> str:
     return shlex.join([sys.executable, *sys.argv]) if sys.argv and sys.argv[0] else sys.executable
 
 
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 def _scalars(metrics: dict) -> dict:
-    return {k: float(v) for k, v in metrics.items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"}
+    """The numbers of a step's metrics; a map of numbers (``loss_by_source``, ``tokens_by_source``)
+    gives one scalar per entry, ``key/name`` (a source without a value that step gives none)."""
+    out = {}
+    for k, v in metrics.items():
+        if _number(v) and k != "step":
+            out[k] = float(v)
+        elif isinstance(v, dict):
+            out.update({f"{k}/{name}": float(x) for name, x in v.items() if _number(x)})
+    return out
 
 
 class TensorBoardSink:

@@ -215,7 +215,7 @@ def score_rows(run, rows):
             group = rows[first:first + dp]
             local = list(run.scatter(StepBatch(group)))
             real = equal_micro_batches(run.engine, local, run.scatter.padding)
-            for (tokens, labels, positions, ctx), is_real in zip(local, real):
+            for (tokens, labels, positions, ctx, _), is_real in zip(local, real):
                 box.labels, box.scores = labels.to(run.device), None
                 with autocast:
                     run.engine.forward(tokens.to(run.device), positions.to(run.device), ctx, box.labels)

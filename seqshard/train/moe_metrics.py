@@ -2,7 +2,8 @@
 
 ``aux_loss``: the load-balancing loss the step trained on, without its coefficient, with the
 semantics of the main loss (models/moe.py): ``sum_d w_d aux_d`` over the step's documents on every
-rank, divided by the step's global loss-token count. ``expert_load``: per MoE layer, the fraction
+rank, divided by the step's global loss-token count (with per-source loss weights: the step's
+weight sum, train/source_loss.py). ``expert_load``: per MoE layer, the fraction
 of the step's top-k assignments each expert received. One all-reduce per step, on every rank.
 """
 from __future__ import annotations
@@ -27,7 +28,8 @@ class MoEMetrics:
         load = stats["load"].double().cpu()
         self.load = load if self.load is None else self.load + load
 
-    def finish(self, n_loss: int) -> dict:
+    def finish(self, denominator) -> dict:
+        """``denominator``: the main loss's (loss-token count or weight sum)."""
         if self.decoder is None or not self.decoder.moe_modules():
             return {}
         if self.load is None:  # no real micro-batch on this rank: zeros of the right shape
@@ -39,4 +41,5 @@ class MoEMetrics:
                 dist.all_reduce(flat)
         load = flat[1:].view_as(self.load)
         fractions = load / load.sum(-1, keepdim=True).clamp_min(1)
-        return {"aux_loss": flat[0].item() / max(n_loss, 1), "expert_load": fractions.tolist()}
+        return {"aux_loss": flat[0].item() / (denominator if denominator > 0 else 1),
+                "expert_load": fractions.tolist()}

@@ -3,7 +3,8 @@
 Every rank builds the same global batch from the seed (DESIGN.md invariant 3), takes the rows of
 its data-parallel replica, packs them into micro-batches, shards each micro-batch over its SP
 group through the method's ShardPlan, and scales each micro-batch's summed token loss by the
-step's *global* loss-token count. The gradient sum over all ranks is then the exact full-batch
+step's *global* loss-token count (with per-source ``loss_weight``: the weighted sum by the global
+weight sum, source_loss.py). The gradient sum over all ranks is then the exact full-batch
 gradient, whatever the layout, so every layout reproduces the single-process loss trajectory.
 """
 from __future__ import annotations
@@ -40,6 +41,7 @@ from .oom import exit_on_oom, is_oom
 from .rundir import check_resume_spec, claim_output_dir, recorded_spec
 from .runinfo import describe_engine, engine_settings, run_config
 from .schedule import Schedule, lr_at as schedule_lr_at
+from .source_loss import SourceLoss, loss_weights_of
 from .stages import load_data_state, resume_reference, train_stages
 
 if TYPE_CHECKING:  # the typed spec lives in launch/, a room above this one
@@ -68,7 +70,8 @@ def _concat(rows: list[Row]):
     labels = torch.cat([r.labels for r in rows])
     positions = torch.cat([r.positions for r in rows])
     doc_lens = [n for r in rows for n in r.doc_lens]
-    return tokens, labels, positions, doc_lens
+    sources = torch.cat([r.sources for r in rows]) if all(r.sources is not None for r in rows) else None
+    return tokens, labels, positions, doc_lens, sources
 
 
 def build_batch_builder(spec: Spec, corpus):
@@ -102,20 +105,22 @@ class StaticScatter:
         self.budget, self.sharder, self.pad_id = budget, sharder, pad_id
 
     def __call__(self, batch):
-        """This rank's micro-batches of a step: (tokens, labels, positions, attention ctx)."""
+        """This rank's micro-batches of a step: (tokens, labels, positions, attention ctx, sources):
+        ``sources`` is each local token's source index (-1 on shard padding), or None when the
+        rows carry none (rows not built through data/mixture.py's SourceMetrics)."""
         for rows in micro_batches(batch.rows[self.dp_rank::self.dp], self.budget):
-            tokens, labels, positions, doc_lens = _concat(rows)
+            tokens, labels, positions, doc_lens, sources = _concat(rows)
             if self.sharder is None:
-                yield tokens, labels, positions, VarlenContext.from_lengths(doc_lens)
+                yield tokens, labels, positions, VarlenContext.from_lengths(doc_lens), sources
             else:
-                yield self.sharder(tokens, labels, positions, doc_lens)
+                yield self.sharder(tokens, labels, positions, doc_lens, sources=sources)
 
     def padding(self):
         """A one-token micro-batch without loss tokens (fsdp2 runs it where a rank has none)."""
         tokens, labels, positions = torch.tensor([self.pad_id]), torch.tensor([-100]), torch.tensor([0])
         if self.sharder is None:
-            return tokens, labels, positions, VarlenContext.from_lengths([1])
-        return self.sharder(tokens, labels, positions, [1])
+            return tokens, labels, positions, VarlenContext.from_lengths([1]), None
+        return self.sharder(tokens, labels, positions, [1], sources=None)
 
     def step_metrics(self) -> dict:
         return {}
@@ -150,6 +155,7 @@ class Run:
     schedule: Schedule = None
     held_out: object = None  # data.eval documents (evaluate.py), or None
     preemption: object = None  # guards.Preemption while train() runs
+    source_loss: object = None  # source_loss.SourceLoss: loss weights, loss_by_source
 
 
 def setup(spec: Spec) -> Run:
@@ -170,8 +176,10 @@ def setup(spec: Spec) -> Run:
     corpus, held_out = load_data(spec, denv.rank)  # rank 0 builds the datasets cache first
     with shared_failure("loading data"):
         builder = build_batch_builder(spec, corpus)
+    # fsdp2 casts floating forward inputs (the loss weights too) to its parameter dtype
+    cast = torch.bfloat16 if spec.train.engine == "fsdp2" and spec.train.dtype == "bfloat16" else None
     return Run(spec, denv, device, mesh, build_engine(model, spec, denv.local_rank, mesh=mesh), builder, scatter,
-               Schedule(spec.train), held_out)
+               Schedule(spec.train), held_out, source_loss=SourceLoss(loss_weights_of(spec), builder.names, cast))
 
 
 def train_step(run: Run, step: int) -> dict:
@@ -182,6 +190,11 @@ def train_step(run: Run, step: int) -> dict:
     with shared_failure("step data"):
         batch = run.builder.next_batch()
     n_loss = batch.num_loss_tokens
+    by_source = run.source_loss
+    by_source.start()
+    # the loss is sum_t w_t ce_t / sum_t w_t over the global step (source_loss.py); unweighted:
+    # the global loss-token count, exactly as without loss weights
+    denominator = by_source.denominator(batch)
     autocast = (torch.autocast(run.device.type, dtype=torch.bfloat16)
                 if spec.train.dtype == "bfloat16" else nullcontext())
     lr = run.schedule.lr(step)
@@ -192,31 +205,38 @@ def train_step(run: Run, step: int) -> dict:
     real = equal_micro_batches(engine, local, run.scatter.padding)
     moe = MoEMetrics(engine.model)  # aux_loss, expert_load of MoE models (else nothing)
     loop_start = time.perf_counter()
-    for i, (tokens, labels, positions, ctx) in enumerate(local):
+    for i, (tokens, labels, positions, ctx, sources) in enumerate(local):
+        weights = by_source.token_weights(labels, sources, run.device)
+        args = (tokens.to(run.device), positions.to(run.device), ctx, labels.to(run.device))
         with autocast:
-            loss = engine.forward(tokens.to(run.device), positions.to(run.device), ctx, labels.to(run.device))
+            loss = engine.forward(*args) if weights is None else engine.forward(*args, weights)
         moe.add(real[i])
-        engine.backward((loss if real[i] else loss * 0) / n_loss, last=i == len(local) - 1)
+        if real[i]:
+            by_source.add(engine.model, labels, sources)
+        engine.backward((loss if real[i] else loss * 0) / denominator, last=i == len(local) - 1)
         if real[i]:
             loss_sum += loss.detach().double().cpu()
     micro_batch_s = time.perf_counter() - loop_start
     grad_norm = engine.step()
     # one gather: the summed loss, the slowest rank's micro-batch loop (step predictions take the
-    # slowest group), each rank's peak memory (the max is reported, with its rank) and whether a
-    # preemption signal reached any rank (every rank then checkpoints this step)
-    mine = torch.tensor([loss_sum.item(), micro_batch_s, peak_memory_mb(run.device),
-                         float(run.preemption is not None and run.preemption.requested)], dtype=torch.float64)
+    # slowest group), each rank's peak memory (the max is reported, with its rank), whether a
+    # preemption signal reached any rank (every rank then checkpoints this step) and the
+    # per-source loss sums
+    mine = torch.cat([torch.tensor([loss_sum.item(), micro_batch_s, peak_memory_mb(run.device),
+                                    float(run.preemption is not None and run.preemption.requested)],
+                                   dtype=torch.float64), by_source.sums])
     every = mine.unsqueeze(0)
     if dist.get_world_size() > 1:  # one process sends nothing (its comm accounting stays 0)
         gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
-        with record("all_gather.step", 32 * len(gathered)):
+        with record("all_gather.step", 8 * mine.numel() * len(gathered)):
             dist.all_gather(gathered, mine)
         every = torch.stack(gathered)
     loss_sum, slowest_loop_s = every[:, 0].sum(), float(every[:, 1].max())
     peak_rank = int(every[:, 2].argmax())
     elapsed = time.perf_counter() - start
     comm = COMM_LOG.snapshot()
-    return {"step": step, "loss": loss_sum.item() / n_loss, "tokens": batch.num_tokens,
+    source_sums = every[:, 4:].sum(0)
+    return {"step": step, "loss": loss_sum.item() / denominator, "tokens": batch.num_tokens,
             "loss_tokens": n_loss, "lr": lr, "grad_norm": grad_norm, "step_time_s": elapsed,
             "tokens_per_s": batch.num_tokens / elapsed, "micro_batch_s": micro_batch_s,
             "slowest_micro_batch_s": slowest_loop_s,
@@ -226,7 +246,8 @@ def train_step(run: Run, step: int) -> dict:
             "compute_time_s": elapsed - comm["total"]["seconds"],
             "comm": {op: {"bytes": v["bytes"], "seconds": v["seconds"], "calls": v["calls"]}
                      for op, v in comm.items() if op != "total"},
-            **batch.stats, **run.scatter.step_metrics(), **moe.finish(n_loss)}
+            **batch.stats, "loss_by_source": by_source.by_source(source_sums, batch.stats["loss_tokens_by_source"]),
+            **run.scatter.step_metrics(), **moe.finish(denominator)}
 
 
 def _trainer_state(run: Run, step: int) -> dict:

@@ -87,3 +87,41 @@ def test_bias_scale_and_softcap_equal_unfused(monkeypatch, kernels):
         torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
         for a, r in zip(ins, refs):
             torch.testing.assert_close(a.grad, r.grad, rtol=1e-5, atol=1e-5)
+
+
+def _weighted_case(vocab=300, n=41, seed=3):
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, 16, generator=gen, requires_grad=True)
+    weight = torch.randn(vocab, 16, generator=gen, requires_grad=True)
+    labels = torch.randint(0, vocab, (n,), generator=gen)
+    labels[::6] = -100
+    token_weights = torch.tensor([2.0, 0.5, 1.0, 0.25])[torch.randint(0, 4, (n,), generator=gen)]
+    return hidden, weight, labels, token_weights
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+@pytest.mark.parametrize("kernel", ["reference", "triton"])
+def test_token_weights_scale_each_token_loss_and_gradient(kernel, reduction, request):
+    request.getfixturevalue(f"force_{kernel}")
+    hidden, weight, labels, w = _weighted_case(vocab=5000 if kernel == "triton" else 300)
+    per_token = F.cross_entropy(hidden @ weight.t(), labels, ignore_index=-100, reduction="none")
+    ref = (per_token * w).sum() / ((w * (labels != -100)).sum() if reduction == "mean" else 1)
+    dh, dw = torch.autograd.grad(ref * 3, (hidden, weight))
+    token_losses = torch.full((len(labels),), -1.0)
+    got = linear_cross_entropy(hidden, weight, labels, reduction=reduction, chunk_size=7, token_weights=w,
+                               token_losses=token_losses)
+    gh, gw = torch.autograd.grad(got * 3, (hidden, weight))
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(token_losses, per_token.detach(), rtol=1e-5, atol=1e-5)  # unweighted, 0 if ignored
+    for name, a, b in (("d hidden", gh, dh), ("d weight", gw, dw)):
+        err = (a - b).abs().max() / b.abs().max()
+        assert err <= 1e-5, f"{name}: rel err {err:.2e}"
+
+
+def test_unit_weights_are_bit_identical_to_no_weights():
+    hidden, weight, labels, _ = _weighted_case()
+    plain = linear_cross_entropy(hidden, weight, labels, chunk_size=7)
+    g_plain = torch.autograd.grad(plain, (hidden, weight))
+    ones = linear_cross_entropy(hidden, weight, labels, chunk_size=7, token_weights=torch.ones(len(labels)))
+    g_ones = torch.autograd.grad(ones, (hidden, weight))
+    assert torch.equal(plain, ones) and all(torch.equal(a, b) for a, b in zip(g_plain, g_ones))

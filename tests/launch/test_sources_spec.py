@@ -52,7 +52,11 @@ def test_sources_list_and_single_form(files):
     ("[{source: A, name: x}, {source: A, name: x}]", "data.sources[1].name"),
     ("[{source: A, format: chat}]", "data.sources[0].format"),
     ("[{source: A, format: markdown}]", "data.sources[0].format"),
-    ("[{source: A, loss_weight: 2.0}]", "data.sources[0].loss_weight"),
+    ("[{source: A}, {source: A, name: b, loss_weight: 0}]", "data.sources[1].loss_weight"),
+    ("[{source: A}, {source: A, name: b, loss_weight: -0.5}]", "data.sources[1].loss_weight"),
+    ("[{source: A}, {source: A, name: b, loss_weight: .nan}]", "data.sources[1].loss_weight"),
+    ("[{source: A}, {source: A, name: b, loss_weight: .inf}]", "data.sources[1].loss_weight"),
+    ("[{source: A}, {source: A, name: b, loss_weight: heavy}]", "data.sources[1].loss_weight"),
     ("[{source: A, upsample_long: {min_len: 10, factor: 0}}]", "data.sources[0].upsample_long"),
     ("[{source: /nonexistent/x.jsonl}]", "data.sources[0].source"),
     ("[A]", "data.sources[0]"),
@@ -117,3 +121,22 @@ def test_eval_split_loads_that_split(saved_dict):
 def test_weights_written_1e_minus_1_are_numbers(files):
     spec = load_spec(TINY, [f"data.sources=[{{source: {files[0]}, weight: 1e-1}}, {{source: {files[0]}, weight: 9e-1}}]"], 2)
     assert [s.weight for s in sources_of(spec.data)] == [0.1, 0.9]
+
+
+def test_loss_weights_are_accepted_and_typed(files):
+    spec = load_spec(TINY, [f"data.sources=[{{source: {files[0]}, loss_weight: 2.0}}, "
+                            f"{{source: {files[0]}, name: b, loss_weight: 5e-1}}]"], 2)
+    assert [s.loss_weight for s in sources_of(spec.data)] == [2.0, 0.5]
+    assert sources_of(load_spec(TINY, [f"data.source={files[0]}", "data.loss_weight=3"], 2).data)[0].loss_weight == 3.0
+    assert refused([f"data.source={files[0]}", "data.loss_weight=0"]).path == "data.loss_weight"
+    err = refused([f"data.source={files[0]}", f"data.eval.sources=[{{source: {files[0]}, loss_weight: 2.0}}]"])
+    assert err.path == "data.eval.sources[0].loss_weight" and "unweighted" in str(err), str(err)
+
+
+def test_eval_every_with_eval_sources(files):
+    a = files[0]
+    spec = load_spec(TINY, [f"data.source={a}", f"data.eval.sources=[{{source: {a}, name: held}}]",
+                            "train.eval_every=2"], 2)
+    assert spec.train.eval_every == 2  # data.eval.sources is held-out data too
+    err = refused([f"data.source={a}", f"data.eval.sources=[{{source: {a}}}]", "data.eval.fraction=0.1"])
+    assert err.path == "data.eval", str(err)

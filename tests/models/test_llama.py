@@ -112,3 +112,41 @@ def test_build_model_is_deterministic_per_seed():
     b = build_model(CFG)
     for (name, p), q in zip(a.named_parameters(), b.parameters()):
         assert torch.equal(p, q), name
+
+
+@pytest.mark.parametrize("moe", [False, True])
+def test_weighted_loss_is_the_weighted_sum_of_documents_alone(moe):
+    """Per-token loss weights (one weight per document, as per-source weights give): the packed
+    loss equals sum_d w_d * (loss of document d alone), the MoE load-balancing term included (its
+    documents are weighted by their tokens' weights), and ``token_losses`` holds the unweighted
+    per-token cross-entropy."""
+    from seqshard.models.config import MoEConfig
+
+    torch.manual_seed(4)
+    cfg = ModelConfig(**{**CFG.__dict__, "moe": MoEConfig(num_experts=4, top_k=2, aux_loss_coef=0.5) if moe
+                         else MoEConfig()})
+    model = build_model(cfg).train()
+    lengths, doc_weights = [9, 3, 14], [2.0, 0.5, 1.25]
+    tokens, positions, ctx = packed_batch(lengths, cfg.vocab_size, seed=5)
+    labels = torch.cat([torch.cat([tokens[s + 1:s + n], torch.tensor([-100])])
+                        for s, n in zip([0, 9, 12], lengths)])
+    weights = torch.repeat_interleave(torch.tensor(doc_weights), torch.tensor(lengths))
+    with torch.no_grad():
+        packed = model(tokens, positions, ctx, labels, weights)
+    per_token = model.token_losses.clone()
+    want, aux_unweighted, start = 0.0, 0.0, 0
+    for n, w in zip(lengths, doc_weights):
+        with torch.no_grad():
+            alone = model(tokens[start:start + n], torch.arange(n), VarlenContext.from_lengths([n]),
+                          labels[start:start + n])
+        want = want + w * alone
+        torch.testing.assert_close(per_token[start:start + n], model.token_losses, rtol=1e-5, atol=1e-5)
+        if moe:  # the wrong alternative: cross-entropy weighted, the aux term by loss-token counts
+            aux = cfg.moe.aux_loss_coef * float(model.moe_metrics["aux_sum"])
+            aux_unweighted += (w - 1.0) * aux
+        start += n
+    torch.testing.assert_close(packed, want, rtol=1e-5, atol=1e-5)
+    if moe:
+        assert abs(want.item() - aux_unweighted - packed.item()) > 1e-3  # the check can fail
+    unit = model(tokens, positions, ctx, labels, torch.ones(len(tokens)))
+    assert torch.equal(unit, model(tokens, positions, ctx, labels))  # weights 1: bit for bit the unweighted loss

@@ -62,7 +62,7 @@ def _padding_step(rank, world, output_dir, overrides):
     from tests.helpers.training import small_spec
 
     run = setup(small_spec(output_dir, world, FSDP + overrides))
-    tokens, labels, positions, ctx = run.scatter.padding()
+    tokens, labels, positions, ctx, _ = run.scatter.padding()
     loss = run.engine.forward(tokens, positions, ctx, labels)
     run.engine.backward(loss * 0, last=True)
     grads = [p.grad.to_local() for p in run.engine.model.parameters() if p.grad is not None]

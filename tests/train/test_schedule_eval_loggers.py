@@ -85,10 +85,14 @@ def _check_loggers(out):
     rows = read_metrics(out)
     acc = EventAccumulator(str(out / "tensorboard"))
     acc.Reload()
-    for key in ("loss", "lr", "eval_loss", "tokens_per_s"):
+    for key in ("loss", "lr", "eval_loss", "tokens_per_s", "loss_by_source/0"):
         events = acc.Scalars(key)
+        want = [r[key] if "/" not in key else r[key.split("/")[0]][key.split("/")[1]] for r in rows]
         assert [e.step for e in events] == [r["step"] for r in rows], key
-        assert [e.value for e in events] == pytest.approx([r[key] for r in rows], rel=1e-6), key
+        assert [e.value for e in events] == pytest.approx(want, rel=1e-6), key
+    for r in rows:  # one source: its loss is the step's loss, its held-out loss the eval loss
+        assert r["loss_by_source"]["0"] == pytest.approx(r["loss"], rel=1e-6)
+        assert r["eval_loss_by_source"]["0"] == pytest.approx(r["eval_loss"], rel=1e-6)
     assert "config" in "".join(acc.Tags()["tensors"])
     runs = glob.glob(str(out / "wandb" / "offline-run-*" / "run-*.wandb"))
     assert len(runs) == 1, runs
