@@ -88,6 +88,8 @@ class ParallelSpec:
     softmax_method: str = "allgather"  # hybrid models: SP method of the softmax layers
     max_sp: int = 4  # adaptive: largest group
     ep: int = 1  # expert parallelism: E/ep MoE experts per rank over groups of ep ranks (divides E and world; torch engine)
+    ulysses_chunks: int = 1  # ulysses/usp/adaptive: query-head chunks whose all-to-alls overlap attention, forward and backward (1 = one exchange each way, 0 = auto: up to 4 while each message stays >= 256 KiB); must divide the query heads per rank
+    comm_dtype: str = "fp32"  # fp32 | bf16: dtype of the Ulysses all-to-all payload on the wire (bf16 halves the bytes; compute keeps the model's dtype)
     planner: PlannerSpec = field(default_factory=PlannerSpec)
 
 
