@@ -108,6 +108,9 @@ def layout(n_heads: int, n_kv: int, head_dim: int, world: int, chunks: int) -> L
         return _LAYOUTS[key]
     kv_map = kv_head_map(n_heads, n_kv, world)
     hq = n_heads // world
+    if chunks < 1 or hq % chunks:
+        raise ValueError(f"parallel.ulysses_chunks {chunks} must divide the {hq} query heads per rank "
+                         f"({n_heads} heads over {world} ranks)")
     hk = 1 if kv_map is not None else n_kv // world
     plan = chunk_heads(hq, hk, chunks)
     k_base, v_base = n_heads * head_dim, (n_heads + n_kv) * head_dim
