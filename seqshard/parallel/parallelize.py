@@ -100,7 +100,8 @@ def fused_layer(cfg):
     """The copy-free (pipelined with ``ulysses_chunks`` > 1) Ulysses layer of ``cfg``."""
     from .ulysses_layer import FusedUlysses
 
-    return FusedUlysses(getattr(cfg, "ulysses_chunks", 1), getattr(cfg, "comm_dtype", "fp32"))
+    chunks = getattr(cfg, "ulysses_chunks", 1)
+    return FusedUlysses(0 if chunks == "auto" else chunks, getattr(cfg, "comm_dtype", "fp32"))
 
 
 def make_sharder(mesh, cfg, pad_id: int):

@@ -52,6 +52,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.autograd.graph import get_gradient_edge
 
 from seqshard.dist.comm_stats import record
 
@@ -59,6 +60,13 @@ from .comm import graph_anchor
 from .ulysses import _orders, kv_head_map
 
 WIRE_DTYPES = {"fp32": None, "bf16": torch.bfloat16}  # None: the activations' own dtype
+# all_to_all_single payload dtypes each backend sends (gloo bf16: exercised on torch 2.13 by the
+# comm_dtype bf16 cases of tests/parallel/test_ulysses_layer.py, forward and backward; NCCL sends bf16)
+BACKEND_WIRE = {"gloo": ("fp32", "bf16"), "nccl": ("fp32", "bf16")}
+
+
+def wire_dtype_supported(backend: str, comm_dtype: str) -> bool:
+    return comm_dtype in BACKEND_WIRE.get(backend, ("fp32",))
 AUTO_MAX_CHUNKS = 4
 AUTO_MIN_CHUNK_BYTES = 256 * 1024  # per peer per chunk: smaller messages cost more than they overlap
 
@@ -245,8 +253,11 @@ class _UlyssesLayer(torch.autograd.Function):
             nk = ch.kv_new[1] - ch.kv_new[0]
             with torch.enable_grad() if grad else torch.no_grad():
                 qr, kr, vr = recv[:, :hq_c], recv[:, hq_c:hq_c + nk], recv[:, hq_c + nk:]
-                if grad:
-                    qr, kr, vr = (t.detach().requires_grad_() for t in (qr, kr, vr))
+                edges = None
+                if grad:  # graph entries that hold no reference to the receive buffer (see _Entry)
+                    anchor = torch.empty(0, device=x.device, requires_grad=True)
+                    qr, kr, vr = (_Entry.apply(anchor, t) for t in (qr, kr, vr))
+                    edges = tuple(get_gradient_edge(t) for t in (qr, kr, vr))
                 q, k = mod.rotate(qr, setup.pos, "q"), (mod.rotate(kr, setup.pos, "k") if nk else kr)
                 v = vr
                 perm = setup.perm
@@ -257,7 +268,8 @@ class _UlyssesLayer(torch.autograd.Function):
             qa = q.detach().requires_grad_() if grad else q
             ks.append(k.detach().requires_grad_() if grad else k)
             vs.append(v.detach().requires_grad_() if grad else v)
-            graphs.append((qr, kr, vr, q, k, v))
+            graphs.append((edges, q, k, v))
+            del qr, kr, vr
             with torch.enable_grad() if grad else torch.no_grad():
                 kc, vc = _kv_gather(ch, lay.chunks, ks, vs)
                 out = setup.attend(qa, kc, vc, ch)
@@ -347,19 +359,21 @@ class _UlyssesLayer(torch.autograd.Function):
                 g_params[i] = _acc(g_params[i], gp)
             ctx.outs[c] = None
             # every reader of chunk c's kv heads is a chunk >= c: all done
-            qr, kr, vr, q, k, v = ctx.graphs[c]
+            edges, q, k, v = ctx.graphs[c]
             nk = ch.kv_new[1] - ch.kv_new[0]
             send = x.new_empty(world * n, ch.width, d, dtype=wire or x.dtype)
-            outs_, gouts_, ins_ = [q], [dq], [qr]
+            outs_, gouts_, ins_ = [q], [dq], [edges[0]]
             if nk:
                 outs_ += [k, v]
                 gouts_ += [_zeros_if_none(dk[c], k), _zeros_if_none(dv[c], v)]
-                ins_ += [kr, vr]
+                ins_ += [edges[1], edges[2]]
             grads = torch.autograd.grad(outs_, ins_ + params, gouts_, allow_unused=True)
-            send[:, :hq_c].copy_(grads[0])
-            if nk:
-                send[:, hq_c:hq_c + nk].copy_(_zeros_if_none(grads[1], kr))
-                send[:, hq_c + nk:].copy_(_zeros_if_none(grads[2], vr))
+            # dq, dk, dv written once each into the exchange's send buffer (cast to the wire dtype)
+            for i, (lo, hi) in enumerate([(0, hq_c), (hq_c, hq_c + nk), (hq_c + nk, ch.width)][:len(ins_)]):
+                if grads[i] is None:
+                    send[:, lo:hi].zero_()
+                else:
+                    send[:, lo:hi].copy_(grads[i])
             for i, gp in enumerate(grads[len(ins_):]):
                 g_params[i] = _acc(g_params[i], gp)
             ctx.graphs[c] = None
@@ -375,6 +389,21 @@ class _UlyssesLayer(torch.autograd.Function):
         g_extra = tuple(g_by_param.get(id(p)) if p is not None else None for p in ctx.params)
         ctx.ks = ctx.vs = None
         return (None, g_x, None, g_wq, g_b[0], g_wk, g_b[1], g_wv, g_b[2], g_wo, *g_extra)
+
+
+class _Entry(torch.autograd.Function):
+    """Where a chunk's graph starts: a view of the receive buffer that requires grad (through
+    ``anchor``). Backward reads the gradient at its edge (``get_gradient_edge``); neither the node
+    nor the edge refers to the buffer, so it is freed once RoPE has made q and k (a leaf view
+    would keep it alive until backward)."""
+
+    @staticmethod
+    def forward(ctx, anchor, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return None, None
 
 
 def _overlap(a, b):
@@ -416,13 +445,14 @@ def _kv_gather(ch, chunks, ks, vs):
 class FusedUlysses:
     """``layer.sp_layer_fn``: the copy-free (and, with chunks, pipelined) Ulysses layer.
 
-    ``chunks``: ``parallel.ulysses_chunks`` (0 = auto); ``comm_dtype``: ``parallel.comm_dtype``.
+    ``chunks``: ``parallel.ulysses_chunks`` (0 = ``auto``); ``comm_dtype``: ``parallel.comm_dtype``.
     Called as ``fn(module, x, positions, ctx)``; runs the module's unchanged path whenever
     :func:`fast_path_reason` names a reason.
     """
 
-    def __init__(self, chunks: int = 1, comm_dtype: str = "fp32"):
+    def __init__(self, chunks: int = 1, comm_dtype: str = "fp32", kernel=None):
         self.chunks, self.wire = chunks, WIRE_DTYPES[comm_dtype]
+        self.kernel = kernel  # bench only: ``kernel(q, k, v)`` instead of attention (bench/ulysses_comm.py)
 
     def __call__(self, module, x, positions, ctx):
         why = fast_path_reason(module, x, ctx)
@@ -461,6 +491,12 @@ class FusedUlysses:
             def attend(q, k, v, ch):
                 s = None if sinks is None else sinks[me * lay.hq + ch.q[0]: me * lay.hq + ch.q[1]]
                 return attention(q, k, v, cu, cu, max_len, max_len, causal=True, sinks=s, **pattern)
+
+        if self.kernel is not None:
+            kernel = self.kernel
+
+            def attend(q, k, v, ch):
+                return kernel(q, k, v)
 
         setup = LayerSetup(module, lay, group, pos, attend, self.wire, "usp.ulysses" if usp else "ulysses")
         setup.perm, setup.inv_perm, setup.grad = perm, inv, torch.is_grad_enabled()

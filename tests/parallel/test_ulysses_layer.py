@@ -20,7 +20,7 @@ CASES_2 = [
     ("h12 kv6 c2 expanded", dict(n_heads=12, n_kv_heads=6, dim=96), [30, 33], dict(U, ulysses_chunks=2), True),
     ("norm bias sinks window softcap c2", PATTERNS, [25, 14], dict(U, ulysses_chunks=2), True),
     ("zigzag c2", {}, [37, 20], dict(U, layout="zigzag", ulysses_chunks=2), True),
-    ("auto", {}, [37, 20], dict(U, ulysses_chunks=0), True),
+    ("auto", {}, [37, 20], dict(U, ulysses_chunks="auto"), True),
     # comm_dtype bf16: loss within 2e-3 relative of the fp32 reference, gradients within 2e-2 (the
     # payload is rounded to bfloat16 on each of the four exchanges; compute stays fp32)
     ("bf16 wire c2", {}, [37, 20], dict(U, ulysses_chunks=2, comm_dtype="bf16"), True),
@@ -80,3 +80,17 @@ def test_copy_free_layer_matrix_two_ranks():
 @pytest.mark.slow
 def test_copy_free_layer_matrix_four_ranks():
     assert all(run_ranks(4, check_layer, SLOW_4))
+
+
+def test_auto_chunks_rule():
+    """auto: the most chunks (<= 4, dividing the local query heads) whose smallest per-peer message
+    is >= 256 KiB; 1 when two chunks would already be smaller."""
+    from seqshard.parallel.ulysses_layer import auto_chunks, chunk_heads
+
+    assert auto_chunks(8, 2, 64, 64, 4) == 1  # 64 tokens: tiny messages
+    assert auto_chunks(8, 2, 16384, 128, 4) == 4
+    assert auto_chunks(6, 6, 16384, 128, 4) == 3  # 4 does not divide 6
+    assert auto_chunks(1, 1, 1 << 20, 128, 4) == 1
+    # chunks of 2 over one kv head: the kv head travels with the first chunk only
+    assert [c.width for c in chunk_heads(4, 1, 2)] == [4, 2]
+    assert [(c.kv_new, c.kv_need) for c in chunk_heads(6, 3, 2)] == [((0, 2), (0, 2)), ((2, 3), (1, 3))]
