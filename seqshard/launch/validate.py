@@ -207,6 +207,17 @@ def _check_ulysses_layer(p, m, world_size):
                             f"Ulysses degree of {u}); use a divisor of {m.n_heads // u}, or auto")
 
 
+def _check_ulysses_checkpointing(spec):
+    """Full checkpointing runs the unchanged Ulysses path: its chunk and wire keys would do nothing."""
+    p = spec.parallel
+    if spec.train.activation_checkpointing != "full" or (p.ulysses_chunks == 1 and p.comm_dtype == "fp32"):
+        return
+    key = "parallel.ulysses_chunks" if p.ulysses_chunks != 1 else "parallel.comm_dtype"
+    raise SpecError(key, "the copy-free Ulysses layer is not used under train.activation_checkpointing: full "
+                    "(it takes the unchanged exchange); use selective or none, or leave "
+                    "ulysses_chunks: 1 and comm_dtype: fp32")
+
+
 def _cuda_available() -> bool:
     import torch
 
@@ -331,6 +342,7 @@ def validate(spec, world_size: int):
     _check_train(spec.train)
     _check_data(spec.data, spec.dp(world_size))
     _check_engine(spec)
+    _check_ulysses_checkpointing(spec)
     from .datacheck import check_data
     from .hf_checks import check_hf
     from .long_eval_checks import check_long_eval

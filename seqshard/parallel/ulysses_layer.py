@@ -246,7 +246,7 @@ class _UlyssesLayer(torch.autograd.Function):
             waits.append(_start(_wire(send, wire), group, f"{op}.qkv"))
             del send
         # 2. per chunk: norm + RoPE + attention on the head split, then start the output exchange
-        graphs, ks, vs, kleaf, vleaf, outs = [], [], [], [], [], []
+        graphs, ks, vs, outs = [], [], [], []
         hq_c = lay.chunks[0].q[1] - lay.chunks[0].q[0]
         for c, ch in enumerate(lay.chunks):
             recv = _unwire(waits[c](), x.dtype).view(world * n, ch.width, d)
