@@ -7,6 +7,8 @@ holding only padding, and the configurations that run the unchanged path (uneven
 copy-free path is asserted to have run (or not) from the step's collective log."""
 import pytest
 
+from seqshard.models.config import RopeScalingConfig
+
 from tests.helpers.ranks import run_ranks
 from tests.parallel.ulysses_layer_checks import check_layer
 
@@ -63,7 +65,12 @@ SLOW_2 = _matrix(2, [("patterns", PATTERNS, [25, 14, 6], U),
                      ("h8 kv2", dict(n_heads=8, n_kv_heads=2), [40, 17], U),
                      ("mha h8 kv8", dict(n_heads=8, n_kv_heads=8), [40, 17], U),
                      ("chunked attention", dict(layer_types="CF", attn_chunk_size=8), [40, 17], U),
-                     ("bf16 wire", dict(n_heads=8, n_kv_heads=2), [40, 17], dict(U, comm_dtype="bf16"))])
+                     ("bf16 wire", dict(n_heads=8, n_kv_heads=2), [40, 17], dict(U, comm_dtype="bf16")),
+                     ("llama3 rope scaling", dict(rope_scaling=RopeScalingConfig(
+                         type="llama3", factor=8.0, original_max_position_embeddings=16)), [40, 17], U),
+                     ("gemma block, local rope theta", dict(block="gemma", qk_norm=True, layer_types="SF",
+                                                            sliding_window=6, rope_theta=1e6,
+                                                            local_rope_theta=1e4), [40, 17], U)])
 SLOW_4 = _matrix(4, [("sp4 kv1", dict(n_kv_heads=1), [41, 22, 9], U),
                      ("sp4 h8 kv2 patterns", dict(PATTERNS, n_heads=8, n_kv_heads=2), [41, 22, 9], U),
                      ("sp4 h16 kv8", dict(n_heads=16, n_kv_heads=8), [41, 22, 9], U),

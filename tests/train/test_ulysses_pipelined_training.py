@@ -25,6 +25,10 @@ CASES = {
                                           "train.activation_checkpointing=selective"], [], 1e-4),
     "ulysses_sp2_auto_bf16_wire": (2, ["parallel.sp=2", "parallel.sp_method=ulysses", "parallel.ulysses_chunks=auto",
                                        "parallel.comm_dtype=bf16"], [], 2e-3),
+    # bf16 autocast (the layer casts x and the weights itself: mm(out=) has no autocast); fp32
+    # reference, the tolerance of test_fsdp_memory_precision (measured: 2.1e-3 at worst, 4 steps)
+    "ulysses_sp2_chunks2_bf16_autocast": (2, ["parallel.sp=2", "parallel.sp_method=ulysses",
+                                              "parallel.ulysses_chunks=2", "train.dtype=bfloat16"], [], 1e-2),
     "fsdp2_dp2_x_ulysses2_chunks2": (4, ["parallel.sp=2", "parallel.sp_method=ulysses", "parallel.ulysses_chunks=2",
                                          "train.engine=fsdp2"], [], 1e-4),
 }
