@@ -203,11 +203,16 @@ def _perms(plan, ctx, device):
 
 
 class LayerSetup:
-    """Everything the Function needs besides tensors (one per layer call)."""
+    """Everything the Function needs besides tensors (one per layer call): the module (its
+    ``rotate``), the layout, the group, the received tokens' positions, the chunk attention
+    ``attend(q, k, v, chunk)``, the wire dtype, the op name for the comm log, the padded-order
+    permutations (None: identity) and whether autograd records (``grad``)."""
 
-    def __init__(self, module, lay, group, positions_rm, attend, wire_dtype, op):
+    def __init__(self, module, lay, group, positions_rm, attend, wire_dtype, op, perm=None, inv_perm=None,
+                 grad=False):
         self.module, self.lay, self.group, self.pos = module, lay, group, positions_rm
         self.attend, self.wire, self.op = attend, wire_dtype, op
+        self.perm, self.inv_perm, self.grad = perm, inv_perm, grad
 
 
 def _send_weights(wq, bq, wk, bk, wv, bv, lay):
@@ -498,8 +503,8 @@ class FusedUlysses:
             def attend(q, k, v, ch):
                 return kernel(q, k, v)
 
-        setup = LayerSetup(module, lay, group, pos, attend, self.wire, "usp.ulysses" if usp else "ulysses")
-        setup.perm, setup.inv_perm, setup.grad = perm, inv, torch.is_grad_enabled()
+        setup = LayerSetup(module, lay, group, pos, attend, self.wire, "usp.ulysses" if usp else "ulysses",
+                           perm, inv, torch.is_grad_enabled())
         qn, kn = getattr(module, "q_norm", None), getattr(module, "k_norm", None)
         params = (qn.weight if qn is not None else None, kn.weight if kn is not None else None, sinks)
         weights = [module.wq.weight, module.wq.bias, module.wk.weight, module.wk.bias, module.wv.weight,
