@@ -10,7 +10,7 @@ import pytest
 from seqshard.models.config import RopeScalingConfig
 
 from tests.helpers.ranks import run_ranks
-from tests.parallel.ulysses_layer_checks import check_layer
+from tests.parallel.ulysses_layer_checks import check_layer, check_layer_and_saved_bytes
 
 U = dict(sp_method="ulysses")
 PATTERNS = dict(qk_norm=True, qkv_bias=True, attn_sinks=True, layer_types="SF", sliding_window=5, attn_softcap=3.0)
@@ -36,7 +36,8 @@ CASES_3 = [("uneven heads: unchanged path", {}, [23, 9], dict(U, ulysses_chunks=
 
 
 def test_copy_free_layer_two_ranks():
-    assert all(run_ranks(2, check_layer, CASES_2))
+    """... and the layer saves no more for backward than the unchanged path plus RoPE tables."""
+    assert all(run_ranks(2, check_layer_and_saved_bytes, CASES_2))
 
 
 def test_copy_free_layer_four_ranks():

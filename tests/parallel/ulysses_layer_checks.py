@@ -90,3 +90,54 @@ def check_layer(rank, world, cases):
                 assert calls[op] == calls[f"{op}.bwd"] == chunks * layers, (tag, calls)
             assert calls["ulysses.positions"] == 1, (tag, calls)  # once per step, not per layer
     return True
+
+
+def saved_mib(fn):
+    """MiB of distinct storages autograd saves while ``fn()`` runs (the layer's nested graphs too)."""
+    from torch.autograd.graph import saved_tensors_hooks
+
+    seen = {}
+
+    def pack(t):
+        if t.numel():
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return sum(seen.values()) / 2**20, out
+
+
+def check_saved_bytes(rank, world, tokens=2048):
+    """The tensors autograd saves for the copy-free layer's backward (its nested per-chunk graphs
+    included) total no more than the unchanged path's plus the RoPE tables of the head split,
+    chunked or not. (Counts saved storages only: a buffer kept alive otherwise, e.g. by a graph
+    leaf, is not seen here.)"""
+    import torch.distributed as dist
+
+    from seqshard.models.config import ModelConfig
+    from seqshard.models.llama import Attention
+    from seqshard.parallel.parallelize import SPContext
+    from seqshard.parallel.plan import ShardPlan
+    from seqshard.parallel.ulysses import ulysses_attention
+    from seqshard.parallel.ulysses_layer import FusedUlysses
+
+    torch.manual_seed(0)
+    attn = Attention(ModelConfig(dim=256, n_heads=8, n_kv_heads=2, ffn_dim=64))
+    plan = ShardPlan.build([0, tokens], world, "stream")
+    x = torch.randn(tokens // world, 256, requires_grad=True)
+    pos = plan.shard(torch.arange(tokens), rank)
+    group = dist.group.WORLD
+    attn.attention_fn = lambda q, k, v, ctx, **kw: ulysses_attention(q, k, v, plan, group, **kw)
+    old, _ = saved_mib(lambda: attn.standard_forward(x, pos, SPContext(plan, group)))
+    out = {"old": old}
+    for chunks in (1, 2):
+        out[chunks], _ = saved_mib(lambda: FusedUlysses(chunks)(attn, x, pos, SPContext(plan, group)))
+        # RoPE runs on the head split: each chunk's q and k save cos and sin [T, D/2] of all T tokens
+        rope = chunks * 2 * 2 * tokens * (attn.head_dim // 2) * 4 / 2**20
+        assert out[chunks] <= old + rope + 1e-6, (out, rope)
+    return out
+
+
+def check_layer_and_saved_bytes(rank, world, cases):
+    return check_layer(rank, world, cases) and bool(check_saved_bytes(rank, world))
