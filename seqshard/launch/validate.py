@@ -208,12 +208,13 @@ def _check_ulysses_layer(p, m, world_size):
 
 
 def _check_ulysses_checkpointing(spec):
-    """Full checkpointing runs the unchanged Ulysses path: its chunk and wire keys would do nothing."""
+    """Full and lean checkpointing run the unchanged Ulysses path: its chunk and wire keys would do nothing."""
     p = spec.parallel
-    if spec.train.activation_checkpointing != "full" or (p.ulysses_chunks == 1 and p.comm_dtype == "fp32"):
+    mode = spec.train.activation_checkpointing
+    if mode not in ("full", "lean") or (p.ulysses_chunks == 1 and p.comm_dtype == "fp32"):
         return
     key = "parallel.ulysses_chunks" if p.ulysses_chunks != 1 else "parallel.comm_dtype"
-    raise SpecError(key, "the copy-free Ulysses layer is not used under train.activation_checkpointing: full "
+    raise SpecError(key, f"the copy-free Ulysses layer is not used under train.activation_checkpointing: {mode} "
                     "(it takes the unchanged exchange); use selective or none, or leave "
                     "ulysses_chunks: 1 and comm_dtype: fp32")
 

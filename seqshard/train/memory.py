@@ -132,6 +132,13 @@ def token_mixer(block):
 
 def _checkpointed_forward(block, mode: str, offload: bool):
     inner = block.forward
+    if mode in ("full", "lean"):
+        # the copy-free Ulysses layer keeps its per-chunk graphs (q, k, v, output) on its autograd
+        # node, out of the checkpoint's reach: under full and lean checkpointing the layer takes
+        # the unchanged Ulysses path, whose saved tensors the checkpoint drops and recomputes
+        mixer = token_mixer(block)
+        if getattr(mixer, "sp_layer_fn", None) is not None:
+            mixer.sp_layer_fn = None
     if mode == "lean":
         from seqshard.kernels.attention import KernelStash
 
@@ -146,13 +153,6 @@ def _checkpointed_forward(block, mode: str, offload: bool):
 
         return forward
     stash = _MixerStash() if mode == "selective" else None
-    if mode == "full":
-        # the copy-free Ulysses layer keeps its per-chunk graphs (q, k, v, output) on its autograd
-        # node, out of the checkpoint's reach: under full checkpointing the layer takes the
-        # unchanged Ulysses path, whose saved tensors the checkpoint drops and recomputes
-        mixer = token_mixer(block)
-        if getattr(mixer, "sp_layer_fn", None) is not None:
-            mixer.sp_layer_fn = None
     if stash is not None:
         mixer = token_mixer(block)
         # a whole-layer SP callable (copy-free Ulysses) is stashed instead of the attention

@@ -35,6 +35,8 @@ BAD = [
      "parallel.comm_dtype: only used by the Ulysses all-to-all"),
     (["parallel.sp=2", "parallel.sp_method=ulysses", "parallel.ulysses_chunks=2",
       "train.activation_checkpointing=full"], "parallel.ulysses_chunks: the copy-free Ulysses layer is not used"),
+    (["parallel.sp=2", "parallel.sp_method=ulysses", "parallel.comm_dtype=bf16", "train.activation_checkpointing=lean"],
+     "parallel.comm_dtype: the copy-free Ulysses layer is not used under train.activation_checkpointing: lean"),
     (["parallel.sp=2", "parallel.sp_method=ulysses", "parallel.comm_dtype=bf16", "model.impl=transformers"],
      "parallel.comm_dtype: only used by seqshard's native attention layer"),
     (["parallel.sp=2", "parallel.sp_method=ulysses", "model.n_heads=1", "model.n_kv_heads=1",
