@@ -200,6 +200,9 @@ def _check_ulysses_layer(p, m, world_size):
     if m.impl != "native":
         raise SpecError(key, f"only used by seqshard's native attention layer; model.impl {m.impl} runs "
                         "the transformers attention through the unchanged Ulysses exchange")
+    if p.sp_method == "ulysses" and m.n_heads % p.sp:
+        raise SpecError(key, f"model.n_heads {m.n_heads} over sp {p.sp} is the uneven-heads Ulysses, which "
+                        "takes the unchanged exchange; leave ulysses_chunks: 1 and comm_dtype: fp32")
     for u in degrees:
         if m.n_heads % u == 0 and isinstance(p.ulysses_chunks, int) and (m.n_heads // u) % p.ulysses_chunks:
             raise SpecError("parallel.ulysses_chunks", f"{p.ulysses_chunks} does not divide the "

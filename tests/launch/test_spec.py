@@ -130,3 +130,10 @@ def test_memory_keys_and_fit_check_fail_with_one_line(tmp_path):
     assert "parallel.sp=" in msg and "train.offload_activations" in msg
     spec(*long[:2])  # device_memory_gb 0: no fit check
     spec("data.max_seq_len=4096", "data.tokens_per_step=8192", "train.device_memory_gb=2")
+
+
+def test_chunk_keys_refused_where_the_copy_free_layer_cannot_run():
+    """Uneven heads (4 over sp 3) take the unchanged Ulysses exchange: chunks would do nothing."""
+    with pytest.raises(SpecError, match="parallel.ulysses_chunks: model.n_heads 4 over sp 3 is the uneven-heads"):
+        load_spec(TINY, ["parallel.sp=3", "parallel.sp_method=ulysses", "parallel.ulysses_chunks=2", "model.n_kv_heads=1",
+                         "data.tokens_per_step=3072"], world_size=3)
