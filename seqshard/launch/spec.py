@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,6 +89,8 @@ class ParallelSpec:
     softmax_method: str = "allgather"  # hybrid models: SP method of the softmax layers
     max_sp: int = 4  # adaptive: largest group
     ep: int = 1  # expert parallelism: E/ep MoE experts per rank over groups of ep ranks (divides E and world; torch engine)
+    ulysses_chunks: int | str = 1  # ulysses/usp/adaptive: N query-head chunks whose all-to-alls overlap attention, forward and backward (1 = one exchange each way; auto = up to 4 while each message stays >= 256 KiB); N must divide the query heads per rank
+    comm_dtype: str = "fp32"  # dtype of the Ulysses all-to-all payload on the wire, forward and backward (fp32: the activations' own dtype; bf16 halves the bytes, compute keeps the model's dtype)
     planner: PlannerSpec = field(default_factory=PlannerSpec)
 
 
@@ -199,6 +202,14 @@ _TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "tru
 
 
 def _coerce(value, tp, path):
+    if isinstance(tp, types.UnionType):  # e.g. ``int | str`` (a count or "auto"): the first that fits
+        for member in typing.get_args(tp):
+            try:
+                return _coerce(value, member, path)
+            except SpecError:
+                pass
+        names = " or ".join(_TYPE_NAMES.get(m, m.__name__) for m in typing.get_args(tp))
+        raise SpecError(path, f"expected {names}, got {value!r}")
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise SpecError(path, f"expected a mapping, got {type(value).__name__} {value!r}")

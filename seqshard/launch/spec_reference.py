@@ -103,7 +103,8 @@ def _choices() -> dict[str, tuple]:
             "launch.launcher": v.LAUNCHERS, "train.lr_schedule": LR_SCHEDULES, "train.loggers": tuple(LOGGERS),
             "train.engine": ("torch", "fsdp2", "deepspeed"), "train.dtype": ("float32", "bfloat16"),
             "train.on_nonfinite": ("stop", "skip"), "parallel.planner.solver": ("greedy", "milp"),
-            "data.format": FORMATS, "data.loss_on": LOSS_ON, "data.long_documents": LONG_DOCUMENTS}
+            "data.format": FORMATS, "data.loss_on": LOSS_ON, "data.long_documents": LONG_DOCUMENTS,
+            "parallel.comm_dtype": v.COMM_DTYPES, "parallel.ulysses_chunks": ("auto", "N >= 1")}
 
 
 def keys(cls=None, prefix="") -> list[dict]:
@@ -147,6 +148,6 @@ def reference_markdown() -> str:
             default = "[]" if k["default"] == [] else repr(k["default"]) if isinstance(k["default"], str) \
                 else str(k["default"]).lower() if isinstance(k["default"], bool) else k["default"]
             allowed = ", ".join(map(str, k["choices"]))
-            lines.append(f"| `{k['key']}` | {k['type']} | `{_cell(default)}` | {_cell(allowed)} | {_cell(k['help'])} |")
+            lines.append(f"| `{k['key']}` | {_cell(k['type'])} | `{_cell(default)}` | {_cell(allowed)} | {_cell(k['help'])} |")
         lines.append("")
     return "\n".join(lines)

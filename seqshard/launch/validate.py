@@ -1,6 +1,7 @@
 """Range and cross-field checks of a typed spec. Each failure is one :class:`SpecError` line."""
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -155,6 +156,76 @@ def _check_parallel(p, m, world_size):
     if p.sp_method in LINEAR_SP and p.layout not in ("auto", "stream"):
         raise SpecError("parallel.layout", f"{p.sp_method} carries state along the stream; use stream or auto")
     _check_heads(p, m)
+    _check_ulysses_layer(p, m, world_size)
+
+
+COMM_DTYPES = ("fp32", "bf16")
+
+
+def _ulysses_degrees(p, m, world_size) -> list:
+    """The Ulysses group sizes the copy-free layer can run under ``p`` (empty: it never runs)."""
+    if p.sp_method == "ulysses" or (p.sp_method in LINEAR_SP and p.softmax_method == "ulysses"):
+        return [p.sp]
+    if p.sp_method == "usp":
+        return [p.ulysses]
+    if p.sp_method == "adaptive" and m.arch == "llama":
+        from seqshard.parallel.planner import allowed_group_sizes
+
+        # a group of s runs even Ulysses when s divides the heads, else USP with gcd(heads, s) (or
+        # uneven Ulysses / Ring, which take the unchanged path)
+        return sorted({math.gcd(m.n_heads, s) for s in allowed_group_sizes(world_size, p.max_sp, m.n_heads)})
+    return []
+
+
+def _check_ulysses_layer(p, m, world_size):
+    """``parallel.ulysses_chunks`` and ``parallel.comm_dtype`` (the copy-free Ulysses layer)."""
+    _one_of("parallel.comm_dtype", p.comm_dtype, COMM_DTYPES)
+    if isinstance(p.ulysses_chunks, str):
+        _one_of("parallel.ulysses_chunks", p.ulysses_chunks, ("auto",))
+    else:
+        _positive("parallel.ulysses_chunks", p.ulysses_chunks)
+    from seqshard.parallel.ulysses_layer import wire_dtype_supported
+
+    backend = "nccl" if _cuda_available() else "gloo"
+    if not wire_dtype_supported(backend, p.comm_dtype):
+        raise SpecError("parallel.comm_dtype", f"{p.comm_dtype} cannot be sent by the {backend} backend's "
+                        "all-to-all; use fp32")
+    if p.ulysses_chunks == 1 and p.comm_dtype == "fp32":
+        return
+    key = "parallel.ulysses_chunks" if p.ulysses_chunks != 1 else "parallel.comm_dtype"
+    degrees = [u for u in _ulysses_degrees(p, m, world_size) if u > 1]
+    if not degrees:
+        raise SpecError(key, f"only used by the Ulysses all-to-all (sp_method ulysses, usp, adaptive, or "
+                        f"softmax_method ulysses), not sp_method {p.sp_method} with sp {p.sp}")
+    if m.impl != "native":
+        raise SpecError(key, f"only used by seqshard's native attention layer; model.impl {m.impl} runs "
+                        "the transformers attention through the unchanged Ulysses exchange")
+    if p.sp_method == "ulysses" and m.n_heads % p.sp:
+        raise SpecError(key, f"model.n_heads {m.n_heads} over sp {p.sp} is the uneven-heads Ulysses, which "
+                        "takes the unchanged exchange; leave ulysses_chunks: 1 and comm_dtype: fp32")
+    for u in degrees:
+        if m.n_heads % u == 0 and isinstance(p.ulysses_chunks, int) and (m.n_heads // u) % p.ulysses_chunks:
+            raise SpecError("parallel.ulysses_chunks", f"{p.ulysses_chunks} does not divide the "
+                            f"{m.n_heads // u} query heads per rank (model.n_heads {m.n_heads} over a "
+                            f"Ulysses degree of {u}); use a divisor of {m.n_heads // u}, or auto")
+
+
+def _check_ulysses_checkpointing(spec):
+    """Full and lean checkpointing run the unchanged Ulysses path: its chunk and wire keys would do nothing."""
+    p = spec.parallel
+    mode = spec.train.activation_checkpointing
+    if mode not in ("full", "lean") or (p.ulysses_chunks == 1 and p.comm_dtype == "fp32"):
+        return
+    key = "parallel.ulysses_chunks" if p.ulysses_chunks != 1 else "parallel.comm_dtype"
+    raise SpecError(key, f"the copy-free Ulysses layer is not used under train.activation_checkpointing: {mode} "
+                    "(it takes the unchanged exchange); use selective or none, or leave "
+                    "ulysses_chunks: 1 and comm_dtype: fp32")
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _check_train(t):
@@ -275,6 +346,7 @@ def validate(spec, world_size: int):
     _check_train(spec.train)
     _check_data(spec.data, spec.dp(world_size))
     _check_engine(spec)
+    _check_ulysses_checkpointing(spec)
     from .datacheck import check_data
     from .hf_checks import check_hf
     from .long_eval_checks import check_long_eval

@@ -82,6 +82,9 @@ class Attention(nn.Module):
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
         self.attention_fn = causal_varlen_attention
+        # parallelize() may install a callable ``fn(self, x, positions, ctx)`` that runs the
+        # whole layer (projections included): seqshard.parallel.ulysses_layer
+        self.sp_layer_fn = None
         if cfg.qk_norm:  # Qwen3, Gemma 3: per-head RMSNorm of q and k
             norm = GemmaRMSNorm if cfg.block == "gemma" else RMSNorm
             self.q_norm = norm(cfg.head_dim, cfg.norm_eps)
@@ -94,16 +97,24 @@ class Attention(nn.Module):
             inv_freq, self.rope_scale = None, 1.0
         self.register_buffer("inv_freq", None if rs.type == "none" else inv_freq, persistent=False)
 
+    def rotate(self, t, positions, which: str):
+        """q (``which="q"``) or k ``[T, heads, head_dim]``: the optional per-head norm, then RoPE."""
+        if hasattr(self, "q_norm"):
+            t = (self.q_norm if which == "q" else self.k_norm)(t)
+        return apply_rope(t, positions, self.rope_theta, self.inv_freq, self.rope_scale)
+
     def forward(self, x, positions, ctx):
+        if self.sp_layer_fn is not None:  # a whole-layer SP method (copy-free Ulysses)
+            return self.sp_layer_fn(self, x, positions, ctx)
+        return self.standard_forward(x, positions, ctx)
+
+    def standard_forward(self, x, positions, ctx):
         t = x.shape[0]
         # [T, dim] -> [T, heads, head_dim]
         q = self.wq(x).view(t, self.n_heads, self.head_dim)
         k = self.wk(x).view(t, self.n_kv_heads, self.head_dim)
         v = self.wv(x).view(t, self.n_kv_heads, self.head_dim)
-        if hasattr(self, "q_norm"):
-            q, k = self.q_norm(q), self.k_norm(k)
-        q = apply_rope(q, positions, self.rope_theta, self.inv_freq, self.rope_scale)
-        k = apply_rope(k, positions, self.rope_theta, self.inv_freq, self.rope_scale)
+        q, k = self.rotate(q, positions, "q"), self.rotate(k, positions, "k")
         pattern = dict(self.pattern, sinks=self.sinks) if hasattr(self, "sinks") else self.pattern
         o = self.attention_fn(q, k, v, ctx, **pattern)  # [T, heads, head_dim]
         return self.wo(o.reshape(t, self.n_heads * self.head_dim))

@@ -93,10 +93,18 @@ def adaptive_attention(q, k, v, ctx, **pattern):
     return ulysses_attention(q, k, v, ctx.plan, ctx.group, causal=True, **pattern)
 
 
-def install_adaptive(model) -> None:
+def install_adaptive(model, cfg=None) -> None:
+    """Every softmax layer gets :func:`adaptive_attention`; native layers also the copy-free
+    Ulysses layer of ``cfg`` (spec.parallel), which runs a step's Ulysses and USP groups and hands
+    the other steps to ``adaptive_attention``."""
+    from .parallelize import fused_layer
+
+    layer_fn = fused_layer(cfg) if cfg is not None else None
     for module in model.modules():
         if hasattr(module, "attention_fn"):
             module.attention_fn = adaptive_attention
+            if hasattr(module, "sp_layer_fn"):
+                module.sp_layer_fn = layer_fn
 
 
 def split_documents(rows):
@@ -155,7 +163,7 @@ class AdaptiveScatter:
         self.cost_model = replace(cost_model, pack_tokens=self.memory_tokens)  # d x memory_tokens per micro-batch
         self.usp_groups = {}
         self.last = {}
-        install_adaptive(model)
+        install_adaptive(model, p)
 
     def plan(self, lengths):
         """Rank 0 plans (a timed MILP may differ between ranks) and broadcasts the plan."""

@@ -79,10 +79,14 @@ def parallelize(model, mesh, cfg):
     """Install the SP attention of ``cfg.sp_method`` (and, in hybrids, ``cfg.softmax_method`` on
     the softmax layers of a linear-attention model). Returns the model."""
     linear = cfg.sp_method in LINEAR_METHODS
-    softmax = SOFTMAX_METHODS[cfg.softmax_method if linear else cfg.sp_method]
+    method = cfg.softmax_method if linear else cfg.sp_method
+    softmax = SOFTMAX_METHODS[method]
+    layer_fn = fused_layer(cfg) if method in ("ulysses", "usp") else None
     for module in model.modules():
         if hasattr(module, "attention_fn"):
             module.attention_fn = softmax
+            if hasattr(module, "sp_layer_fn"):  # seqshard's native Attention: the whole layer
+                module.sp_layer_fn = layer_fn
         if linear and hasattr(module, "linear_attention_fn"):
             module.linear_attention_fn = LINEAR_METHODS[cfg.sp_method]
         if hasattr(module, "doc_sums_fn"):  # MoE: per-document router statistics over the SP group
@@ -90,6 +94,14 @@ def parallelize(model, mesh, cfg):
 
             module.doc_sums_fn, module.doc_reduce_fn = sp_doc_sums, sp_doc_reduce
     return model
+
+
+def fused_layer(cfg):
+    """The copy-free (pipelined with ``ulysses_chunks`` > 1) Ulysses layer of ``cfg``."""
+    from .ulysses_layer import FusedUlysses
+
+    chunks = getattr(cfg, "ulysses_chunks", 1)
+    return FusedUlysses(0 if chunks == "auto" else chunks, getattr(cfg, "comm_dtype", "fp32"))
 
 
 _NO_SOURCES = object()

@@ -132,6 +132,13 @@ def token_mixer(block):
 
 def _checkpointed_forward(block, mode: str, offload: bool):
     inner = block.forward
+    if mode in ("full", "lean"):
+        # the copy-free Ulysses layer keeps its per-chunk graphs (q, k, v, output) on its autograd
+        # node, out of the checkpoint's reach: under full and lean checkpointing the layer takes
+        # the unchanged Ulysses path, whose saved tensors the checkpoint drops and recomputes
+        mixer = token_mixer(block)
+        if getattr(mixer, "sp_layer_fn", None) is not None:
+            mixer.sp_layer_fn = None
     if mode == "lean":
         from seqshard.kernels.attention import KernelStash
 
@@ -148,7 +155,10 @@ def _checkpointed_forward(block, mode: str, offload: bool):
     stash = _MixerStash() if mode == "selective" else None
     if stash is not None:
         mixer = token_mixer(block)
-        for name in MIXER_FNS:
+        # a whole-layer SP callable (copy-free Ulysses) is stashed instead of the attention
+        # callable it calls on its fallback path, so each mixer call is stashed once
+        names = ("sp_layer_fn",) if getattr(mixer, "sp_layer_fn", None) is not None else MIXER_FNS
+        for name in names:
             if hasattr(mixer, name) and not hasattr(getattr(mixer, name), "seqshard_inner"):
                 setattr(mixer, name, stash.wrap(getattr(mixer, name)))
 

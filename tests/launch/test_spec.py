@@ -18,6 +18,27 @@ BAD = [
     (["parallel.sp=3"], "parallel.sp: 3 does not divide world size 2"),
     (["data.tokens_per_step=1000"], "data.tokens_per_step: 1000 is not a multiple of max_seq_len x dp"),
     (["parallel.sp_method=warp"], "parallel.sp_method: 'warp' is not one of"),
+    # issue #32: the copy-free / pipelined Ulysses keys
+    (["parallel.sp=2", "parallel.sp_method=ulysses", "parallel.ulysses_chunks=3"],
+     "parallel.ulysses_chunks: 3 does not divide the 2 query heads per rank"),
+    (["parallel.sp=2", "parallel.sp_method=ulysses", "parallel.ulysses_chunks=0"],
+     "parallel.ulysses_chunks: must be >= 1, got 0"),
+    (["parallel.sp=2", "parallel.sp_method=ulysses", "parallel.ulysses_chunks=many"],
+     "parallel.ulysses_chunks: 'many' is not one of auto"),
+    (["parallel.sp=2", "parallel.sp_method=ulysses", "parallel.ulysses_chunks=1.5"],
+     "parallel.ulysses_chunks: expected an integer or a string, got 1.5"),
+    (["parallel.sp=2", "parallel.sp_method=ulysses", "parallel.comm_dtype=fp8"],
+     "parallel.comm_dtype: 'fp8' is not one of fp32, bf16"),
+    (["parallel.sp=2", "parallel.sp_method=ring", "parallel.ulysses_chunks=2"],
+     "parallel.ulysses_chunks: only used by the Ulysses all-to-all"),
+    (["parallel.sp=2", "parallel.sp_method=ring", "parallel.comm_dtype=bf16"],
+     "parallel.comm_dtype: only used by the Ulysses all-to-all"),
+    (["parallel.sp=2", "parallel.sp_method=ulysses", "parallel.ulysses_chunks=2",
+      "train.activation_checkpointing=full"], "parallel.ulysses_chunks: the copy-free Ulysses layer is not used"),
+    (["parallel.sp=2", "parallel.sp_method=ulysses", "parallel.comm_dtype=bf16", "train.activation_checkpointing=lean"],
+     "parallel.comm_dtype: the copy-free Ulysses layer is not used under train.activation_checkpointing: lean"),
+    (["parallel.sp=2", "parallel.sp_method=ulysses", "parallel.comm_dtype=bf16", "model.impl=transformers"],
+     "parallel.comm_dtype: only used by seqshard's native attention layer"),
     (["parallel.sp=2", "parallel.sp_method=ulysses", "model.n_heads=1", "model.n_kv_heads=1",
       "model.dim=64"], "parallel.sp: ulysses needs model.n_heads 1 >= sp 2"),
     (["parallel.sp=2", "parallel.sp_method=usp", "parallel.ulysses=4"],
@@ -109,3 +130,10 @@ def test_memory_keys_and_fit_check_fail_with_one_line(tmp_path):
     assert "parallel.sp=" in msg and "train.offload_activations" in msg
     spec(*long[:2])  # device_memory_gb 0: no fit check
     spec("data.max_seq_len=4096", "data.tokens_per_step=8192", "train.device_memory_gb=2")
+
+
+def test_chunk_keys_refused_where_the_copy_free_layer_cannot_run():
+    """Uneven heads (4 over sp 3) take the unchanged Ulysses exchange: chunks would do nothing."""
+    with pytest.raises(SpecError, match="parallel.ulysses_chunks: model.n_heads 4 over sp 3 is the uneven-heads"):
+        load_spec(TINY, ["parallel.sp=3", "parallel.sp_method=ulysses", "parallel.ulysses_chunks=2", "model.n_kv_heads=1",
+                         "data.tokens_per_step=3072"], world_size=3)
