@@ -118,11 +118,15 @@ class _FlashAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, _dlse):
-        q, k, v, out, lse, cu_q, cu_k, sinks = ctx.saved_tensors
-        grads = attention_backward(dout, q, k, v, out, lse, cu_q, cu_k, None, None, ctx.causal, ctx.scale,
-                                   sinks=sinks, **ctx.pattern)
-        dsinks = grads[3] if sinks is not None else None
-        return grads[0], grads[1], grads[2], dsinks, None, None, None, None, None
+        return _saved_backward(ctx, dout) + (None,) * 5
+
+
+def _saved_backward(ctx, dout):
+    """dq, dk, dv, dsinks from the ``(q, k, v, out, lse, cu_q, cu_k, sinks)`` a forward saved."""
+    q, k, v, out, lse, cu_q, cu_k, sinks = ctx.saved_tensors
+    grads = attention_backward(dout, q, k, v, out, lse, cu_q, cu_k, None, None, ctx.causal, ctx.scale,
+                               sinks=sinks, **ctx.pattern)
+    return grads[0], grads[1], grads[2], (grads[3] if sinks is not None else None)
 
 
 class _StashedAttention(torch.autograd.Function):
@@ -141,11 +145,7 @@ class _StashedAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, _dlse):
-        q, k, v, out, lse, cu_q, cu_k, sinks = ctx.saved_tensors
-        grads = attention_backward(dout, q, k, v, out, lse, cu_q, cu_k, None, None, ctx.causal, ctx.scale,
-                                   sinks=sinks, **ctx.pattern)
-        dsinks = grads[3] if sinks is not None else None
-        return grads[0], grads[1], grads[2], dsinks, None, None, None, None, None, None
+        return _saved_backward(ctx, dout) + (None,) * 6
 
 
 class KernelStash:
