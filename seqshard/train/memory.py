@@ -139,21 +139,13 @@ def _checkpointed_forward(block, mode: str, offload: bool):
         mixer = token_mixer(block)
         if getattr(mixer, "sp_layer_fn", None) is not None:
             mixer.sp_layer_fn = None
-    if mode == "lean":
+    stash = None
+    if mode == "lean":  # the attention kernels' out and lse, kept between forward and recompute
         from seqshard.kernels.attention import KernelStash
 
-        kernels = KernelStash()
-
-        def forward(x, *args, **kwargs):
-            if not torch.is_grad_enabled():
-                return inner(x, *args, **kwargs)
-            with offload_hooks(x.device) if offload else nullcontext():
-                return checkpoint(inner, x, *args, use_reentrant=False,
-                                  context_fn=lambda: (kernels.recording(), kernels.replaying()), **kwargs)
-
-        return forward
-    stash = _MixerStash() if mode == "selective" else None
-    if stash is not None:
+        stash = KernelStash()
+    if mode == "selective":  # the token mixer's whole output and saved tensors
+        stash = _MixerStash()
         mixer = token_mixer(block)
         # a whole-layer SP callable (copy-free Ulysses) is stashed instead of the attention
         # callable it calls on its fallback path, so each mixer call is stashed once
