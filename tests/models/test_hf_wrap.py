@@ -20,15 +20,16 @@ def transformers_reference(folder, tokens, lengths=LENGTHS):
     return logits, loss, {f"hf.{name}": p.grad for name, p in hf.named_parameters()}
 
 
-@pytest.mark.parametrize("family", list(WRAP_FAMILIES))
-def test_wrap_matches_transformers(tmp_path, family):
+def check_wrap_matches_transformers(family, folder):
+    """The wrapped ``family`` (saved into ``folder``) gives transformers' logits, loss and every
+    gradient on a packed batch; its head goes into the fused loss (Phi's bias, Gemma 2's soft-cap)."""
     from seqshard.models.hf_wrap import wrap_hf
 
-    save_hf_model(family, tmp_path)
+    save_hf_model(family, folder)
     tokens, positions, labels = packed_batch()
-    ref_logits, ref_loss, ref_grads = transformers_reference(tmp_path, tokens)
-    model = wrap_hf(tmp_path)
-    assert model.fused_loss  # Phi's lm_head bias goes into the fused loss too (#29)
+    ref_logits, ref_loss, ref_grads = transformers_reference(folder, tokens)
+    model = wrap_hf(folder)
+    assert model.fused_loss
     ctx = VarlenContext.from_lengths(LENGTHS)
     with torch.no_grad():
         assert_rel_close(f"{family} logits", model(tokens, positions, ctx), ref_logits)
@@ -39,6 +40,11 @@ def test_wrap_matches_transformers(tmp_path, family):
     assert sorted(names) == sorted(ref_grads)
     for name, p in model.named_parameters():
         assert_rel_close(f"{family} grad {name}", p.grad, ref_grads[name])
+
+
+@pytest.mark.parametrize("family", list(WRAP_FAMILIES))
+def test_wrap_matches_transformers(tmp_path, family):
+    check_wrap_matches_transformers(family, tmp_path)
 
 
 def test_flash_varlen_kwargs_without_seqshard(tmp_path):

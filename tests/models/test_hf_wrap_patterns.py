@@ -4,32 +4,17 @@ seqshard attention and give transformers' eager logits, loss and every gradient 
 from __future__ import annotations
 
 import pytest
-import torch
 
 pytest.importorskip("transformers")
 
 from seqshard.models import VarlenContext  # noqa: E402
-from tests.helpers.hf_models import LENGTHS, assert_rel_close, packed_batch, save_hf_model  # noqa: E402
-from tests.models.test_hf_wrap import transformers_reference  # noqa: E402
+from tests.helpers.hf_models import LENGTHS, packed_batch, save_hf_model  # noqa: E402
+from tests.models.test_hf_wrap import check_wrap_matches_transformers, transformers_reference  # noqa: E402
 
 
 @pytest.mark.parametrize("family", ["gpt_oss", "gemma2", "mistral_window"])
 def test_wrap_patterns_match_transformers(tmp_path, family):
-    from seqshard.models.hf_wrap import wrap_hf
-
-    save_hf_model(family, tmp_path)
-    tokens, positions, labels = packed_batch()
-    ref_logits, ref_loss, ref_grads = transformers_reference(tmp_path, tokens)
-    model = wrap_hf(tmp_path)
-    assert model.fused_loss  # Gemma 2's final soft-cap goes into the fused loss
-    ctx = VarlenContext.from_lengths(LENGTHS)
-    with torch.no_grad():
-        assert_rel_close(f"{family} logits", model(tokens, positions, ctx), ref_logits)
-    loss = model(tokens, positions, ctx, labels=labels)
-    assert_rel_close(f"{family} loss", loss.detach(), ref_loss)
-    loss.backward()
-    for name, p in model.named_parameters():
-        assert_rel_close(f"{family} grad {name}", p.grad, ref_grads[name])
+    check_wrap_matches_transformers(family, tmp_path)
 
 
 def test_wrap_refuses_a_window_the_layer_does_not_pass(tmp_path):

@@ -46,11 +46,24 @@ def compare_case(rank, world, run, case, layout, tag):
         assert_close(f"{tag} d{name}", got.grad[real], plan.shard(want.grad, rank)[real])
 
 
-def check_method(rank, world, method, cases, layout):
-    """Every case: the method's local output and dq/dk/dv equal the reference's rows."""
+def method_attention(method):
+    """``seqshard.parallel.<method>.<method>_attention``."""
     import importlib
 
-    fn = getattr(importlib.import_module(f"seqshard.parallel.{method}"), f"{method}_attention")
+    return getattr(importlib.import_module(f"seqshard.parallel.{method}"), f"{method}_attention")
+
+
+def usp_groups(world, ulysses):
+    """The (Ulysses, ring) groups of a (ring x ulysses) DeviceMesh over ``world`` ranks."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (world // ulysses, ulysses), mesh_dim_names=("ring", "ulysses"))
+    return mesh["ulysses"].get_group(), mesh["ring"].get_group()
+
+
+def check_method(rank, world, method, cases, layout):
+    """Every case: the method's local output and dq/dk/dv equal the reference's rows."""
+    fn = method_attention(method)
     for case in cases:
         compare_case(rank, world, lambda q, k, v, plan, causal: fn(q, k, v, plan, dist.group.WORLD, causal=causal),
                      case, layout, f"{method}/{layout}")
@@ -59,12 +72,9 @@ def check_method(rank, world, method, cases, layout):
 
 def check_usp(rank, world, ulysses, cases, layout):
     """USP over a (ring x ulysses) DeviceMesh equals the reference, forward and gradients."""
-    from torch.distributed.device_mesh import init_device_mesh
-
     from seqshard.parallel.usp import usp_attention
 
-    mesh = init_device_mesh("cpu", (world // ulysses, ulysses), mesh_dim_names=("ring", "ulysses"))
-    groups = (mesh["ulysses"].get_group(), mesh["ring"].get_group())
+    groups = usp_groups(world, ulysses)
     for case in cases:
         compare_case(rank, world, lambda q, k, v, plan, causal: usp_attention(q, k, v, plan, groups, causal=causal),
                      case, layout, f"usp U={ulysses}")

@@ -2,8 +2,6 @@
 single-device reference, forward and every gradient (dq, dk, dv, dsinks), rows per the ShardPlan."""
 from __future__ import annotations
 
-import importlib
-
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -11,7 +9,7 @@ import torch.distributed as dist
 from seqshard.kernels.attention import attention_reference
 from seqshard.kernels.attention.masks import make_mask, visible
 from seqshard.parallel.plan import ShardPlan
-from tests.parallel.sp_checks import assert_close, inputs
+from tests.parallel.sp_checks import assert_close, inputs, method_attention, usp_groups
 
 
 def _sinks(n_heads, seed):
@@ -49,7 +47,7 @@ def compare_pattern(rank, world, run, case, layout, tag):
 
 
 def check_method_patterns(rank, world, method, cases, layout):
-    fn = getattr(importlib.import_module(f"seqshard.parallel.{method}"), f"{method}_attention")
+    fn = method_attention(method)
     for case in cases:
         compare_pattern(rank, world, lambda q, k, v, plan, causal, pat: fn(q, k, v, plan, dist.group.WORLD,
                                                                            causal=causal, **pat),
@@ -58,12 +56,9 @@ def check_method_patterns(rank, world, method, cases, layout):
 
 
 def check_usp_patterns(rank, world, ulysses, cases, layout):
-    from torch.distributed.device_mesh import init_device_mesh
-
     from seqshard.parallel.usp import usp_attention
 
-    mesh = init_device_mesh("cpu", (world // ulysses, ulysses), mesh_dim_names=("ring", "ulysses"))
-    groups = (mesh["ulysses"].get_group(), mesh["ring"].get_group())
+    groups = usp_groups(world, ulysses)
     for case in cases:
         compare_pattern(rank, world, lambda q, k, v, plan, causal, pat: usp_attention(q, k, v, plan, groups,
                                                                                       causal=causal, **pat),
