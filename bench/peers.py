@@ -165,6 +165,9 @@ def alst_worker(args) -> None:
               "bf16": {"enabled": args.dtype == "bf16"}}
     engine, *_ = deepspeed.initialize(model=model, optimizer=optim, config=config, mpu=mpu)
     sp_group = mpu.get_sequence_parallel_group()
+    # from_pretrained returns the model in eval mode, where transformers skips gradient
+    # checkpointing (GradientCheckpointingLayer checks self.training): a training loop calls train()
+    engine.train()
 
     ids = document_ids(Path(args.doc)).unsqueeze(0).to(dev)  # [1, L]
     labels = ids.clone()
