@@ -17,50 +17,14 @@ from __future__ import annotations
 
 import torch
 
-from .dispatch import HAS_TRITON, use_triton
-
-if HAS_TRITON:
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def _ce_rows(LOGITS, LABELS, LOSS, stride, n_cols, ignore_index, grad_scale,
-                 NEED_GRAD: tl.constexpr, BLOCK: tl.constexpr):
-        """Row loss ``lse - logit[label]`` (0 on ignored rows); with NEED_GRAD the row becomes
-        ``grad_scale * (softmax - onehot)`` (zeros on ignored rows)."""
-        row = tl.program_id(0).to(tl.int64)
-        ptr = LOGITS + row * stride
-        label = tl.load(LABELS + row)
-        m = tl.full((), float("-inf"), tl.float32)
-        total = tl.zeros((), tl.float32)
-        for c0 in range(0, n_cols, BLOCK):
-            cols = c0 + tl.arange(0, BLOCK)
-            x = tl.load(ptr + cols, mask=cols < n_cols, other=float("-inf")).to(tl.float32)
-            m_new = tl.maximum(m, tl.max(x, 0))
-            total = total * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), 0)
-            m = m_new
-        lse = m + tl.log(total)
-        ok = label != ignore_index
-        target = tl.load(ptr + tl.where(ok, label, 0)).to(tl.float32)
-        tl.store(LOSS + row, tl.where(ok, lse - target, 0.0))
-        if NEED_GRAD:
-            scale = tl.where(ok, grad_scale, 0.0)
-            for c0 in range(0, n_cols, BLOCK):
-                cols = c0 + tl.arange(0, BLOCK)
-                x = tl.load(ptr + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
-                grad = tl.exp(x - lse) - (cols == label).to(tl.float32)
-                tl.store(ptr + cols, grad * scale, mask=cols < n_cols)
-
+from .dispatch import use_triton
 
 def _softmax_step_triton(logits, labels, ignore_index, grad_scale, need_grad):
-    """Triton: per-row losses ``[n]``; ``logits`` (fp32, contiguous) is overwritten by its gradient."""
-    n, vocab = logits.shape
-    loss = torch.empty(n, dtype=torch.float32, device=logits.device)
-    if n:
-        block = min(4096, triton.next_power_of_2(vocab))
-        _ce_rows[(n,)](logits, labels.contiguous(), loss, logits.stride(0), vocab, ignore_index,
-                       float(grad_scale), NEED_GRAD=need_grad, BLOCK=block)
-    return loss
+    """Triton (``triton_rows._ce_rows``): per-row losses ``[n]``; ``logits`` (fp32, contiguous)
+    is overwritten by its gradient."""
+    from .triton_rows import softmax_step_triton
+
+    return softmax_step_triton(logits, labels, ignore_index, grad_scale, need_grad)
 
 
 def _softmax_step_reference(logits, labels, ignore_index, grad_scale, need_grad):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .dispatch import HAS_TRITON, use_triton
+from .dispatch import use_triton
 
 
 def rope_cos_sin(positions, head_dim, theta=10000.0, inv_freq=None, scale=1.0):
@@ -46,48 +46,11 @@ def apply_rope_reference(x, positions, theta=10000.0, inv_freq=None, scale=1.0):
     return out.to(x.dtype)
 
 
-if HAS_TRITON:
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def _rope_kernel(X, COS, SIN, Y, n_heads, half, sign, BLOCK: tl.constexpr):
-        token, head = tl.program_id(0), tl.program_id(1)
-        cols = tl.arange(0, BLOCK)
-        mask = cols < half
-        base = (token * n_heads + head) * 2 * half
-        x1 = tl.load(X + base + cols, mask=mask, other=0.0).to(tl.float32)
-        x2 = tl.load(X + base + half + cols, mask=mask, other=0.0).to(tl.float32)
-        c = tl.load(COS + token * half + cols, mask=mask, other=0.0)
-        s = tl.load(SIN + token * half + cols, mask=mask, other=0.0) * sign
-        tl.store(Y + base + cols, x1 * c - x2 * s, mask=mask)
-        tl.store(Y + base + half + cols, x2 * c + x1 * s, mask=mask)
-
-    def _rotate(x, cos, sin, sign):
-        x = x.contiguous()
-        y = torch.empty_like(x)
-        t, h, d = x.shape
-        if t:
-            _rope_kernel[(t, h)](x, cos, sin, y, h, d // 2, sign, BLOCK=triton.next_power_of_2(d // 2))
-        return y
-
-    class _Rope(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, x, positions, theta, inv_freq, scale):
-            cos, sin = rope_cos_sin(positions, x.shape[-1], theta, inv_freq, scale)
-            ctx.save_for_backward(cos, sin)
-            return _rotate(x, cos, sin, 1.0)
-
-        @staticmethod
-        def backward(ctx, dy):
-            cos, sin = ctx.saved_tensors
-            # (scale R)^T = scale R(-angle): the same amplitude, the opposite rotation
-            return _rotate(dy, cos, sin, -1.0), None, None, None, None
-
-
 def apply_rope(x, positions, theta=10000.0, inv_freq=None, scale=1.0):
     """Rotate ``x`` ``[T, H, D]`` by its ``positions``; ``inv_freq`` ``[D/2]`` overrides theta;
     ``scale`` multiplies the result (cos and sin), as YaRN's attention factor does."""
     if use_triton(x):
+        from .triton_rows import _Rope
+
         return _Rope.apply(x, positions, theta, inv_freq, scale)
     return apply_rope_reference(x, positions, theta, inv_freq, scale)
