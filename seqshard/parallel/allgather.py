@@ -63,8 +63,10 @@ def allgather_attention(q, k, v, plan, group, causal=True, softmax_scale=None, w
     mask = make_mask(causal, window_size, chunk_size, softcap)
     n_kv = k.shape[1]
     gathered = all_gather(torch.cat([k, v], dim=1), group, "allgather.kv")  # [P, T/P, 2 H_kv, D]
-    to_padded, _ = _orders(plan)
-    kv = gathered.reshape(-1, 2 * n_kv, k.shape[2])[to_padded.to(q.device)]  # padded global order
+    to_padded, _ = _orders(plan, q.device)
+    kv = gathered.reshape(-1, 2 * n_kv, k.shape[2])
+    if to_padded is not None:
+        kv = kv[to_padded]  # padded global order
     dev = q.device
     positions = {}
     if mask.plain:

@@ -33,11 +33,15 @@ def kv_head_map(n_heads: int, n_kv_heads: int, world: int) -> list[int] | None:
     return [(j * n_heads // world) // group for j in range(world)]
 
 
-def _orders(plan):
-    """Rank-major received order <-> padded global order (a permutation of P * local_len)."""
+def _orders(plan, device=None):
+    """Rank-major received order <-> padded global order (a permutation of P * local_len), or
+    ``(None, None)`` when the two orders are the same (contiguous shards, the stream layout): then
+    no token needs moving, and gathering by an identity index would only copy every tensor."""
     rank_major = plan.padded_index.reshape(-1)
+    if (rank_major == np.arange(len(rank_major))).all():
+        return None, None
     to_padded = np.argsort(rank_major, kind="stable")
-    return torch.from_numpy(to_padded), torch.from_numpy(rank_major)
+    return torch.from_numpy(to_padded).to(device), torch.from_numpy(rank_major).to(device)
 
 
 def head_counts(n_heads: int, world: int) -> list[int]:
@@ -120,9 +124,9 @@ def ulysses_attention(q, k, v, plan, group, causal=True, softmax_scale=None, win
                          "use sp_method ring or usp to go past the head count")
     uneven = q.shape[1] % world != 0
     qf, kf, vf = _scatter_heads_uneven(q, k, v, group) if uneven else scatter_heads(q, k, v, group)
-    to_padded, to_rank_major = _orders(plan)
-    to_padded, to_rank_major = to_padded.to(q.device), to_rank_major.to(q.device)
-    qf, kf, vf = qf[to_padded], kf[to_padded], vf[to_padded]  # padded global order
+    to_padded, to_rank_major = _orders(plan, q.device)
+    if to_padded is not None:
+        qf, kf, vf = qf[to_padded], kf[to_padded], vf[to_padded]  # padded global order
     cu = torch.tensor(plan.padded_cu_seqlens(), dtype=torch.int32, device=q.device)
     max_len = int((cu[1:] - cu[:-1]).max()) if len(cu) > 1 else 0
     if sinks is not None:
@@ -130,6 +134,8 @@ def ulysses_attention(q, k, v, plan, group, causal=True, softmax_scale=None, win
     out = attention(qf, kf, vf, cu, cu, max_len, max_len, causal=causal, softmax_scale=softmax_scale,
                     window_size=window_size, softcap=softcap, chunk_size=chunk_size, sinks=sinks)
     out = keep_in_graph(out, qf)  # backward reaches the first all-to-all on every rank
+    if to_rank_major is not None:
+        out = out[to_rank_major]
     if uneven:
-        return _gather_heads_uneven(out[to_rank_major], group, q.shape[1])
-    return gather_heads(out[to_rank_major], group)
+        return _gather_heads_uneven(out, group, q.shape[1])
+    return gather_heads(out, group)

@@ -196,9 +196,7 @@ def _perms(plan, ctx, device):
     already the plan's padded order (the stream layout): then no token is moved."""
     cache = ctx.__dict__.setdefault("_ulysses_perms", {})
     if id(plan) not in cache:
-        to_padded, to_rank_major = _orders(plan)
-        ident = bool((to_padded == torch.arange(len(to_padded))).all())
-        cache[id(plan)] = (None, None) if ident else (to_padded.to(device), to_rank_major.to(device))
+        cache[id(plan)] = _orders(plan, device)
     return cache[id(plan)]
 
 
