@@ -67,7 +67,10 @@ MODEL = dict(vocab_size=259, hidden_size=256, intermediate_size=688, num_hidden_
              num_key_value_heads=4, rope_theta=10000.0, bos_token_id=256, eos_token_id=257, pad_token_id=258,
              tie_word_embeddings=False, rms_norm_eps=1e-5)
 RESULTS = ROOT / "bench/results/peers.json"
-DEVICE = {"device": "cpu", "dtype": "fp32"}  # --device / --dtype of the driver, passed to every run
+DEVICE = {"device": "cpu", "dtype": "fp32", "malloc": "default"}  # the driver's --device / --dtype / --malloc
+# --malloc mmap1m: glibc serves every allocation of 1 MiB or more by mmap and returns it on free (by
+# default the threshold floats up to 32 MiB and freed heap blocks stay in the RSS)
+MALLOC_ENV = {"default": {}, "mmap1m": {"MALLOC_MMAP_THRESHOLD_": "1048576"}}
 PY = sys.executable
 
 
@@ -248,7 +251,8 @@ def _port() -> int:
 
 
 def _env():
-    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=f"{ROOT}:{os.environ.get('PYTHONPATH', '')}")
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=f"{ROOT}:{os.environ.get('PYTHONPATH', '')}",
+                **MALLOC_ENV[DEVICE["malloc"]])  # the same allocator settings for every system
 
 
 def run_seqshard(work: Path, ckpt: Path, doc: Path, P: int, L: int, steps: int, mode: str, extra: list) -> dict:
@@ -309,7 +313,7 @@ def _summary(runs: list[dict]) -> dict:
 def _merge(rows: list[dict]) -> None:
     old = json.loads(RESULTS.read_text())["rows"] if RESULTS.exists() else []
     key = lambda r: (r["system"], r["P"], r["L"], r.get("mode", ""), r.get("kind", "time"),  # noqa: E731
-                     r.get("device", "cpu"), r.get("dtype", "fp32"))
+                     r.get("device", "cpu"), r.get("dtype", "fp32"), r.get("malloc", "default"))
     new = {key(r): r for r in old}
     new.update({key(r): r for r in rows})
     RESULTS.write_text(json.dumps({"host": os.uname().nodename, "cpus": os.cpu_count(),
@@ -328,6 +332,9 @@ def main():
                     help="cuda: NCCL, one GPU per rank (never run yet: no GPU was lent to this project's sessions)")
     ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16: seqshard train.dtype bfloat16, "
                     "DeepSpeed bf16, autocast in the HF loop")
+    ap.add_argument("--malloc", choices=sorted(MALLOC_ENV), default="default",
+                    help="CPU allocator settings applied to every system alike (mmap1m: MALLOC_MMAP_THRESHOLD_=1 MiB, "
+                    "so freed tensors leave the RSS; see docs/memory.md)")
     ap.add_argument("--sp", type=int, nargs="+", default=[2], help="SP degrees (ranks); 1 = vs the plain HF loop")
     ap.add_argument("--seqlens", type=int, nargs="+", default=[4096], help="tokens per step (one document)")
     ap.add_argument("--steps", type=int, default=3, help="steps per run (the first is not timed)")
@@ -343,7 +350,7 @@ def main():
     args = ap.parse_args()
     if args.worker:
         return (alst_worker if args.worker == "alst" else hf_worker)(args)
-    DEVICE.update(device=args.device, dtype=args.dtype)
+    DEVICE.update(device=args.device, dtype=args.dtype, malloc=args.malloc)
 
     work = Path(tempfile.mkdtemp(prefix="peers_"))
     ckpt = work / "ckpt"
