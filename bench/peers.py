@@ -13,7 +13,9 @@ random weights made here with transformers' own class) and one document of ``L``
   ``TiledMLP`` patched into ``LlamaMLP.forward`` before the model is made, HF gradient
   checkpointing (non-reentrant), ``TiledFusedLogitsLoss`` on the last hidden state with
   ``shift_labels``, the tutorial's token-weighted loss over the SP group, and
-  ``deepspeed.initialize(..., mpu=...)`` with ``sequence_parallel_size: P``. Changes needed on CPU
+  ``deepspeed.initialize(..., mpu=...)`` with ``sequence_parallel_size: P``, and ``engine.train()``
+  (``from_pretrained`` returns the model in eval mode, where transformers skips gradient
+  checkpointing: before that call was added, ALST ran without it). Changes needed on CPU
   (all in :func:`alst_worker`): the gloo backend (``deepspeed.init_distributed("gloo")``);
   ZeRO stage 0 (the tutorial uses ZeRO-3 to shard the weights of a large model over GPUs; this
   model is 13 MB and ZeRO-3's CPU path adds nothing being measured here); no activation-checkpoint
@@ -32,6 +34,8 @@ The first-step loss is computed before any update, so it must agree to 1e-5.
 the cap, per system (one step each, which includes the optimizer's first step; L grows by
 ``--cap-growth``).
 Every process runs one torch thread (``OMP_NUM_THREADS=1``), as ``seqshard launch`` does.
+``--malloc mmap1m`` gives every process ``MALLOC_MMAP_THRESHOLD_=1048576`` (freed tensors leave the
+RSS, so the peak follows the live tensors instead of glibc's retained heap).
 
     python bench/peers.py --sp 2 --seqlens 16384 --steps 3 --repeats 2
     python bench/peers.py --sp 1 --seqlens 16384
