@@ -172,9 +172,11 @@ def _close(name, got, want):
     if want.numel() == 0:
         assert got.numel() == 0, f"{name}: expected no rows, got {tuple(got.shape)}"
         return
-    # floor 1e-2: inputs are unit-scale, so a gradient that is exactly zero in theory (a row with
-    # a single key has dq = 0) is compared at 1e-7 absolute, about one fp32 ulp of O(1) values
-    err = ((got - want).abs().max() / want.abs().max().clamp_min(1e-2)).item()
+    # floor 0.1: inputs are unit-scale, so a gradient that is exactly zero in theory (a row with
+    # a single key has dq = 0) is compared at 1e-6 absolute, a few fp32 ulps of the O(1) terms that
+    # cancel to it (1e-7 was one ulp, and a rank holding only such rows failed at 1.4e-7: seed 1616,
+    # usp sp 4 x ulysses 4, lengths (1, 0, 0, 4, 3, 1), reference max |dq| 1.3e-7)
+    err = ((got - want).abs().max() / want.abs().max().clamp_min(1e-1)).item()
     assert err <= TOL, f"{name}: max rel error {err:.2e} > {TOL:.0e}"
 
 
