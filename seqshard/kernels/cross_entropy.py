@@ -19,6 +19,7 @@ import torch
 
 from .dispatch import use_triton
 
+
 def _softmax_step_triton(logits, labels, ignore_index, grad_scale, need_grad):
     """Triton (``triton_rows._ce_rows``): per-row losses ``[n]``; ``logits`` (fp32, contiguous)
     is overwritten by its gradient."""
