@@ -144,7 +144,7 @@ def _checkpointed_forward(block, mode: str, offload: bool):
         from seqshard.kernels.attention import KernelStash
 
         stash = KernelStash()
-    if mode == "selective":  # the token mixer's whole output and saved tensors
+    elif mode == "selective":  # the token mixer's whole output and saved tensors
         stash = _MixerStash()
         mixer = token_mixer(block)
         # a whole-layer SP callable (copy-free Ulysses) is stashed instead of the attention
@@ -160,8 +160,7 @@ def _checkpointed_forward(block, mode: str, offload: bool):
     def forward(x, *args, **kwargs):  # seqshard blocks: (x, positions, ctx); transformers layers: (h, **kw)
         if not torch.is_grad_enabled():
             return inner(x, *args, **kwargs)
-        device = x.device
-        with offload_hooks(device) if offload else nullcontext():
+        with offload_hooks(x.device) if offload else nullcontext():
             return checkpoint(inner, x, *args, use_reentrant=False, context_fn=contexts, **kwargs)
 
     return forward

@@ -25,6 +25,7 @@ run blockwise. Nothing is dropped: every path honours every pattern.
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 
 import torch
 
@@ -160,8 +161,6 @@ class KernelStash:
         self.kept, self.mode = [], None
 
     def _run(self, mode):
-        from contextlib import contextmanager
-
         @contextmanager
         def ctx():
             outer, KernelStash.active = KernelStash.active, self

@@ -80,8 +80,8 @@ def flash_cpu_attention_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqle
     out = out.to(q.dtype)  # the kernel wants out in q's dtype (ring merges in fp32)
     dout = dout.to(q.dtype)
     docs = document_bounds(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0])
-    whole = [(0, q.shape[0], 0, k.shape[0], causal)]  # one kernel call covering every row and key
-    if len(docs) == 1 and _pieces(q.shape[0], k.shape[0], causal) == whole and docs[0] == whole[0][:4]:
+    everything = (0, q.shape[0], 0, k.shape[0])  # every row and every key
+    if docs == [everything] and _pieces(q.shape[0], k.shape[0], causal) == [(*everything, causal)]:
         # nothing to accumulate: the kernel's gradients are the answer (as [T, H, D] views),
         # without three fp32 buffers beside them
         gq, gk, gv = _BWD(_heads_first(dout), _heads_first(q), _heads_first(k), _heads_first(v), _heads_first(out),
