@@ -2,14 +2,19 @@
 
 ``x`` is ``[tokens, heads, head_dim]`` and ``positions`` ``[tokens]`` holds each token's position
 inside its own document (restarting at 0 per document), so packing needs no special case.
-Torch reference, Triton forward + backward (the backward is the rotation by minus the angle),
-dispatch.
+Torch reference, a lean torch autograd function, Triton forward + backward (the backward is the
+rotation by minus the angle), dispatch.
+
+Off Triton, :class:`_RopeTorch` runs the reference's forward ops (the same values) and keeps only
+cos and sin (``[T, D/2]``) for backward, which it computes as that inverse rotation written into
+one output buffer; autograd on the reference keeps nothing big either, but its backward allocates
+about five ``x``-sized temporaries (the products, the concatenation's slices and their sum).
 """
 from __future__ import annotations
 
 import torch
 
-from .dispatch import use_triton
+from .dispatch import use_reference, use_triton
 
 
 def rope_cos_sin(positions, head_dim, theta=10000.0, inv_freq=None, scale=1.0):
@@ -40,10 +45,30 @@ def scaled_inv_freq(head_dim, theta, kind="none", factor=1.0, low_freq_factor=1.
 
 def apply_rope_reference(x, positions, theta=10000.0, inv_freq=None, scale=1.0):
     cos, sin = rope_cos_sin(positions, x.shape[-1], theta, inv_freq, scale)
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # [T, 1, D/2]
+    return _rotate(x, cos.unsqueeze(1), sin.unsqueeze(1))  # cos, sin: [T, 1, D/2]
+
+
+def _rotate(x, cos, sin):
     x1, x2 = x.float().chunk(2, dim=-1)
     out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
     return out.to(x.dtype)
+
+
+class _RopeTorch(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        return _rotate(x, cos, sin)
+
+    @staticmethod
+    def backward(ctx, dy):  # the rotation by minus the angle: [g1 cos + g2 sin, g2 cos - g1 sin]
+        cos, sin = ctx.saved_tensors
+        g1, g2 = dy.float().chunk(2, dim=-1)
+        dx = torch.empty(dy.shape, dtype=torch.float32, device=dy.device)
+        d1, d2 = dx.chunk(2, dim=-1)
+        torch.mul(g1, cos, out=d1).addcmul_(g2, sin)
+        torch.mul(g2, cos, out=d2).addcmul_(g1, sin, value=-1.0)
+        return dx.to(dy.dtype), None, None
 
 
 def apply_rope(x, positions, theta=10000.0, inv_freq=None, scale=1.0):
@@ -53,4 +78,7 @@ def apply_rope(x, positions, theta=10000.0, inv_freq=None, scale=1.0):
         from .triton_rows import _Rope
 
         return _Rope.apply(x, positions, theta, inv_freq, scale)
-    return apply_rope_reference(x, positions, theta, inv_freq, scale)
+    if use_reference() or not (torch.is_grad_enabled() and x.requires_grad):
+        return apply_rope_reference(x, positions, theta, inv_freq, scale)
+    cos, sin = rope_cos_sin(positions, x.shape[-1], theta, inv_freq, scale)
+    return _RopeTorch.apply(x, cos.unsqueeze(1), sin.unsqueeze(1))

@@ -61,3 +61,41 @@ def test_rope_reference_is_a_rotation_restarting_per_document(force_reference):
     torch.testing.assert_close(y[0], x[0])  # position 0 is the identity
     torch.testing.assert_close(y.norm(dim=-1), x.norm(dim=-1))  # rotations keep the norm
     torch.testing.assert_close(apply_rope(x[3:], positions[:3]), y[3:])  # same positions, same rotation
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(7, 64), (3, 5, 48), (0, 32)])
+def test_lean_torch_rms_norm_matches_reference(dtype, shape):
+    """The CPU path (``_RMSNormTorch``): the reference's forward values bit for bit, its gradients
+    to rounding, and only x and rstd kept for backward."""
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(*shape, generator=gen).to(dtype)
+    w = (1 + 0.1 * torch.randn(shape[-1], generator=gen)).to(dtype)
+    dout = torch.randn(*shape, generator=gen).to(dtype)
+    ref_out, ref_g = grads(rms_norm_reference, (x, w), dout)
+    out, g = grads(rms_norm, (x, w), dout)
+    assert torch.equal(out, ref_out)
+    if x.numel():
+        close("rms_norm dx", g[0], ref_g[0], dtype)
+        close("rms_norm dweight", g[1], ref_g[1], dtype)
+    xs = x.clone().requires_grad_()
+    y = rms_norm(xs, w.clone().requires_grad_())
+    assert type(y.grad_fn).__name__ == "_RMSNormTorchBackward"
+    kept = [t for t in y.grad_fn.saved_tensors if t.numel() >= x.numel()]
+    assert len(kept) == 1 or not x.numel(), "only x itself is row-sized among the saved tensors"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lean_torch_rope_matches_reference(dtype):
+    gen = torch.Generator().manual_seed(3)
+    positions = torch.cat([torch.arange(4), torch.arange(7)])
+    x = torch.randn(11, 3, 32, generator=gen).to(dtype)
+    dout = torch.randn(11, 3, 32, generator=gen).to(dtype)
+    for scale, theta in ((1.0, 10000.0), (1.3, 5e5)):
+        ref_out, ref_g = grads(lambda t: apply_rope_reference(t, positions, theta, None, scale), (x,), dout)
+        out, g = grads(lambda t: apply_rope(t, positions, theta, None, scale), (x,), dout)
+        assert torch.equal(out, ref_out)
+        close("rope dx", g[0], ref_g[0], dtype)
+    y = apply_rope(x.clone().requires_grad_(), positions)
+    assert type(y.grad_fn).__name__ == "_RopeTorchBackward"
+    assert all(t.numel() < x.numel() for t in y.grad_fn.saved_tensors), "only cos and sin are kept"
