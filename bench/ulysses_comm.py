@@ -265,11 +265,13 @@ def main():
     ap.add_argument("--seqlens", type=int, nargs="*", default=[4096, 16384, 65536, 262144])
     ap.add_argument("--reps", type=int, default=9)
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--chunks", type=int, default=1, help="head chunks of the new path (divides H / 4 = 2)")
+    ap.add_argument("--chunks", type=int, default=1, help=f"head chunks of the new path (divides H / P = {H // P})")
     ap.add_argument("--comm-dtype", default="fp32", choices=("fp32", "bf16"), help="the new path's wire dtype")
     ap.add_argument("--parts", nargs="*", default=["exchange", "layer"], choices=("exchange", "layer"))
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "ulysses_comm.json"))
     args = ap.parse_args()
+    if args.chunks < 1 or (H // P) % args.chunks:
+        ap.error(f"--chunks {args.chunks} must divide the {H // P} query heads each of the {P} ranks holds")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     per_rank = run_ranks(P, rank_bench, args.seqlens, args.reps, args.warmup, args.chunks, args.comm_dtype,
                          args.parts, timeout=3600)
