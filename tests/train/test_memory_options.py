@@ -153,3 +153,23 @@ def test_tiled_mlp_never_holds_full_ffn_intermediate():
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         mlp(x).sum()
     assert max(sizes) == 64 * 64  # the untiled MLP does save [T, ffn]
+
+
+def test_tiled_mlp_backward_writes_tile_gradients_into_one_buffer():
+    """No tile's gradient is widened to the whole input: one split node takes all tile gradients
+    (a SliceBackward per tile would zero-fill and add a full [T, dim] gradient n times)."""
+    mlp = SwiGLU(8, 24)
+    x = torch.randn(64, 8, requires_grad=True)
+    out = tiled_mlp_forward(mlp, x, 8)
+    seen, stack = set(), [out.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        stack.extend(fn for fn, _ in node.next_functions)
+    names = [type(n).__name__ for n in seen]
+    assert names.count("_SplitRowsBackward") == 1, names
+    assert not [n for n in names if n.startswith("Slice")], names
+    out.square().sum().backward()
+    torch.testing.assert_close(x.grad, torch.autograd.grad(mlp(x).square().sum(), x)[0])
