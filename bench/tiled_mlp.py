@@ -3,8 +3,8 @@
 ``train.mlp_tiles: 0`` runs each SwiGLU MLP over ``ceil(T / dim)`` checkpointed sequence tiles.
 Taken as plain slices of the input, every tile's backward (``SliceBackward``) zero-fills a
 gradient of the whole ``[T, dim]`` input and autograd adds it into the accumulated one: ``T / dim``
-full-size fills and adds per layer, O(T^2 / dim) bytes moved. ``seqshard.train.memory`` now splits
-with one autograd node whose backward writes the tile gradients into one buffer.
+full-size fills and adds per layer, O(T^2 / dim) bytes moved. ``seqshard.train.memory`` now takes
+the tiles with ``Tensor.split``, whose one backward node concatenates the tile gradients once.
 
 Each (T, variant) runs in its own process (one torch thread, ``MALLOC_MMAP_THRESHOLD_=1048576``
 so freed tensors leave the RSS): forward + backward of the tiny model's MLP (dim 256, SwiGLU 688,
@@ -72,14 +72,14 @@ def main():
     rows = []
     for T in args.seqlens:
         got = {}
-        for variant in ("slices", "one_buffer"):
+        for variant in ("slices", "split"):
             out = subprocess.run([sys.executable, __file__, "--worker", str(T), variant, "--reps", str(args.reps)],
                                  env=env, capture_output=True, text=True, check=True)
             got[variant] = json.loads(out.stdout.strip().splitlines()[-1])
-        a, b = got["slices"], got["one_buffer"]
+        a, b = got["slices"], got["split"]
         assert abs(a["grad_sum"] - b["grad_sum"]) <= 1e-6 * max(1.0, abs(a["grad_sum"])), (a, b)
         rows += [a, b]
-    print("| T | tiles | slices s | one buffer s | speed-up | slices peak MB | one buffer peak MB |")
+    print("| T | tiles | slices s | split s | speed-up | slices peak MB | split peak MB |")
     print("|---|---|---|---|---|---|---|")
     for a, b in zip(rows[::2], rows[1::2]):
         print(f"| {a['T']} | {a['tiles']} | {a['s']:.3f} | {b['s']:.3f} | {a['s'] / b['s']:.2f}x | "

@@ -45,34 +45,21 @@ def tiled_mlp_forward(mlp, x, mlp_tiles: int):
     each tile checkpointed."""
     seq = x.dim() - 2  # the token dimension
     n = mlp_tile_count(x.shape[seq], x.shape[-1], mlp_tiles)
-    if n <= 1 or not torch.is_grad_enabled():
-        if n <= 1:
-            return mlp(x)
-        return torch.cat([mlp(t) for t in x.tensor_split(n, dim=seq)], dim=seq)
-    tiles = _SplitRows.apply(x, n, seq) if x.requires_grad else x.tensor_split(n, dim=seq)
+    if n <= 1:
+        return mlp(x)
+    # split (one SplitWithSizesBackward: the tile gradients are concatenated once), not
+    # tensor_split (a SliceBackward per tile, each zero-filling and adding a whole [T, dim]
+    # gradient: n full-size fills and adds per layer, O(T^2 / dim) bytes with mlp_tiles 0)
+    tiles = x.split(tile_sizes(x.shape[seq], n), dim=seq)
+    if not torch.is_grad_enabled():
+        return torch.cat([mlp(t) for t in tiles], dim=seq)
     return torch.cat([checkpoint(mlp, t, use_reentrant=False) for t in tiles], dim=seq)
 
 
-class _SplitRows(torch.autograd.Function):
-    """``x.tensor_split(n, dim)`` whose backward writes the n tile gradients into one buffer.
-    Plain slicing would give each tile its own ``SliceBackward``, which materialises a zero-filled
-    gradient of the whole ``x`` and adds it into the accumulated one: n full-size fills and adds
-    per layer, O(T^2 / dim) bytes moved with ``mlp_tiles: 0`` (n = T / dim)."""
-
-    @staticmethod
-    def forward(ctx, x, n, dim):
-        ctx.shape, ctx.n, ctx.dim = x.shape, n, dim
-        return x.tensor_split(n, dim=dim)  # views: the tiles cost no copy
-
-    @staticmethod
-    def backward(ctx, *grads):
-        dx = grads[0].new_empty(ctx.shape)
-        for slot, g in zip(dx.tensor_split(ctx.n, dim=ctx.dim), grads):
-            if g is None:
-                slot.zero_()
-            else:
-                slot.copy_(g)
-        return dx, None, None
+def tile_sizes(tokens: int, n: int) -> list[int]:
+    """``n`` tile lengths summing to ``tokens``, the first ``tokens % n`` one longer (as ``tensor_split``)."""
+    q, r = divmod(tokens, n)
+    return [q + 1] * r + [q] * (n - r)
 
 
 def _identity(t):
