@@ -21,15 +21,19 @@ def grads(fn, inputs, dout):
     return out.detach(), [t.grad for t in ins]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("shape", [(7, 64), (3, 5, 48), (1, 128)])
-def test_rms_norm_triton_matches_reference(force_triton, dtype, shape):
-    gen = torch.Generator().manual_seed(0)
+def rms_norm_case(seed, shape, dtype):
+    """x, weight, (out, grads) of ``rms_norm`` as dispatched, (out, grads) of the reference."""
+    gen = torch.Generator().manual_seed(seed)
     x = torch.randn(*shape, generator=gen).to(dtype)
     w = (1 + 0.1 * torch.randn(shape[-1], generator=gen)).to(dtype)
     dout = torch.randn(*shape, generator=gen).to(dtype)
-    ref_out, ref_g = grads(rms_norm_reference, (x, w), dout)
-    out, g = grads(rms_norm, (x, w), dout)
+    return x, w, grads(rms_norm, (x, w), dout), grads(rms_norm_reference, (x, w), dout)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(7, 64), (3, 5, 48), (1, 128)])
+def test_rms_norm_triton_matches_reference(force_triton, dtype, shape):
+    x, w, (out, g), (ref_out, ref_g) = rms_norm_case(0, shape, dtype)
     close("rms_norm out", out, ref_out, dtype)
     close("rms_norm dx", g[0], ref_g[0], dtype)
     close("rms_norm dweight", g[1], ref_g[1], dtype)
@@ -68,12 +72,7 @@ def test_rope_reference_is_a_rotation_restarting_per_document(force_reference):
 def test_lean_torch_rms_norm_matches_reference(dtype, shape):
     """The CPU path (``_RMSNormTorch``): the reference's forward values bit for bit, its gradients
     to rounding, and only x and rstd kept for backward."""
-    gen = torch.Generator().manual_seed(2)
-    x = torch.randn(*shape, generator=gen).to(dtype)
-    w = (1 + 0.1 * torch.randn(shape[-1], generator=gen)).to(dtype)
-    dout = torch.randn(*shape, generator=gen).to(dtype)
-    ref_out, ref_g = grads(rms_norm_reference, (x, w), dout)
-    out, g = grads(rms_norm, (x, w), dout)
+    x, w, (out, g), (ref_out, ref_g) = rms_norm_case(2, shape, dtype)
     assert torch.equal(out, ref_out)
     if x.numel():
         close("rms_norm dx", g[0], ref_g[0], dtype)
