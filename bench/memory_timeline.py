@@ -54,22 +54,48 @@ def rank_fn(rank, world, L, sp, method, data_dir, out):
 
 
 def _peak_live_bytes(prof) -> float:
-    """The largest sum of live CPU allocations over the profile: every allocation and free event
-    (the profiler's raw records, in time order). The same figure as the memory timeline's total,
-    without its data-flow pass (which asserts on some long runs in torch 2.13)."""
+    return live_peak(prof)[0]
+
+
+def live_peak(prof, top: int = 0):
+    """(peak bytes, sites): the largest sum of live CPU allocations over the profile, from every
+    allocation and free event (the profiler's raw records, in time order; the same figure as the
+    memory timeline's total, without its data-flow pass, which asserts on some long runs in torch
+    2.13), and the ``top`` largest groups of the allocations alive at that peak, each
+    ``(op chain, bytes, count)`` by the op that allocated them and its three nearest callers."""
+    from collections import defaultdict
+
     from torch._C._profiler import _EventType
 
-    events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    events, stack = [], [(e, None) for e in prof.profiler.kineto_results.experimental_event_tree()]
     while stack:
-        e = stack.pop()
-        stack.extend(e.children)
+        e, parent = stack.pop()
+        stack.extend((c, e) for c in e.children)
         if e.tag == _EventType.Allocation and e.extra_fields.device.type == "cpu":
-            events.append((e.start_time_ns, e.extra_fields.alloc_size))
+            chain = []
+            while parent is not None and len(chain) < 4:
+                chain.append(parent.name)
+                parent = parent.parent
+            events.append((e.start_time_ns, e.extra_fields.alloc_size, e.extra_fields.ptr, " < ".join(chain)))
+    events.sort(key=lambda ev: ev[0])
     live = peak = 0
-    for _, size in sorted(events):
+    at = -1
+    for i, (_, size, _, _) in enumerate(events):
         live += size
-        peak = max(peak, live)
-    return float(peak)
+        if live > peak:
+            peak, at = live, i
+    alive = {}
+    for _, size, ptr, chain in events[:at + 1] if top else ():
+        if size > 0:
+            alive[ptr] = (size, chain)
+        else:
+            alive.pop(ptr, None)
+    groups = defaultdict(lambda: [0, 0])
+    for size, chain in alive.values():
+        groups[chain][0] += size
+        groups[chain][1] += 1
+    sites = sorted(((c, b, n) for c, (b, n) in groups.items()), key=lambda g: -g[1])[:top]
+    return float(peak), sites
 
 
 def predicted_tensor_bytes(L, sp, method, data_dir, out):

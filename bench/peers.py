@@ -36,8 +36,14 @@ the cap, per system (one step each, which includes the optimizer's first step; L
 Every process runs one torch thread (``OMP_NUM_THREADS=1``), as ``seqshard launch`` does.
 ``--malloc mmap1m`` gives every process ``MALLOC_MMAP_THRESHOLD_=1048576`` (freed tensors leave the
 RSS, so the peak follows the live tensors instead of glibc's retained heap).
+``--live-peak`` replaces the timing by one 2-step run per system with step 2 under the torch
+profiler on rank 0: the peak of the tensors allocated inside that step (no runtime, no model
+states; seqshard allocates its gradients inside every step, ALST's engine keeps them across steps,
+about 14 MB here) and the largest allocation sites alive at it. It moves by about 25 MB between
+runs (when the asynchronous exchanges free their buffers).
 
     python bench/peers.py --sp 2 --seqlens 16384 --steps 3 --repeats 2
+    python bench/peers.py --sp 2 --seqlens 16384 --ckpt-modes lean selective --live-peak
     python bench/peers.py --sp 1 --seqlens 16384
     python bench/peers.py --sp 2 --cap-mb 1400 --seqlens 8192
 
@@ -50,10 +56,12 @@ Writes bench/results/peers.json (merged by (system, P, L, mode)) and prints a ta
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
 import resource
+import shutil
 import statistics
 import string
 import subprocess
@@ -142,6 +150,41 @@ def _tiled_mlp_forward(self, x):
                           [self.down_proj.weight, self.gate_proj.weight, self.up_proj.weight])
 
 
+@contextlib.contextmanager
+def _step_profile(out, rank: int, step: int):
+    """``--live-peak``: the torch profiler around step 2 (index 1) of rank 0; writes the live-tensor
+    peak of that step (allocations made inside it) and its largest allocation sites to ``out``."""
+    if not out or rank != 0 or step != 1:
+        yield
+        return
+    sys.path.insert(0, str(ROOT / "bench"))
+    from memory_timeline import live_peak
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        yield
+    peak, sites = live_peak(prof, top=8)
+    Path(out).write_text(json.dumps({"live_peak_mb": peak / 2**20,
+                                     "sites": [[c, b / 2**20, n] for c, b, n in sites]}))
+
+
+def seqshard_worker(args) -> None:
+    """``--live-peak``: ``seqshard train SPEC`` on this torchrun rank, step 2 profiled on rank 0."""
+    import runpy
+
+    import seqshard.train.trainer as trainer
+
+    plain = trainer.train_step
+
+    def profiled(run, step, *a, **k):
+        with _step_profile(args.live_out, int(os.environ.get("RANK", 0)), step - 1):
+            return plain(run, step, *a, **k)
+
+    trainer.train_step = profiled
+    sys.argv = ["seqshard", "train", args.spec]
+    runpy.run_module("seqshard", run_name="__main__")
+
+
 def alst_worker(args) -> None:
     import torch
 
@@ -189,21 +232,22 @@ def alst_worker(args) -> None:
         return torch.nn.functional.cross_entropy(self(x).view(-1, self.out_features), y.view(-1), reduction="sum")
 
     times, losses = [], []
-    for _ in range(args.steps):
+    for i in range(args.steps):
         dist.barrier()
         t0 = time.perf_counter()
-        hidden = engine.module.model(input_ids=local_ids, position_ids=local_pos).last_hidden_state
-        shards = max(1, -(-n // 4096))
-        loss_sum = TiledFusedLogitsLoss.apply(loss_fn, lm_head, hidden, local_shift, None, shards,
-                                              [lm_head.weight], "sum")
-        good = (local_shift != -100).sum()
-        sums = dnn.all_gather(loss_sum, group=sp_group)  # the tutorial's weighted loss over the SP group
-        goods = [torch.zeros_like(good) for _ in range(world)]
-        dist.all_gather(goods, good, group=sp_group)
-        loss = sum(sums) / max(int(sum(goods)), 1)
-        engine.backward(loss)
-        engine.step()
-        _sync(dev)
+        with _step_profile(args.live_out, rank, i):
+            hidden = engine.module.model(input_ids=local_ids, position_ids=local_pos).last_hidden_state
+            shards = max(1, -(-n // 4096))
+            loss_sum = TiledFusedLogitsLoss.apply(loss_fn, lm_head, hidden, local_shift, None, shards,
+                                                  [lm_head.weight], "sum")
+            good = (local_shift != -100).sum()
+            sums = dnn.all_gather(loss_sum, group=sp_group)  # the tutorial's weighted loss over the SP group
+            goods = [torch.zeros_like(good) for _ in range(world)]
+            dist.all_gather(goods, good, group=sp_group)
+            loss = sum(sums) / max(int(sum(goods)), 1)
+            engine.backward(loss)
+            engine.step()
+            _sync(dev)
         times.append(time.perf_counter() - t0)
         losses.append(float(loss))
     out = {"times": times, "losses": losses, "peak_mb": _peak_mb(dev), "base_mb": base}
@@ -259,7 +303,8 @@ def _env():
                 **MALLOC_ENV[DEVICE["malloc"]])  # the same allocator settings for every system
 
 
-def run_seqshard(work: Path, ckpt: Path, doc: Path, P: int, L: int, steps: int, mode: str, extra: list) -> dict:
+def _seqshard_spec(work: Path, ckpt: Path, doc: Path, P: int, L: int, steps: int, mode: str) -> tuple[Path, Path]:
+    """(spec path, output folder) of one seqshard run."""
     out = work / f"seqshard_{P}_{L}_{mode}"
     spec = {
         "name": "peers", "seed": 0, "model": {"hf": str(ckpt)},
@@ -275,6 +320,11 @@ def run_seqshard(work: Path, ckpt: Path, doc: Path, P: int, L: int, steps: int, 
     import yaml
 
     path.write_text(yaml.safe_dump(spec))
+    return path, out
+
+
+def run_seqshard(work: Path, ckpt: Path, doc: Path, P: int, L: int, steps: int, mode: str, extra: list) -> dict:
+    path, out = _seqshard_spec(work, ckpt, doc, P, L, steps, mode)
     cmd = [PY, "-m", "seqshard", "launch", str(path), "--overwrite", *extra]
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True)
     if proc.returncode:
@@ -283,6 +333,26 @@ def run_seqshard(work: Path, ckpt: Path, doc: Path, P: int, L: int, steps: int, 
     rows = [r for r in rows if "step_time_s" in r]
     return {"times": [r["step_time_s"] for r in rows], "losses": [r["loss"] for r in rows],
             "peak_mb": max(r["peak_mem_mb"] for r in rows)}
+
+
+def live_peak_run(system: str, work: Path, ckpt: Path, doc: Path, P: int, L: int) -> dict:
+    """``--live-peak``: one 2-step run of ``system`` (``seqshard:MODE`` or ``alst``) with step 2
+    profiled on rank 0; returns the live-tensor peak and its largest allocation sites."""
+    live = work / f"live_{system.replace(':', '_')}_{P}_{L}.json"
+    live.unlink(missing_ok=True)
+    if system.startswith("seqshard"):
+        path, out = _seqshard_spec(work, ckpt, doc, P, L, 2, _mode(system))
+        shutil.rmtree(out, ignore_errors=True)
+        args = ["--worker", "seqshard", "--spec", str(path)]
+    else:
+        args = ["--worker", "alst", "--ckpt", str(ckpt), "--doc", str(doc), "--L", str(L), "--steps", "2",
+                "--out", str(work / f"alst_live_{P}_{L}.json"), "--device", "cpu", "--dtype", "fp32"]
+    cmd = [PY, "-m", "torch.distributed.run", f"--nproc_per_node={P}", f"--master_port={_port()}", __file__,
+           *args, "--live-out", str(live)]
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True)
+    if proc.returncode or not live.exists():
+        return {"error": f"exit {proc.returncode}: {(proc.stderr or proc.stdout)[-600:]}"}
+    return json.loads(live.read_text())
 
 
 def run_peer(kind: str, work: Path, ckpt: Path, doc: Path, P: int, L: int, steps: int) -> dict:
@@ -327,7 +397,9 @@ def _merge(rows: list[dict]) -> None:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--worker", choices=["alst", "hf"], help=argparse.SUPPRESS)
+    ap.add_argument("--worker", choices=["alst", "hf", "seqshard"], help=argparse.SUPPRESS)
+    ap.add_argument("--spec", help=argparse.SUPPRESS)
+    ap.add_argument("--live-out", help=argparse.SUPPRESS)
     ap.add_argument("--ckpt", help=argparse.SUPPRESS)
     ap.add_argument("--doc", help=argparse.SUPPRESS)
     ap.add_argument("--L", type=int, help=argparse.SUPPRESS)
@@ -351,9 +423,13 @@ def main():
                     "(rounded to a multiple of 1024)")
     ap.add_argument("--seqshard-arg", action="append", default=[], help="extra `seqshard launch` argument "
                     "(e.g. --set=train.mlp_tiles=1)")
+    ap.add_argument("--live-peak", action="store_true", help="instead of timing: one 2-step run per system with "
+                    "step 2 under the torch profiler on rank 0 (CPU); prints the live-tensor peak of that step "
+                    "(allocations made inside it: what a GPU's max_memory_allocated would count, less the model "
+                    "states) and the largest allocation sites alive at it")
     args = ap.parse_args()
     if args.worker:
-        return (alst_worker if args.worker == "alst" else hf_worker)(args)
+        return {"alst": alst_worker, "hf": hf_worker, "seqshard": seqshard_worker}[args.worker](args)
     DEVICE.update(device=args.device, dtype=args.dtype, malloc=args.malloc)
 
     work = Path(tempfile.mkdtemp(prefix="peers_"))
@@ -363,6 +439,23 @@ def main():
     for P in args.sp:
         peer = "alst" if P > 1 else "hf"
         systems = [f"seqshard:{m}" for m in args.ckpt_modes] + [peer]
+        if args.live_peak:
+            if P == 1:
+                ap.error("--live-peak compares against ALST: --sp 2 or more")
+            for L in args.seqlens:
+                doc = work / f"doc_{L}.jsonl"
+                make_document(doc, L)
+                for system in systems:
+                    r = live_peak_run(system, work, ckpt, doc, P, L)
+                    if "error" in r:
+                        print(f"  P={P} L={L} {system}: {r['error'][:400]}")
+                        continue
+                    print(f"  P={P} L={L} {system}: live-tensor peak of step 2 {r['live_peak_mb']:.1f} MB (rank 0)")
+                    for chain, mb, count in r["sites"]:
+                        print(f"      {mb:7.1f} MB {count:4d}  {chain[:110]}")
+                    rows.append({"kind": "live", "system": system.split(":")[0], "mode": _mode(system), "P": P,
+                                 "L": L, "live_peak_mb": r["live_peak_mb"], "sites": r["sites"]})
+            continue
         if args.cap_mb:
             for system in systems:
                 L, best = min(args.seqlens), 0
