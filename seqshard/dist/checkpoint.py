@@ -193,16 +193,24 @@ def with_global_experts(model, model_sd: dict, optim_sd: dict) -> tuple[dict, di
     return model_sd, {**optim_sd, "state": state}
 
 
-def local_experts(sd: dict) -> dict:
-    """The inverse of ``with_global_experts`` after a load: each DTensor back to this rank's slice."""
-    from torch.distributed.tensor import DTensor
+def local_experts(model, state: dict) -> dict:
+    """The inverse of ``with_global_experts`` after a load: each expert DTensor back to this rank's
+    slice. Only the expert entries: FSDP2's own DTensors (every parameter and its AdamW moments)
+    must stay DTensors, or ``set_state_dict`` meets a local shard where it wants the global shape."""
+    shards = expert_shards(model)
+    if not shards:
+        return state
 
     def unwrap(v):
-        if isinstance(v, DTensor):
-            return v.to_local()
-        return {k: unwrap(x) for k, x in v.items()} if isinstance(v, dict) else v
+        return v.to_local() if hasattr(v, "to_local") else v
 
-    return unwrap(sd)
+    model_sd = {k: unwrap(v) if k in shards else v for k, v in state["model"].items()}
+    optim = dict(state["optim"])
+    moments = dict(optim.get("state", {}))
+    for name in shards:
+        if name in moments:
+            moments[name] = {k: unwrap(v) for k, v in moments[name].items()}
+    return {**state, "model": model_sd, "optim": {**optim, "state": moments}}
 
 
 def save_checkpoint(output_dir, step: int, model, optimizer, trainer_state: dict) -> Path:
@@ -220,7 +228,7 @@ def load_checkpoint(path: Path, model, optimizer) -> dict:
     check_reshardable(path, model_sd)
     state = {"model": model_sd, "optim": optim_sd}
     dcp.load(state, checkpoint_id=str(path))
-    state = local_experts(state)
+    state = local_experts(model, state)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     return read_trainer_state(path)
 

@@ -110,7 +110,9 @@ def resume_from_newest_loadable(output_dir, load, log=None):
             except CheckpointMismatch:
                 raise  # not damage: the model changed, and every older checkpoint has the same shapes
             except Exception as err:  # noqa: BLE001 - classified, then agreed on by every rank
-                first = str(err).splitlines()[0] if str(err) else ""
+                # load_state_dict's first line is only a header; its missing/unexpected keys follow
+                first = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+                first = first if len(first) <= 400 else first[:397] + "..."
                 reason = f"load failed: {type(err).__name__}: {first}"
                 mismatch = None if _is_damage(err) else reason
             if not _agree(mismatch is None):

@@ -47,3 +47,34 @@ def test_latest_ignores_partial_and_unmarked(tmp_path):
         if marked:
             (root / name / MARKER).write_text("done\n")
     assert latest_checkpoint(tmp_path) == root / "step_10"
+
+
+def test_local_experts_unwraps_only_expert_entries():
+    """After a DCP load, only the expert DTensors go back to local slices: FSDP2's own DTensor
+    parameters and moments stay as they are (unwrapping them broke resuming FSDP2 runs)."""
+    from types import SimpleNamespace
+
+    from torch import nn
+
+    from seqshard.dist.checkpoint import local_experts
+
+    class Local:  # stands in for a DTensor: anything with to_local()
+        def __init__(self, tag):
+            self.tag = tag
+
+        def to_local(self):
+            return f"local {self.tag}"
+
+    model = nn.Module()
+    model.moe = nn.Module()
+    model.moe.ep_shard = SimpleNamespace()
+    model.attn = nn.Linear(2, 2)
+    state = {"model": {"moe.gate_up": Local("gu"), "moe.down": Local("d"), "attn.weight": Local("w")},
+             "optim": {"state": {"moe.gate_up": {"exp_avg": Local("m"), "step": 3},
+                                 "attn.weight": {"exp_avg": Local("am")}}, "param_groups": []}}
+    out = local_experts(model, state)
+    assert out["model"]["moe.gate_up"] == "local gu" and out["model"]["moe.down"] == "local d"
+    assert out["model"]["attn.weight"] is state["model"]["attn.weight"]
+    assert out["optim"]["state"]["moe.gate_up"] == {"exp_avg": "local m", "step": 3}
+    assert out["optim"]["state"]["attn.weight"]["exp_avg"] is state["optim"]["state"]["attn.weight"]["exp_avg"]
+    assert local_experts(nn.Linear(2, 2), state) is state  # no experts: untouched
