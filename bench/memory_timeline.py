@@ -50,10 +50,6 @@ def rank_fn(rank, world, L, sp, method, data_dir, out):
         return None
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True, with_stack=False) as prof:
         train(spec)
-    return _peak_live_bytes(prof)
-
-
-def _peak_live_bytes(prof) -> float:
     return live_peak(prof)[0]
 
 

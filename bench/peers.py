@@ -328,7 +328,7 @@ def run_seqshard(work: Path, ckpt: Path, doc: Path, P: int, L: int, steps: int, 
     cmd = [PY, "-m", "seqshard", "launch", str(path), "--overwrite", *extra]
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True)
     if proc.returncode:
-        return {"error": f"exit {proc.returncode}: {(proc.stderr or proc.stdout)[-600:]}"}
+        return _failed(proc)
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
     rows = [r for r in rows if "step_time_s" in r]
     return {"times": [r["step_time_s"] for r in rows], "losses": [r["loss"] for r in rows],
@@ -344,30 +344,36 @@ def live_peak_run(system: str, work: Path, ckpt: Path, doc: Path, P: int, L: int
         path, out = _seqshard_spec(work, ckpt, doc, P, L, 2, _mode(system))
         shutil.rmtree(out, ignore_errors=True)
         args = ["--worker", "seqshard", "--spec", str(path)]
-    else:
-        args = ["--worker", "alst", "--ckpt", str(ckpt), "--doc", str(doc), "--L", str(L), "--steps", "2",
-                "--out", str(work / f"alst_live_{P}_{L}.json"), "--device", "cpu", "--dtype", "fp32"]
-    cmd = [PY, "-m", "torch.distributed.run", f"--nproc_per_node={P}", f"--master_port={_port()}", __file__,
-           *args, "--live-out", str(live)]
-    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True)
+    else:  # the CPU profiler: CPU tensors
+        args = _peer_args("alst", ckpt, doc, L, 2, work / f"alst_live_{P}_{L}.json", "cpu", "fp32")
+    proc = subprocess.run(_torchrun(P, *args, "--live-out", str(live)), env=_env(), capture_output=True, text=True)
     if proc.returncode or not live.exists():
-        return {"error": f"exit {proc.returncode}: {(proc.stderr or proc.stdout)[-600:]}"}
+        return _failed(proc)
     return json.loads(live.read_text())
+
+
+def _peer_args(kind: str, ckpt: Path, doc: Path, L: int, steps: int, out: Path, device: str, dtype: str) -> list:
+    return ["--worker", kind, "--ckpt", str(ckpt), "--doc", str(doc), "--L", str(L), "--steps", str(steps),
+            "--out", str(out), "--device", device, "--dtype", dtype]
+
+
+def _torchrun(P: int, *args) -> list:
+    """This script under ``torch.distributed.run`` with ``P`` ranks."""
+    return [PY, "-m", "torch.distributed.run", f"--nproc_per_node={P}", f"--master_port={_port()}", __file__, *args]
+
+
+def _failed(proc) -> dict:
+    return {"error": f"exit {proc.returncode}: {(proc.stderr or proc.stdout)[-600:]}"}
 
 
 def run_peer(kind: str, work: Path, ckpt: Path, doc: Path, P: int, L: int, steps: int) -> dict:
     out = work / f"{kind}_{P}_{L}.json"
     out.unlink(missing_ok=True)
-    args = ["--worker", kind, "--ckpt", str(ckpt), "--doc", str(doc), "--L", str(L), "--steps", str(steps),
-            "--out", str(out), "--device", DEVICE["device"], "--dtype", DEVICE["dtype"]]
-    if kind == "alst":
-        cmd = [PY, "-m", "torch.distributed.run", f"--nproc_per_node={P}", f"--master_port={_port()}",
-               __file__, *args]
-    else:
-        cmd = [PY, __file__, *args]
+    args = _peer_args(kind, ckpt, doc, L, steps, out, DEVICE["device"], DEVICE["dtype"])
+    cmd = _torchrun(P, *args) if kind == "alst" else [PY, __file__, *args]
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True)
     if proc.returncode or not out.exists():
-        return {"error": f"exit {proc.returncode}: {(proc.stderr or proc.stdout)[-600:]}"}
+        return _failed(proc)
     ranks = json.loads(out.read_text())
     steps_n = len(ranks[0]["times"])
     return {"times": [max(r["times"][i] for r in ranks) for i in range(steps_n)], "losses": ranks[0]["losses"],
